@@ -1,0 +1,219 @@
+"""Every error Drip raises, as one tree.
+
+Each class carries a stable ``code`` (snake_case, part of the public contract) and an
+HTTP ``status`` used once at the web edge. Catch as broadly (``DripError``) or as
+narrowly (``HoldAlreadyResolved``) as you need.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DripError(Exception):
+    """Base of every error Drip raises on purpose."""
+
+    code: ClassVar[str] = "drip_error"
+    type: ClassVar[str] = "api_error"
+    status: ClassVar[int] = 400
+
+    def __init__(self, message: str, *, param: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON error shape: ``{"error": {type, code, message, param}}``."""
+        body: dict[str, Any] = {
+            "type": self.type,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+        }
+        return {"error": body}
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+class InvalidRequest(DripError):
+    """The request is malformed: a field is missing, too long, or of the wrong shape."""
+
+    code = "invalid_request"
+    type = "invalid_request_error"
+    status = 400
+
+
+class InvalidAmount(InvalidRequest):
+    """An amount is not a finite, non-negative number with at most the asset's decimals."""
+
+    code = "invalid_amount"
+
+
+class InvalidId(InvalidRequest):
+    """An id (transfer, account, user) is empty, too long, or uses reserved characters."""
+
+    code = "invalid_id"
+
+
+# --- not found ------------------------------------------------------------------------
+
+
+class NotFound(DripError):
+    """The thing named does not exist."""
+
+    code = "not_found"
+    type = "not_found_error"
+    status = 404
+
+
+class AccountNotFound(NotFound):
+    """A ledger account named by a transfer does not exist."""
+
+    code = "account_not_found"
+
+
+class UserNotFound(NotFound):
+    """No user (wallet) has been provisioned under this id."""
+
+    code = "user_not_found"
+
+
+class HoldNotFound(NotFound):
+    """A post or void names a hold that does not exist."""
+
+    code = "hold_not_found"
+
+
+# --- conflicts ------------------------------------------------------------------------
+
+
+class Conflict(DripError):
+    """The request conflicts with what the ledger already holds."""
+
+    code = "conflict"
+    type = "conflict_error"
+    status = 409
+
+
+class IdempotencyConflict(Conflict):
+    """The id was used before with different fields. Ids are unique forever."""
+
+    code = "idempotency_conflict"
+
+
+class AlreadyExists(Conflict):
+    """Something with this id already exists (and is not an idempotent replay)."""
+
+    code = "already_exists"
+
+
+class HoldAlreadyResolved(Conflict):
+    """The hold was already posted, voided or expired; a hold resolves once."""
+
+    code = "hold_already_resolved"
+
+
+class HoldExpired(HoldAlreadyResolved):
+    """The hold's timeout passed before it was posted or voided; its funds were released."""
+
+    code = "hold_expired"
+
+
+class LinkedEventFailed(Conflict):
+    """This transfer was valid, but another transfer in its linked chain failed."""
+
+    code = "linked_event_failed"
+
+
+class InvalidTransfer(InvalidRequest):
+    """The transfer breaks a ledger rule: same account twice, mixed assets, open chain..."""
+
+    code = "invalid_transfer"
+
+
+class AmountExceedsHold(InvalidTransfer):
+    """A post asks for more than the hold reserved."""
+
+    code = "amount_exceeds_hold"
+
+
+class AssetMismatch(InvalidTransfer):
+    """The two accounts of a transfer hold different assets."""
+
+    code = "asset_mismatch"
+
+
+class AccountFrozen(Conflict):
+    """The account is frozen (a paused user): it cannot be debited until it is resumed."""
+
+    code = "account_frozen"
+
+
+# --- money ----------------------------------------------------------------------------
+
+
+class DripInsufficientCredits(DripError):
+    """The wallet's available balance cannot cover the amount; nothing was charged."""
+
+    code = "insufficient_credits"
+    type = "payment_required_error"
+    status = 402
+
+
+InsufficientFunds = DripInsufficientCredits
+
+
+# --- infrastructure -------------------------------------------------------------------
+
+
+class StoreError(DripError):
+    """The database failed in a way the caller did not cause (connection lost, disk full)."""
+
+    code = "store_unavailable"
+    type = "api_error"
+    status = 503
+
+
+class InvariantViolation(DripError):
+    """A ledger invariant does not hold. The ledger stops rather than continue wrong."""
+
+    code = "invariant_violation"
+    type = "api_error"
+    status = 500
+
+
+class ConfigError(DripError):
+    """The configuration is invalid (unknown database URL scheme, bad fee rate...)."""
+
+    code = "config_error"
+    type = "invalid_request_error"
+    status = 400
+
+
+__all__ = [
+    "AccountFrozen",
+    "AccountNotFound",
+    "AlreadyExists",
+    "AmountExceedsHold",
+    "AssetMismatch",
+    "ConfigError",
+    "Conflict",
+    "DripError",
+    "DripInsufficientCredits",
+    "HoldAlreadyResolved",
+    "HoldExpired",
+    "HoldNotFound",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidAmount",
+    "InvalidId",
+    "InvalidRequest",
+    "InvalidTransfer",
+    "InvariantViolation",
+    "LinkedEventFailed",
+    "NotFound",
+    "StoreError",
+    "UserNotFound",
+]

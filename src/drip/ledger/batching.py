@@ -1,0 +1,162 @@
+"""Group commit: many concurrent callers, one transaction per batch.
+
+Callers (threads or asyncio tasks) submit operations; writer threads drain the queue,
+run up to ``batch_max`` operations in one store transaction, and hand each caller its
+own result. Asyncio callers are woken with one ``call_soon_threadsafe`` per event loop
+per batch, so the wake-up cost is paid per batch, not per operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from drip import errors
+
+log = logging.getLogger("drip.ledger")
+
+RunBatch = Callable[[list[Any]], list[Any]]
+
+
+class _Item:
+    __slots__ = ("future", "loop", "op")
+
+    def __init__(self, op: Any, loop: asyncio.AbstractEventLoop | None, future: Any) -> None:
+        self.op = op
+        self.loop = loop
+        self.future = future
+
+
+def _resolve_async(pairs: list[tuple[asyncio.Future[Any], Any, bool]]) -> None:
+    for future, value, failed in pairs:
+        if future.done():  # the caller was cancelled; its operation still committed
+            continue
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+
+class GroupCommitter:
+    """Coalesces submitted operations into batches run by ``workers`` writer threads."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        workers: int = 1,
+        batch_max: int = 1024,
+        housekeeping: Callable[[], None] | None = None,
+        housekeeping_interval_s: float = 1.0,
+        name: str = "drip-writer",
+    ) -> None:
+        self._run_batch = run_batch
+        self._batch_max = batch_max
+        self._housekeeping = housekeeping
+        self._housekeeping_interval_s = housekeeping_interval_s
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._sleepers = 0
+        self._closed = False
+        self._next_housekeeping = time.monotonic() + housekeeping_interval_s
+        self._housekeeping_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # --- submitting -------------------------------------------------------------------
+
+    def _push(self, item: _Item) -> None:
+        if self._closed:
+            raise errors.StoreError("the ledger is closed")
+        with self._cond:
+            self._queue.append(item)
+            if self._sleepers:
+                self._cond.notify()
+
+    def submit_async(self, op: Any) -> asyncio.Future[Any]:
+        """Queue ``op`` from inside a running event loop; await the returned future."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._push(_Item(op, loop, future))
+        return future
+
+    def submit(self, op: Any) -> Any:
+        """Queue ``op`` and block this thread until its batch commits; return its result."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._push(_Item(op, None, future))
+        return future.result()
+
+    # --- writing ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        queue = self._queue
+        while True:
+            with self._cond:
+                if not queue and not self._closed:
+                    self._sleepers += 1
+                    self._cond.wait(self._housekeeping_interval_s)
+                    self._sleepers -= 1
+                if self._closed and not queue:
+                    return
+                batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
+            self._maybe_housekeep()
+            if batch:
+                self._run(batch)
+
+    def _maybe_housekeep(self) -> None:
+        if self._housekeeping is None or time.monotonic() < self._next_housekeeping:
+            return
+        if not self._housekeeping_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_housekeeping = time.monotonic() + self._housekeeping_interval_s
+            self._housekeeping()
+        except Exception:  # housekeeping retries next interval; it must not stop writes
+            log.exception("ledger housekeeping failed")
+        finally:
+            self._housekeeping_lock.release()
+
+    def _run(self, batch: list[_Item]) -> None:
+        failed = False
+        try:
+            results: list[Any] = self._run_batch([item.op for item in batch])
+        except errors.DripError as exc:
+            results, failed = [exc] * len(batch), True
+        except Exception as exc:  # noqa: BLE001 - every caller must hear about it
+            log.exception("ledger batch of %d operations failed", len(batch))
+            wrapped = errors.StoreError(f"the ledger store failed: {type(exc).__name__}: {exc}")
+            wrapped.__cause__ = exc
+            results, failed = [wrapped] * len(batch), True
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
+        for item, result in zip(batch, results, strict=True):
+            if item.loop is None:
+                if failed:
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+            else:
+                by_loop.setdefault(item.loop, []).append((item.future, result, failed))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_async, pairs)
+            except RuntimeError:  # the caller's loop has closed: nobody is waiting
+                pass
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish queued work, then stop the writer threads."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout_s)

@@ -1,0 +1,491 @@
+"""The ledger's rules, applied to one batch of operations in memory.
+
+A store opens a transaction, hands the engine a :class:`Loader` over that transaction,
+lets it apply every operation of the batch in order, and writes back what the engine
+collected (new rows and changed rows) before committing. Both stores share this code,
+so SQLite and PostgreSQL cannot disagree about a rule.
+
+Each operation gets its own result: a record, or a :class:`DripError` instance. An
+operation's error never affects the others, except inside a linked chain, which
+commits all-or-nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from drip import errors
+from drip.ledger.types import (
+    CHAIN_TRANSFERS_MAX,
+    DERIVED_SEP,
+    Account,
+    AccountFlags,
+    AccountSpec,
+    AccountStatus,
+    Hold,
+    HoldState,
+    Transfer,
+    TransferFlags,
+    TransferSpec,
+    check_id,
+)
+from drip.money import AMOUNT_ATOMIC_MAX
+
+# plain ints: enum arithmetic costs more than the rest of a transfer on the hot path
+_PENDING = int(TransferFlags.PENDING)
+_POST = int(TransferFlags.POST_PENDING)
+_VOID = int(TransferFlags.VOID_PENDING)
+_EXPIRE = int(TransferFlags.EXPIRE_PENDING)
+_LINKED = int(TransferFlags.LINKED)
+_MUST_NOT_EXCEED_CREDITS = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+_MUST_NOT_EXCEED_DEBITS = int(AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
+
+
+class Loader(Protocol):
+    """Reads rows inside the batch's transaction (PostgreSQL locks accounts it reads)."""
+
+    def load_accounts(self, ids: set[str]) -> dict[str, Account]: ...
+
+    def load_transfers(self, ids: set[str]) -> dict[str, Transfer]: ...
+
+    def load_holds(self, ids: set[str]) -> dict[str, Hold]: ...
+
+
+# --- operations ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAccounts:
+    accounts: tuple[AccountSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CreateTransfers:
+    """Transfers applied in order; a ``LINKED`` run commits all-or-nothing."""
+
+    transfers: tuple[TransferSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetAccountStatus:
+    account_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireHolds:
+    """Expire these holds if their timeout has passed (ids found by the store's sweep)."""
+
+    hold_ids: tuple[str, ...]
+
+
+Op = CreateAccounts | CreateTransfers | SetAccountStatus | ExpireHolds
+#: A result is a record or the error instance for that record.
+Result = Any
+
+
+@dataclass(slots=True)
+class Writes:
+    """Everything a batch changed, for the store to persist in the same transaction."""
+
+    new_accounts: list[Account] = field(default_factory=list)
+    new_transfers: list[Transfer] = field(default_factory=list)
+    new_holds: list[Hold] = field(default_factory=list)
+    changed_accounts: dict[str, Account] = field(default_factory=dict)
+    changed_holds: dict[str, Hold] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.new_accounts or self.new_transfers or self.changed_accounts
+                    or self.changed_holds)  # fmt: skip
+
+
+_MISSING: Any = object()
+
+
+class _ChainFailed(Exception):
+    def __init__(self, index: int, error: errors.DripError) -> None:
+        self.index = index
+        self.error = error
+
+
+class Engine:
+    """Applies a batch of operations to rows read through ``loader``; see module doc."""
+
+    def __init__(self, loader: Loader, now_us: int) -> None:
+        self.loader = loader
+        self.now_us = now_us
+        self.accounts: dict[str, Account | None] = {}
+        self.transfers: dict[str, Transfer | None] = {}
+        self.holds: dict[str, Hold | None] = {}
+        self.writes = Writes()
+        self._new_account_ids: set[str] = set()
+        self._new_hold_ids: set[str] = set()
+        self._undo: list[tuple[dict[str, Any], str, Any]] | None = None
+
+    # --- loading ----------------------------------------------------------------------
+
+    def prefetch(self, ops: Iterable[Op]) -> None:
+        """Load every row the batch names, in as few queries as possible."""
+        account_ids: set[str] = set()
+        transfer_ids: set[str] = set()
+        hold_ids: set[str] = set()
+        for op in ops:
+            if isinstance(op, CreateTransfers):
+                for t in op.transfers:
+                    transfer_ids.add(t.id)
+                    if t.debit_account_id:
+                        account_ids.add(t.debit_account_id)
+                    if t.credit_account_id:
+                        account_ids.add(t.credit_account_id)
+                    if t.pending_id:
+                        hold_ids.add(t.pending_id)
+            elif isinstance(op, CreateAccounts):
+                account_ids.update(a.id for a in op.accounts)
+            elif isinstance(op, SetAccountStatus):
+                account_ids.add(op.account_id)
+            else:
+                hold_ids.update(op.hold_ids)
+        self._load_holds(hold_ids)
+        for hold in self.holds.values():
+            if hold is not None:
+                account_ids.add(hold.debit_account_id)
+                account_ids.add(hold.credit_account_id)
+        self._load_accounts(account_ids)
+        self._load_transfers(transfer_ids)
+
+    def _load_accounts(self, ids: set[str]) -> None:
+        ids = {i for i in ids if i not in self.accounts}
+        if ids:
+            found = self.loader.load_accounts(ids)
+            for i in ids:
+                self.accounts[i] = found.get(i)
+
+    def _load_transfers(self, ids: set[str]) -> None:
+        ids = {i for i in ids if i not in self.transfers}
+        if ids:
+            found = self.loader.load_transfers(ids)
+            for i in ids:
+                self.transfers[i] = found.get(i)
+
+    def _load_holds(self, ids: set[str]) -> None:
+        ids = {i for i in ids if i not in self.holds}
+        if ids:
+            found = self.loader.load_holds(ids)
+            for i in ids:
+                self.holds[i] = found.get(i)
+
+    def _account(self, account_id: str) -> Account | None:
+        if account_id not in self.accounts:
+            self._load_accounts({account_id})
+        return self.accounts[account_id]
+
+    def _transfer(self, transfer_id: str) -> Transfer | None:
+        if transfer_id not in self.transfers:
+            self._load_transfers({transfer_id})
+        return self.transfers[transfer_id]
+
+    def _hold(self, hold_id: str) -> Hold | None:
+        if hold_id not in self.holds:
+            self._load_holds({hold_id})
+        return self.holds[hold_id]
+
+    # --- change tracking --------------------------------------------------------------
+
+    def _touch_account(self, account: Account) -> Account:
+        """Return the account to mutate, remembering its old value for a chain rollback."""
+        if self._undo is not None:
+            self._undo.append((self.accounts, account.id, account.copy()))
+        if account.id not in self._new_account_ids:
+            self.writes.changed_accounts[account.id] = account
+        return account
+
+    def _touch_hold(self, hold: Hold) -> Hold:
+        if self._undo is not None:
+            self._undo.append((self.holds, hold.id, hold.copy()))
+        if hold.id not in self._new_hold_ids:
+            self.writes.changed_holds[hold.id] = hold
+        return hold
+
+    def _remember(self, table: dict[str, Any], key: str) -> None:
+        if self._undo is not None:
+            self._undo.append((table, key, table.get(key, _MISSING)))
+
+    # --- operations -------------------------------------------------------------------
+
+    def apply(self, op: Op) -> list[Result]:
+        """Apply one operation; returns one result per record it names."""
+        if isinstance(op, CreateTransfers):
+            return self._create_transfers(op.transfers)
+        if isinstance(op, CreateAccounts):
+            return [self._guard(self._create_account, spec) for spec in op.accounts]
+        if isinstance(op, SetAccountStatus):
+            return [self._guard(self._set_status, op)]
+        return [self._guard(self._expire, hold_id, False) for hold_id in op.hold_ids]
+
+    @staticmethod
+    def _guard(fn: Any, *args: Any) -> Result:
+        try:
+            return fn(*args)
+        except errors.DripError as exc:
+            return exc
+
+    def _create_account(self, spec: AccountSpec) -> Account:
+        check_id(spec.id, "account_id")
+        existing = self._account(spec.id)
+        if existing is not None:
+            if (existing.kind, existing.asset, existing.flags, existing.owner,
+                    existing.metadata) == spec.fingerprint():  # fmt: skip
+                return existing
+            raise errors.IdempotencyConflict(
+                f"account {spec.id!r} exists with different fields", param="id"
+            )
+        if spec.flags & _MUST_NOT_EXCEED_CREDITS and spec.flags & _MUST_NOT_EXCEED_DEBITS:
+            raise errors.InvalidRequest("an account takes at most one balance rule", param="flags")
+        account = Account(
+            id=spec.id, kind=spec.kind, asset=spec.asset, flags=spec.flags, owner=spec.owner,
+            metadata=spec.metadata, created_us=self.now_us,
+        )  # fmt: skip
+        self.accounts[spec.id] = account
+        self._new_account_ids.add(spec.id)
+        self.writes.new_accounts.append(account)
+        return account
+
+    def _set_status(self, op: SetAccountStatus) -> Account:
+        if op.status not in (AccountStatus.OPEN, AccountStatus.FROZEN):
+            raise errors.InvalidRequest(f"unknown account status {op.status!r}", param="status")
+        account = self._account(op.account_id)
+        if account is None:
+            raise errors.AccountNotFound(f"account {op.account_id!r} does not exist")
+        if account.status != op.status:
+            self._touch_account(account).status = op.status
+        return account
+
+    def _create_transfers(self, specs: tuple[TransferSpec, ...]) -> list[Result]:
+        results: list[Result] = []
+        i = 0
+        n = len(specs)
+        while i < n:
+            j = i
+            while j < n and specs[j].flags & _LINKED and j - i < CHAIN_TRANSFERS_MAX:
+                j += 1
+            if j == i:
+                results.append(self._guard(self._transfer_one, specs[i]))
+                i += 1
+                continue
+            chain = specs[i : j + 1]
+            if j == n or len(chain) > CHAIN_TRANSFERS_MAX:
+                # an open chain (last transfer still LINKED) or an over-long one fails whole
+                err = errors.InvalidTransfer(
+                    f"a linked chain must end with an unlinked transfer and hold at most "
+                    f"{CHAIN_TRANSFERS_MAX} transfers",
+                    param="flags",
+                )
+                results.extend(err for _ in chain[: n - i])
+                i += len(chain)
+                continue
+            results.extend(self._apply_chain(chain))
+            i = j + 1
+        return results
+
+    def _apply_chain(self, chain: tuple[TransferSpec, ...]) -> list[Result]:
+        undo: list[tuple[dict[str, Any], str, Any]] = []
+        marks = (len(self.writes.new_transfers), len(self.writes.new_holds))
+        changed_accounts = dict(self.writes.changed_accounts)
+        changed_holds = dict(self.writes.changed_holds)
+        self._undo = undo
+        done: list[Result] = []
+        try:
+            for index, spec in enumerate(chain):
+                try:
+                    done.append(self._transfer_one(spec))
+                except errors.DripError as exc:
+                    raise _ChainFailed(index, exc) from None
+        except _ChainFailed as failed:
+            for table, key, old in reversed(undo):
+                if old is _MISSING:
+                    table.pop(key, None)
+                else:
+                    table[key] = old
+            del self.writes.new_transfers[marks[0] :]
+            for hold in self.writes.new_holds[marks[1] :]:
+                self._new_hold_ids.discard(hold.id)
+            del self.writes.new_holds[marks[1] :]
+            self.writes.changed_accounts = changed_accounts
+            self.writes.changed_holds = changed_holds
+            # the restored copies are the objects now in the caches; point writes at them
+            for key in list(changed_accounts):
+                restored = self.accounts.get(key)
+                if restored is not None:
+                    changed_accounts[key] = restored
+            for key in list(changed_holds):
+                restored_hold = self.holds.get(key)
+                if restored_hold is not None:
+                    changed_holds[key] = restored_hold
+            linked = errors.LinkedEventFailed("another transfer in this linked chain failed")
+            return [failed.error if k == failed.index else linked for k in range(len(chain))]
+        finally:
+            self._undo = None
+        return done
+
+    def _transfer_one(self, spec: TransferSpec) -> Transfer:
+        spec.validate()
+        flags = spec.flags
+        existing = self._transfer(spec.id)
+        if existing is not None:
+            return self._replay(spec, existing)
+        if flags & (_POST | _VOID):
+            return self._resolve(spec)
+        debit = self._account(spec.debit_account_id)
+        credit = self._account(spec.credit_account_id)
+        if debit is None:
+            raise errors.AccountNotFound(
+                f"account {spec.debit_account_id!r} does not exist", param="debit_account_id"
+            )
+        if credit is None:
+            raise errors.AccountNotFound(
+                f"account {spec.credit_account_id!r} does not exist", param="credit_account_id"
+            )
+        if debit.id == credit.id:
+            raise errors.InvalidTransfer("debit and credit accounts must differ")
+        if debit.asset != credit.asset:
+            raise errors.AssetMismatch(
+                f"cannot move {debit.asset} into a {credit.asset} account", param="credit_account_id"
+            )
+        if debit.status == AccountStatus.FROZEN:
+            raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)")
+        amount = spec.amount
+        assert amount is not None  # validated: only post may omit it
+        if debit.flags & _MUST_NOT_EXCEED_CREDITS:
+            available = debit.credits_posted - debit.debits_posted - debit.debits_pending
+            if amount > available:
+                raise errors.DripInsufficientCredits(
+                    f"account {debit.id!r} has {available} available, {amount} needed",
+                    available=available,
+                    needed=amount,
+                )
+        if credit.flags & _MUST_NOT_EXCEED_DEBITS:
+            room = credit.debits_posted - credit.credits_posted - credit.credits_pending
+            if amount > room:
+                raise errors.DripInsufficientCredits(
+                    f"account {credit.id!r} can take {room} more credit, {amount} offered",
+                    available=room,
+                    needed=amount,
+                )
+        pending = bool(flags & _PENDING)
+        if pending:
+            if (debit.debits_pending + amount > AMOUNT_ATOMIC_MAX
+                    or credit.credits_pending + amount > AMOUNT_ATOMIC_MAX):  # fmt: skip
+                raise errors.InvalidTransfer("the transfer would overflow an account counter")
+            self._touch_account(debit).debits_pending += amount
+            self._touch_account(credit).credits_pending += amount
+            expires = self.now_us + spec.timeout_s * 1_000_000 if spec.timeout_s else None
+            hold = Hold(spec.id, debit.id, credit.id, amount, expires)
+            self._remember(self.holds, spec.id)
+            self.holds[spec.id] = hold
+            self._new_hold_ids.add(spec.id)
+            self.writes.new_holds.append(hold)
+        else:
+            if (debit.debits_posted + amount > AMOUNT_ATOMIC_MAX
+                    or credit.credits_posted + amount > AMOUNT_ATOMIC_MAX):  # fmt: skip
+                raise errors.InvalidTransfer("the transfer would overflow an account counter")
+            self._touch_account(debit).debits_posted += amount
+            self._touch_account(credit).credits_posted += amount
+        return self._record(spec, debit.id, credit.id, amount)
+
+    def _record(self, spec: TransferSpec, debit_id: str, credit_id: str, amount: int) -> Transfer:
+        transfer = Transfer(
+            id=spec.id, debit_account_id=debit_id, credit_account_id=credit_id, amount=amount,
+            code=spec.code, flags=spec.flags & ~_LINKED, pending_id=spec.pending_id,
+            timeout_s=spec.timeout_s, metadata=spec.metadata, ts_us=self.now_us,
+        )  # fmt: skip
+        self._remember(self.transfers, spec.id)
+        self.transfers[spec.id] = transfer
+        self.writes.new_transfers.append(transfer)
+        return transfer
+
+    def _pending_hold(self, spec: TransferSpec) -> Hold:
+        assert spec.pending_id is not None
+        hold = self._hold(spec.pending_id)
+        if hold is None:
+            raise errors.HoldNotFound(f"hold {spec.pending_id!r} does not exist", param="pending_id")
+        for given, actual, name in (
+            (spec.debit_account_id, hold.debit_account_id, "debit_account_id"),
+            (spec.credit_account_id, hold.credit_account_id, "credit_account_id"),
+        ):
+            if given and given != actual:
+                raise errors.InvalidTransfer(f"{name} does not match the hold's", param=name)
+        return hold
+
+    def _resolve(self, spec: TransferSpec) -> Transfer:
+        hold = self._pending_hold(spec)
+        if hold.state != HoldState.PENDING:
+            raise _resolved_error(hold)
+        if hold.expires_us is not None and hold.expires_us <= self.now_us:
+            self._expire(hold.id, True)
+            raise errors.HoldExpired(f"hold {hold.id!r} expired before it was resolved")
+        post = bool(spec.flags & _POST)
+        amount = (hold.amount if spec.amount is None else spec.amount) if post else hold.amount
+        if amount > hold.amount:
+            raise errors.AmountExceedsHold(
+                f"cannot post {amount}: the hold reserved {hold.amount}", param="amount"
+            )
+        self._release(hold, amount if post else 0, spec.id,
+                      HoldState.POSTED if post else HoldState.VOIDED)  # fmt: skip
+        return self._record(spec, hold.debit_account_id, hold.credit_account_id, amount)
+
+    def _release(self, hold: Hold, posted: int, by: str, state: HoldState) -> None:
+        debit = self._account(hold.debit_account_id)
+        credit = self._account(hold.credit_account_id)
+        if debit is None or credit is None:  # pragma: no cover - rows are never deleted
+            raise errors.InvariantViolation(f"hold {hold.id!r} names a missing account")
+        d = self._touch_account(debit)
+        d.debits_pending -= hold.amount
+        d.debits_posted += posted
+        c = self._touch_account(credit)
+        c.credits_pending -= hold.amount
+        c.credits_posted += posted
+        if d.debits_pending < 0 or c.credits_pending < 0:
+            raise errors.InvariantViolation(f"hold {hold.id!r} released more than was pending")
+        h = self._touch_hold(hold)
+        h.state = state
+        h.resolved_amount = posted
+        h.resolved_by = by
+
+    def _expire(self, hold_id: str, known_due: bool) -> int:
+        """Expire a due hold; returns 1 if it expired now, 0 if it was not due or resolved."""
+        hold = self._hold(hold_id)
+        if hold is None or hold.state != HoldState.PENDING:
+            return 0
+        if not known_due and (hold.expires_us is None or hold.expires_us > self.now_us):
+            return 0
+        expiry_id = f"{hold.id}{DERIVED_SEP}expired"
+        self._release(hold, 0, expiry_id, HoldState.EXPIRED)
+        spec = TransferSpec(id=expiry_id, code="hold_expired", amount=hold.amount,
+                            flags=_EXPIRE, pending_id=hold.id)  # fmt: skip
+        self._record(spec, hold.debit_account_id, hold.credit_account_id, hold.amount)
+        return 1
+
+    def _replay(self, spec: TransferSpec, existing: Transfer) -> Transfer:
+        """Same id: the same fields return the original transfer; anything else conflicts."""
+        debit_id, credit_id, amount = spec.debit_account_id, spec.credit_account_id, spec.amount
+        if spec.flags & (_POST | _VOID):
+            hold = self._pending_hold(spec)
+            debit_id, credit_id = hold.debit_account_id, hold.credit_account_id
+            if spec.flags & _VOID or amount is None:
+                amount = hold.amount
+        asked = (debit_id, credit_id, amount, spec.code, spec.flags & ~_LINKED, spec.pending_id,
+                 spec.timeout_s, spec.metadata)  # fmt: skip
+        if asked != existing.fingerprint():
+            raise errors.IdempotencyConflict(
+                f"transfer id {spec.id!r} was already used with different fields", param="id"
+            )
+        return existing
+
+
+def _resolved_error(hold: Hold) -> errors.DripError:
+    if hold.state == HoldState.EXPIRED:
+        return errors.HoldExpired(f"hold {hold.id!r} expired before it was resolved")
+    how = "posted" if hold.state == HoldState.POSTED else "voided"
+    return errors.HoldAlreadyResolved(f"hold {hold.id!r} was already {how}", param="pending_id")

@@ -1,0 +1,528 @@
+"""The ledger's public API: accounts, transfers, holds, charges, balances, history.
+
+Every method that writes builds one operation, submits it to the store's group
+committer, and turns the engine's result into a return value or a raised error. The
+async :class:`Ledger` and the blocking :class:`SyncLedger` share that code; only the
+submit call differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from drip import errors
+from drip.ledger.engine import (
+    CreateAccounts,
+    CreateTransfers,
+    Op,
+    Result,
+    SetAccountStatus,
+)
+from drip.ledger.store import Store, wall_clock_us
+from drip.ledger.types import (
+    DERIVED_SEP,
+    PAGE_LIMIT_MAX,
+    Account,
+    AccountFlags,
+    AccountKind,
+    AccountSpec,
+    Balance,
+    Hold,
+    InvariantReport,
+    Page,
+    Transfer,
+    TransferFlags,
+    TransferSpec,
+    UsageRow,
+    check_code,
+    check_id,
+    encode_metadata,
+)
+from drip.money import USDC, Asset, check_atomic
+
+T = TypeVar("T")
+
+#: Basis points in one whole: a fee rate of 250 bps is 2.5%.
+BPS_ONE = 10_000
+
+FEE_ACCOUNT_ID = "fee:platform"
+
+_PENDING = int(TransferFlags.PENDING)
+_POST = int(TransferFlags.POST_PENDING)
+_VOID = int(TransferFlags.VOID_PENDING)
+_LINKED = int(TransferFlags.LINKED)
+
+
+def funding_account_id(asset: str) -> str:
+    """The ledger's counterparty for money entering or leaving (top-ups, withdrawals)."""
+    return f"funding:{asset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """A captured charge: the transfer that moved the money and the platform's cut of it."""
+
+    transfer: Transfer
+    fee: Transfer | None
+
+    @property
+    def id(self) -> str:
+        return self.transfer.id
+
+    @property
+    def amount(self) -> int:
+        return self.transfer.amount
+
+
+# A plan is one operation and how to read its results; both twins drive the same plans.
+Plan = tuple[Op, Callable[[list[Result]], Any]]
+
+
+def _raise_first(results: list[Result]) -> list[Any]:
+    """Raise the most telling error of a linked chain, else return the records."""
+    failures = [r for r in results if isinstance(r, errors.DripError)]
+    if failures:
+        telling = [f for f in failures if not isinstance(f, errors.LinkedEventFailed)]
+        raise (telling or failures)[0]
+    return results
+
+
+def _one(results: list[Result]) -> Any:
+    return _raise_first(results)[0]
+
+
+def _charge(results: list[Result]) -> Charge:
+    records = _raise_first(results)
+    return Charge(records[0], records[1] if len(records) > 1 else None)
+
+
+def _caller_id(value: object, param: str = "id") -> None:
+    """Refuse ids in the ledger's own ``~`` namespace; the engine checks the rest."""
+    if not isinstance(value, str) or DERIVED_SEP in value:
+        check_id(value, param, caller=True)
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"s{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        if not text.startswith("s"):
+            raise ValueError(text)
+        return int(text[1:])
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise errors.InvalidRequest("cursor is not one this ledger issued", param="cursor") from exc
+
+
+class _Plans:
+    """Builds operations and reads results; shared by the async and the sync ledger."""
+
+    def __init__(self, store: Store, *, asset: Asset, fee_bps: int) -> None:
+        if not isinstance(fee_bps, int) or not 0 <= fee_bps < BPS_ONE:
+            raise errors.ConfigError(f"fee_bps must be an int in 0..{BPS_ONE - 1}")
+        self.store = store
+        self.asset = asset
+        self.fee_bps = fee_bps
+
+    def fee_of(self, amount: int) -> int:
+        """The platform's cut of a charge, rounded down (the provider keeps the remainder)."""
+        return amount * self.fee_bps // BPS_ONE
+
+    # --- plans ------------------------------------------------------------------------
+
+    def create_account(
+        self,
+        account_id: str,
+        kind: str,
+        *,
+        flags: int | None = None,
+        owner: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Plan:
+        check_id(account_id, "account_id", caller=True)
+        kind = AccountKind(kind).value
+        if flags is None:
+            flags = (
+                AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+                if kind in (AccountKind.WALLET, AccountKind.SESSION, AccountKind.ESCROW)
+                else AccountFlags.NONE
+            )
+        spec = AccountSpec(account_id, kind, self.asset.symbol, int(flags), owner,
+                           encode_metadata(metadata))  # fmt: skip
+        return CreateAccounts((spec,)), _one
+
+    def system_accounts(self) -> Plan:
+        specs = (
+            AccountSpec(funding_account_id(self.asset.symbol), AccountKind.FUNDING.value,
+                        self.asset.symbol),
+            AccountSpec(FEE_ACCOUNT_ID, AccountKind.FEE.value, self.asset.symbol),
+        )  # fmt: skip
+        return CreateAccounts(specs), _raise_first
+
+    def transfers(self, specs: Sequence[TransferSpec]) -> Plan:
+        """Raw transfers; returns one result per spec (a Transfer or an error instance)."""
+        for spec in specs:
+            _caller_id(spec.id)
+        return CreateTransfers(tuple(specs)), list
+
+    def transfer(
+        self,
+        transfer_id: str,
+        debit_account_id: str,
+        credit_account_id: str,
+        amount: int,
+        *,
+        code: str = "transfer",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Plan:
+        _caller_id(transfer_id)
+        spec = TransferSpec(transfer_id, debit_account_id, credit_account_id, amount,
+                            check_code(code), 0, None, 0, encode_metadata(metadata))  # fmt: skip
+        return CreateTransfers((spec,)), _one
+
+    def charge(
+        self,
+        transfer_id: str,
+        wallet_id: str,
+        revenue_id: str,
+        amount: int,
+        *,
+        code: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Plan:
+        """A one-step charge: wallet -> revenue, then the platform fee out of revenue."""
+        _caller_id(transfer_id)
+        spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, check_code(code),
+                            0, None, 0, encode_metadata(metadata))  # fmt: skip
+        return CreateTransfers(self._with_fee(spec, revenue_id, amount)), _charge
+
+    def hold(
+        self,
+        hold_id: str,
+        wallet_id: str,
+        revenue_id: str,
+        amount: int,
+        *,
+        code: str,
+        timeout_s: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Plan:
+        _caller_id(hold_id)
+        spec = TransferSpec(hold_id, wallet_id, revenue_id, amount, check_code(code),
+                            _PENDING, None, timeout_s,
+                            encode_metadata(metadata))  # fmt: skip
+        return CreateTransfers((spec,)), _one
+
+    def post(
+        self,
+        hold: Transfer | Hold | str,
+        amount: int | None = None,
+        *,
+        code: str | None = None,
+        transfer_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Plan:
+        """Capture ``amount`` (default: all) of a hold; the rest is released."""
+        held = self._held(hold)
+        if transfer_id is not None:
+            _caller_id(transfer_id)
+        post_id = transfer_id or f"{held.id}{DERIVED_SEP}post"
+        code = check_code(code or self._hold_code(hold))
+        spec = TransferSpec(post_id, held.debit_account_id, held.credit_account_id, amount,
+                            code, _POST, held.id, 0,
+                            encode_metadata(metadata))  # fmt: skip
+        fee_base = held.amount if amount is None else check_atomic(amount)
+        return CreateTransfers(self._with_fee(spec, held.credit_account_id, fee_base)), _charge
+
+    def void(self, hold: Transfer | Hold | str, *, transfer_id: str | None = None) -> Plan:
+        held = self._held(hold)
+        if transfer_id is not None:
+            _caller_id(transfer_id)
+        void_id = transfer_id or f"{held.id}{DERIVED_SEP}void"
+        spec = TransferSpec(void_id, held.debit_account_id, held.credit_account_id, None,
+                            self._hold_code(hold), _VOID, held.id)  # fmt: skip
+        return CreateTransfers((spec,)), _one
+
+    def set_status(self, account_id: str, status: str) -> Plan:
+        return SetAccountStatus(account_id, status), _one
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _with_fee(
+        self, spec: TransferSpec, revenue_id: str, amount: int
+    ) -> tuple[TransferSpec, ...]:
+        fee = self.fee_of(amount)
+        if not fee:
+            return (spec,)
+        linked = TransferSpec(spec.id, spec.debit_account_id, spec.credit_account_id,
+                              spec.amount, spec.code, spec.flags | _LINKED,
+                              spec.pending_id, spec.timeout_s, spec.metadata)  # fmt: skip
+        fee_spec = TransferSpec(f"{spec.id}{DERIVED_SEP}fee", revenue_id, FEE_ACCOUNT_ID, fee,
+                                "platform_fee")  # fmt: skip
+        return (linked, fee_spec)
+
+    def _held(self, hold: Transfer | Hold | str) -> Hold:
+        if isinstance(hold, Hold):
+            return hold
+        if isinstance(hold, Transfer):
+            if not hold.flags & TransferFlags.PENDING:
+                raise errors.InvalidRequest("that transfer is not a hold", param="pending_id")
+            return Hold(hold.id, hold.debit_account_id, hold.credit_account_id, hold.amount, None)
+        check_id(hold, "pending_id")
+        found = self.store.get_hold(hold)
+        if found is None:
+            raise errors.HoldNotFound(f"hold {hold!r} does not exist", param="pending_id")
+        return found
+
+    def _hold_code(self, hold: Transfer | Hold | str) -> str:
+        if isinstance(hold, Transfer):
+            return hold.code
+        hold_id = hold.id if isinstance(hold, Hold) else hold
+        original = self.store.get_transfer(hold_id)
+        return original.code if original is not None else "hold"
+
+
+class _Reads:
+    """Reads shared by both twins; they go straight to the store (no batching needed)."""
+
+    store: Store
+
+    def account(self, account_id: str) -> Account:
+        account = self.store.get_account(account_id)
+        if account is None:
+            raise errors.AccountNotFound(f"account {account_id!r} does not exist")
+        return account
+
+    def balance(self, account_id: str) -> Balance:
+        return self.account(account_id).balance
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        return self.store.get_transfer(transfer_id)
+
+    def get_hold(self, hold_id: str) -> Hold | None:
+        return self.store.get_hold(hold_id)
+
+    def list_accounts(
+        self, kind: str | None = None, *, after_id: str | None = None, limit: int = 100
+    ) -> list[Account]:
+        return self.store.list_accounts(kind, after_id, _limit(limit))
+
+    def history(
+        self,
+        account_id: str | None = None,
+        *,
+        code: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """Transfers newest first, ``limit`` per page; pass ``next_cursor`` for the next."""
+        limit = _limit(limit)
+        before = decode_cursor(cursor) if cursor else None
+        rows = self.store.list_transfers(
+            account_id=account_id, code=code, since_us=since_us, until_us=until_us,
+            before_seq=before, limit=limit + 1,
+        )  # fmt: skip
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, encode_cursor(rows[-1].seq) if more and rows else None)
+
+    def usage(
+        self,
+        account_id: str | None = None,
+        *,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        bucket_s: int = 3600,
+    ) -> list[UsageRow]:
+        if not isinstance(bucket_s, int) or bucket_s <= 0:
+            raise errors.InvalidRequest("bucket_s must be a positive int", param="bucket_s")
+        return self.store.usage(
+            account_id=account_id, since_us=since_us, until_us=until_us, bucket_s=bucket_s
+        )
+
+    def check_invariants(self) -> InvariantReport:
+        return self.store.check_invariants()
+
+    def expire_holds(self) -> int:
+        """Release every hold whose timeout has passed (also done every second in the
+        background); returns how many expired."""
+        total = 0
+        while True:
+            n = self.store.expire_due_holds()
+            total += n
+            if n == 0:
+                return total
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or not 1 <= limit <= PAGE_LIMIT_MAX:
+        raise errors.InvalidRequest(f"limit must be an int in 1..{PAGE_LIMIT_MAX}", param="limit")
+    return limit
+
+
+class Ledger(_Reads):
+    """The async ledger. Open with :meth:`open` (or :func:`open_ledger`); close when done."""
+
+    def __init__(self, store: Store, *, asset: Asset = USDC, fee_bps: int = 0) -> None:
+        self.store = store
+        self.plans = _Plans(store, asset=asset, fee_bps=fee_bps)
+        self.sync = SyncLedger(self)
+
+    @property
+    def asset(self) -> Asset:
+        return self.plans.asset
+
+    async def _run(self, plan: Plan) -> Any:
+        op, read = plan
+        return read(await self.store.submit_async(op))
+
+    def close(self) -> None:
+        self.store.close()
+
+    async def __aenter__(self) -> Ledger:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def create_account(self, account_id: str, kind: str, **kw: Any) -> Account:
+        result: Account = await self._run(self.plans.create_account(account_id, kind, **kw))
+        return result
+
+    async def set_status(self, account_id: str, status: str) -> Account:
+        result: Account = await self._run(self.plans.set_status(account_id, status))
+        return result
+
+    async def create_transfers(self, specs: Sequence[TransferSpec]) -> list[Transfer | Exception]:
+        result: list[Transfer | Exception] = await self._run(self.plans.transfers(specs))
+        return result
+
+    async def transfer(self, transfer_id: str, debit: str, credit: str, amount: int,
+                       **kw: Any) -> Transfer:  # fmt: skip
+        result: Transfer = await self._run(
+            self.plans.transfer(transfer_id, debit, credit, amount, **kw)
+        )
+        return result
+
+    async def charge(self, transfer_id: str, wallet: str, revenue: str, amount: int,
+                     **kw: Any) -> Charge:  # fmt: skip
+        result: Charge = await self._run(
+            self.plans.charge(transfer_id, wallet, revenue, amount, **kw)
+        )
+        return result
+
+    async def hold(self, hold_id: str, wallet: str, revenue: str, amount: int,
+                   **kw: Any) -> Transfer:  # fmt: skip
+        result: Transfer = await self._run(self.plans.hold(hold_id, wallet, revenue, amount, **kw))
+        return result
+
+    async def post(self, hold: Transfer | Hold | str, amount: int | None = None,
+                   **kw: Any) -> Charge:  # fmt: skip
+        result: Charge = await self._run(self.plans.post(hold, amount, **kw))
+        return result
+
+    async def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
+        result: Transfer = await self._run(self.plans.void(hold, **kw))
+        return result
+
+
+class SyncLedger(_Reads):
+    """The same ledger for code without an event loop: each call blocks until committed."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.store = ledger.store
+        self.plans = ledger.plans
+
+    def _run(self, plan: Plan) -> Any:
+        op, read = plan
+        return read(self.store.committer.submit(op))
+
+    def create_account(self, account_id: str, kind: str, **kw: Any) -> Account:
+        result: Account = self._run(self.plans.create_account(account_id, kind, **kw))
+        return result
+
+    def set_status(self, account_id: str, status: str) -> Account:
+        result: Account = self._run(self.plans.set_status(account_id, status))
+        return result
+
+    def create_transfers(self, specs: Sequence[TransferSpec]) -> list[Transfer | Exception]:
+        result: list[Transfer | Exception] = self._run(self.plans.transfers(specs))
+        return result
+
+    def transfer(self, transfer_id: str, debit: str, credit: str, amount: int,
+                 **kw: Any) -> Transfer:  # fmt: skip
+        result: Transfer = self._run(self.plans.transfer(transfer_id, debit, credit, amount, **kw))
+        return result
+
+    def charge(self, transfer_id: str, wallet: str, revenue: str, amount: int,
+               **kw: Any) -> Charge:  # fmt: skip
+        result: Charge = self._run(self.plans.charge(transfer_id, wallet, revenue, amount, **kw))
+        return result
+
+    def hold(self, hold_id: str, wallet: str, revenue: str, amount: int, **kw: Any) -> Transfer:
+        result: Transfer = self._run(self.plans.hold(hold_id, wallet, revenue, amount, **kw))
+        return result
+
+    def post(self, hold: Transfer | Hold | str, amount: int | None = None, **kw: Any) -> Charge:
+        result: Charge = self._run(self.plans.post(hold, amount, **kw))
+        return result
+
+    def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
+        result: Transfer = self._run(self.plans.void(hold, **kw))
+        return result
+
+
+def open_store(url: str, *, clock_us: Callable[[], int] = wall_clock_us) -> Store:
+    """A started store for ``sqlite:///path.db`` or ``postgresql://user:pw@host/db``."""
+    parts = urlsplit(url)
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    store: Store
+    if parts.scheme == "sqlite":
+        path = url.split("://", 1)[1].split("?", 1)[0]
+        path = path[1:] if path.startswith("/") else path
+        if not path or path == ":memory:":
+            raise errors.ConfigError(
+                "SQLite needs a file (sqlite:///drip.db); ':memory:' cannot be shared by the "
+                "writer and reader connections"
+            )
+        from drip.ledger.sqlite import SqliteStore
+
+        store = SqliteStore(path, synchronous=options.get("synchronous", "normal"),
+                            clock_us=clock_us)  # fmt: skip
+    elif parts.scheme in ("postgresql", "postgres"):
+        from drip.ledger.postgres import PostgresStore
+
+        store = PostgresStore(url, clock_us=clock_us)
+    else:
+        raise errors.ConfigError(
+            f"unsupported database URL scheme {parts.scheme!r}: use sqlite:/// or postgresql://"
+        )
+    store.start()
+    return store
+
+
+def open_ledger(
+    url: str,
+    *,
+    asset: Asset = USDC,
+    fee_bps: int = 0,
+    clock_us: Callable[[], int] = wall_clock_us,
+) -> Ledger:
+    """Open (and migrate) the database at ``url`` and make sure the system accounts exist."""
+    store = open_store(url, clock_us=clock_us)
+    try:
+        ledger = Ledger(store, asset=asset, fee_bps=fee_bps)
+        ledger.sync._run(ledger.plans.system_accounts())
+    except BaseException:
+        store.close()
+        raise
+    return ledger

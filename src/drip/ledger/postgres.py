@@ -1,0 +1,209 @@
+"""The distributed store: PostgreSQL through psycopg 3.
+
+Each writer thread owns one connection and runs a batch as one READ COMMITTED
+transaction: it locks the holds the batch resolves, then the accounts it touches
+(``SELECT ... ORDER BY id FOR UPDATE``, always in that order, so batches from many
+processes queue on a hot wallet instead of racing or deadlocking), reads the
+transfers it names, lets the engine apply the rules, and writes everything back in
+one pipeline. A batch that loses a race (a deadlock, or the same new transfer id
+inserted by another process) is retried whole; every operation is idempotent by
+id, so a retry, even after an ambiguous commit, never applies anything twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from drip import errors
+from drip.ledger.engine import Op, Result, Writes
+from drip.ledger.store import (
+    ACCOUNT_COLUMNS,
+    HOLD_COLUMNS,
+    TRANSFER_COLUMNS,
+    TRANSFER_INSERT_COLUMNS,
+    Migration,
+    Store,
+    wall_clock_us,
+)
+from drip.ledger.types import Account, Hold, Transfer
+
+#: How many times a batch that lost a race is retried before its callers hear of it.
+BATCH_RETRIES_MAX = 8
+#: Writer threads per process: batches in flight at once.
+WRITERS = 2
+_MIGRATION_LOCK_KEY = 0x44524950  # "DRIP"
+_RETRYABLE = (
+    pg_errors.DeadlockDetected,
+    pg_errors.SerializationFailure,
+    pg_errors.UniqueViolation,
+    pg_errors.LockNotAvailable,
+)
+
+
+class _PgLoader:
+    __slots__ = ("cur",)
+
+    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+        self.cur = cur
+
+    def load_holds(self, ids: set[str]) -> dict[str, Hold]:
+        self.cur.execute(
+            f"SELECT {HOLD_COLUMNS} FROM transfers WHERE id = ANY(%s) "
+            "AND hold_state IS NOT NULL ORDER BY id FOR UPDATE",
+            (sorted(ids),),
+        )
+        return {r[0]: Hold(*r) for r in self.cur.fetchall()}
+
+    def load_accounts(self, ids: set[str]) -> dict[str, Account]:
+        self.cur.execute(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            (sorted(ids),),
+        )
+        return {r[0]: Account(*r) for r in self.cur.fetchall()}
+
+    def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
+        self.cur.execute(
+            f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY(%s)", (list(ids),)
+        )
+        return {r[0]: Transfer(*r) for r in self.cur.fetchall()}
+
+
+class PostgresStore(Store):
+    dialect = "postgres"
+    workers = WRITERS
+
+    def __init__(self, url: str, *, clock_us: Callable[[], int] = wall_clock_us) -> None:
+        super().__init__(clock_us=clock_us)
+        self.url = url
+        self._local = threading.local()
+        self._writers: list[psycopg.Connection[Any]] = []
+        self._writers_lock = threading.Lock()
+        try:
+            self._pool = ConnectionPool(
+                url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True, timeout=30
+            )
+            self._pool.wait(timeout=30)
+        except (psycopg.Error, Exception) as exc:
+            raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc)}") from exc
+
+    # --- connections ------------------------------------------------------------------
+
+    def _writer(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.url, autocommit=False)
+            self._local.conn = conn
+            with self._writers_lock:
+                self._writers.append(conn)
+        return conn
+
+    def _close_connections(self) -> None:
+        with self._writers_lock:
+            for conn in self._writers:
+                conn.close()
+            self._writers.clear()
+        self._pool.close()
+
+    def sql(self, query: str) -> str:
+        return query.replace("?", "%s")
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Cursor[Any]]:
+        conn = self._writer()
+        with conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    @contextmanager
+    def read(self) -> Iterator[psycopg.Cursor[Any]]:
+        with self._pool.connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    def loader(self, cur: psycopg.Cursor[Any]) -> _PgLoader:
+        return _PgLoader(cur)
+
+    # --- the batch --------------------------------------------------------------------
+
+    def run_batch(self, ops: list[Op]) -> list[list[Result]]:
+        delay_s = 0.001
+        for attempt in range(BATCH_RETRIES_MAX + 1):
+            try:
+                return super().run_batch(ops)
+            except _RETRYABLE:
+                if attempt == BATCH_RETRIES_MAX:
+                    raise
+            except pg_errors.CheckViolation as exc:
+                raise errors.InvariantViolation(
+                    f"the database refused the batch: {exc.diag.message_primary}"
+                ) from exc
+            except psycopg.OperationalError:
+                # the connection broke (maybe mid-commit): reconnect and replay; ids dedupe
+                conn = getattr(self._local, "conn", None)
+                if conn is not None:
+                    conn.close()
+                if attempt == BATCH_RETRIES_MAX:
+                    raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.1)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def write(self, cur: psycopg.Cursor[Any], writes: Writes) -> None:
+        with cur.connection.pipeline():
+            if writes.new_accounts:
+                cur.executemany(
+                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) "
+                    f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    [self.account_row(a) for a in writes.new_accounts],
+                )
+            if writes.changed_accounts:
+                cur.executemany(
+                    "UPDATE accounts SET status = %s, debits_posted = %s, credits_posted = %s, "
+                    "debits_pending = %s, credits_pending = %s WHERE id = %s",
+                    [self.counters_row(a) for a in writes.changed_accounts.values()],
+                )
+            if writes.new_transfers:
+                cur.executemany(
+                    f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) "
+                    f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                    self.transfer_rows(writes),
+                )
+            if writes.changed_holds:
+                cur.executemany(
+                    "UPDATE transfers SET hold_state = %s, hold_resolved_amount = %s, "
+                    "hold_resolved_by = %s WHERE id = %s",
+                    [self.hold_state_row(h) for h in writes.changed_holds.values()],
+                )
+
+    def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
+        with psycopg.connect(self.url, autocommit=False) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS drip_migrations (component TEXT NOT NULL, "
+                "version INTEGER NOT NULL, applied_us BIGINT NOT NULL, "
+                "PRIMARY KEY (component, version))"
+            )
+            row = conn.execute(
+                "SELECT coalesce(max(version), 0) FROM drip_migrations WHERE component = %s",
+                (component,),
+            ).fetchone()
+            current = row[0] if row else 0
+            for m in sorted(migrations, key=lambda m: m.version):
+                if m.version <= current:
+                    continue
+                conn.execute(m.postgres.encode())
+                conn.execute(
+                    "INSERT INTO drip_migrations VALUES (%s, %s, %s)",
+                    (component, m.version, wall_clock_us()),
+                )
+
+
+def _safe(exc: BaseException) -> str:
+    """An error message without the DSN (it may carry a password)."""
+    return type(exc).__name__ + ": " + str(exc).split("\n")[0][:200]

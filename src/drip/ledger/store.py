@@ -1,0 +1,392 @@
+"""What both stores share: the batch transaction around the engine, reads, invariants,
+versioned migrations. A store subclass supplies the connection handling and the few
+statements whose SQL differs between SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from drip import errors
+from drip.ledger.batching import GroupCommitter
+from drip.ledger.engine import Engine, ExpireHolds, Loader, Op, Result, Writes
+from drip.ledger.types import (
+    BATCH_OPS_MAX,
+    Account,
+    AccountFlags,
+    AccountKind,
+    Hold,
+    HoldState,
+    InvariantReport,
+    Transfer,
+    TransferFlags,
+    UsageRow,
+)
+
+ACCOUNT_COLUMNS = (
+    "id, kind, asset, flags, owner, status, metadata, debits_posted, credits_posted, "
+    "debits_pending, credits_pending, created_us"
+)
+TRANSFER_COLUMNS = (
+    "id, debit_account_id, credit_account_id, amount, code, flags, pending_id, timeout_s, "
+    "metadata, ts_us, seq"
+)
+TRANSFER_INSERT_COLUMNS = (
+    TRANSFER_COLUMNS.removesuffix(", seq")
+    + ", hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
+)
+#: A hold is read from its pending transfer's row.
+HOLD_COLUMNS = (
+    "id, debit_account_id, credit_account_id, amount, hold_expires_us, hold_state, "
+    "hold_resolved_amount, hold_resolved_by"
+)
+#: Transfers that move posted money (plain transfers and posts; not holds, voids, expiries).
+NOT_POSTED_FLAGS = int(
+    TransferFlags.PENDING | TransferFlags.VOID_PENDING | TransferFlags.EXPIRE_PENDING
+)
+#: Most due holds one housekeeping pass expires.
+EXPIRE_SWEEP_MAX = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step of a component; ``sqlite``/``postgres`` are SQL scripts."""
+
+    version: int
+    sqlite: str
+    postgres: str
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Store(abc.ABC):
+    """A ledger store: one database, group-committed batches, shared reads."""
+
+    dialect: str = ""
+    #: writer threads (batches in flight at once)
+    workers: int = 1
+
+    def __init__(self, *, clock_us: Callable[[], int] = wall_clock_us) -> None:
+        self.clock_us = clock_us
+        self._committer: GroupCommitter | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        from drip.ledger.schema import LEDGER_MIGRATIONS
+
+        self.migrate("ledger", LEDGER_MIGRATIONS)
+        self._committer = GroupCommitter(
+            self.run_batch,
+            workers=self.workers,
+            batch_max=BATCH_OPS_MAX,
+            housekeeping=self.expire_due_holds,
+            name=f"drip-{self.dialect}-writer",
+        )
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.close()
+            self._committer = None
+        self._close_connections()
+
+    @property
+    def committer(self) -> GroupCommitter:
+        if self._committer is None:
+            raise errors.StoreError("the ledger store is not open")
+        return self._committer
+
+    # --- what a dialect supplies ------------------------------------------------------
+
+    @abc.abstractmethod
+    def _close_connections(self) -> None: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A write transaction; yields a cursor-like object with execute/executemany."""
+
+    @abc.abstractmethod
+    def read(self) -> AbstractContextManager[Any]:
+        """A read-only cursor (outside any write transaction)."""
+
+    @abc.abstractmethod
+    def loader(self, cur: Any) -> Loader: ...
+
+    @abc.abstractmethod
+    def write(self, cur: Any, writes: Writes) -> None: ...
+
+    @abc.abstractmethod
+    def migrate(self, component: str, migrations: Sequence[Migration]) -> None: ...
+
+    def sql(self, query: str) -> str:
+        """Our SQL uses ``?`` placeholders; PostgreSQL's driver wants ``%s``."""
+        return query
+
+    # --- the batch --------------------------------------------------------------------
+
+    def run_batch(self, ops: list[Op]) -> list[list[Result]]:
+        """Apply ``ops`` in one transaction; called by the writer threads."""
+        with self.transaction() as cur:
+            return self.apply_batch(cur, ops)
+
+    def apply_batch(self, cur: Any, ops: list[Op]) -> list[list[Result]]:
+        """The engine's pass over ``ops`` inside the open transaction ``cur``."""
+        engine = Engine(self.loader(cur), self.clock_us())
+        engine.prefetch(ops)
+        results = [engine.apply(op) for op in ops]
+        if not engine.writes.empty():
+            self.write(cur, engine.writes)
+        return results
+
+    def submit_async(self, op: Op) -> Awaitable[list[Result]]:
+        """Queue ``op`` for the next batch; await its results (from a running loop)."""
+        return self.committer.submit_async(op)
+
+    def expire_due_holds(self) -> int:
+        """Release holds whose timeout passed (bounded per call); returns how many."""
+        with self.read() as cur:
+            cur.execute(
+                self.sql(
+                    "SELECT id FROM transfers WHERE hold_state = 0 AND hold_expires_us IS NOT "
+                    "NULL AND hold_expires_us <= ? ORDER BY hold_expires_us LIMIT ?"
+                ),
+                (self.clock_us(), EXPIRE_SWEEP_MAX),
+            )
+            due = tuple(row[0] for row in cur.fetchall())
+        if not due:
+            return 0
+        [results] = self.run_batch([ExpireHolds(due)])
+        return sum(r for r in results if isinstance(r, int))
+
+    # --- reads ------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.read() as cur:
+            cur.execute(self.sql(sql), tuple(params))
+            return list(cur.fetchall())
+
+    def get_account(self, account_id: str) -> Account | None:
+        rows = self.query(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+        return Account(*rows[0]) if rows else None
+
+    def list_accounts(
+        self, kind: str | None = None, after_id: str | None = None, limit: int = 100
+    ) -> list[Account]:
+        where, params = ["1 = 1"], []
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(after_id)
+        rows = self.query(
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {' AND '.join(where)} "
+            f"ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [Account(*r) for r in rows]
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        rows = self.query(f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ?", (transfer_id,))
+        return Transfer(*rows[0]) if rows else None
+
+    def get_hold(self, hold_id: str) -> Hold | None:
+        rows = self.query(
+            f"SELECT {HOLD_COLUMNS} FROM transfers WHERE id = ? AND hold_state IS NOT NULL",
+            (hold_id,),
+        )
+        return Hold(*rows[0]) if rows else None
+
+    def list_transfers(
+        self,
+        *,
+        account_id: str | None = None,
+        code: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        before_seq: int | None = None,
+        limit: int = 100,
+    ) -> list[Transfer]:
+        """Newest first; ``before_seq`` continues a previous page."""
+        where: list[str] = []
+        params: list[Any] = []
+        if account_id is not None:
+            where.append("(debit_account_id = ? OR credit_account_id = ?)")
+            params += [account_id, account_id]
+        for clause, value in (("code = ?", code), ("ts_us >= ?", since_us),
+                              ("ts_us < ?", until_us), ("seq < ?", before_seq)):  # fmt: skip
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = f"SELECT {TRANSFER_COLUMNS} FROM transfers"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self.query(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit))
+        return [Transfer(*r) for r in rows]
+
+    def usage(
+        self,
+        *,
+        account_id: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        bucket_s: int = 3600,
+    ) -> list[UsageRow]:
+        """Posted charges out of wallets, per event code and time bucket."""
+        bucket_us = bucket_s * 1_000_000
+        where = [f"(t.flags & {NOT_POSTED_FLAGS}) = 0"]
+        params: list[Any] = []
+        if account_id is not None:
+            where.append("t.debit_account_id = ?")
+            params.append(account_id)
+        else:
+            where.append(
+                f"t.debit_account_id IN (SELECT id FROM accounts WHERE kind = "
+                f"'{AccountKind.WALLET.value}')"
+            )
+        for clause, value in (("t.ts_us >= ?", since_us), ("t.ts_us < ?", until_us)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        rows = self.query(
+            f"SELECT t.code, (t.ts_us / {bucket_us}) * {bucket_us} AS bucket, count(*), "
+            f"sum(t.amount) FROM transfers t WHERE {' AND '.join(where)} "
+            f"GROUP BY t.code, bucket ORDER BY bucket, t.code",
+            params,
+        )
+        return [UsageRow(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+    # --- invariants -------------------------------------------------------------------
+
+    def check_invariants(self) -> InvariantReport:
+        """Check the ledger's invariants against the database; see DESIGN.md section 3."""
+        report = InvariantReport()
+        rows = self.query(
+            "SELECT asset, sum(debits_posted), sum(credits_posted), sum(debits_pending), "
+            "sum(credits_pending), count(*) FROM accounts GROUP BY asset ORDER BY asset"
+        )
+        if not rows:
+            report.add("debits equal credits per asset", True, "no accounts yet")
+        for asset, dp, cp, dpe, cpe, n in rows:
+            ok = int(dp) == int(cp) and int(dpe) == int(cpe)
+            report.add(
+                f"debits equal credits ({asset})",
+                ok,
+                f"{n} accounts; posted {int(dp)} = {int(cp)}; pending {int(dpe)} = {int(cpe)}",
+            )
+        overdrawn = self.query(
+            "SELECT id, credits_posted - debits_posted - debits_pending FROM accounts "
+            f"WHERE (flags & {int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)}) <> 0 "
+            "AND credits_posted - debits_posted - debits_pending < 0 LIMIT 5"
+        )
+        report.add(
+            "no wallet below zero",
+            not overdrawn,
+            "none" if not overdrawn else f"overdrawn: {overdrawn}",
+        )
+        multi = self.query(
+            "SELECT pending_id, count(*) FROM transfers WHERE pending_id IS NOT NULL "
+            "GROUP BY pending_id HAVING count(*) > 1 LIMIT 5"
+        )
+        mismatched = self.query(
+            "SELECT h.id FROM transfers h LEFT JOIN transfers r ON r.pending_id = h.id "
+            "WHERE h.hold_state IS NOT NULL AND ((h.hold_state = 0 AND r.id IS NOT NULL) "
+            "OR (h.hold_state <> 0 AND r.id IS NULL) "
+            "OR (h.hold_state = 1 AND r.amount <> h.hold_resolved_amount)) LIMIT 5"
+        )
+        report.add(
+            "every hold resolved at most once",
+            not multi and not mismatched,
+            "holds consistent with their resolving transfers"
+            if not multi and not mismatched
+            else f"resolved twice: {multi}; state mismatch: {mismatched}",
+        )
+        report.add(*self._fold_check())
+        return report
+
+    def _fold_check(self) -> tuple[str, bool, str]:
+        """Recompute every account's four counters from the journal and compare."""
+        folded: dict[str, list[int]] = {}
+
+        def add(account: str, index: int, amount: Any) -> None:
+            folded.setdefault(account, [0, 0, 0, 0])[index] += int(amount)
+
+        for account, amount in self.query(
+            f"SELECT debit_account_id, sum(amount) FROM transfers "
+            f"WHERE (flags & {NOT_POSTED_FLAGS}) = 0 GROUP BY debit_account_id"
+        ):
+            add(account, 0, amount)
+        for account, amount in self.query(
+            f"SELECT credit_account_id, sum(amount) FROM transfers "
+            f"WHERE (flags & {NOT_POSTED_FLAGS}) = 0 GROUP BY credit_account_id"
+        ):
+            add(account, 1, amount)
+        for debit, credit, amount in self.query(
+            "SELECT debit_account_id, credit_account_id, sum(amount) FROM transfers t "
+            f"WHERE (flags & {int(TransferFlags.PENDING)}) <> 0 AND NOT EXISTS "
+            "(SELECT 1 FROM transfers r WHERE r.pending_id = t.id) "
+            "GROUP BY debit_account_id, credit_account_id"
+        ):
+            add(debit, 2, amount)
+            add(credit, 3, amount)
+        bad: list[str] = []
+        accounts = self.query(
+            "SELECT id, debits_posted, credits_posted, debits_pending, credits_pending "
+            "FROM accounts"
+        )
+        for account_id, *counters in accounts:
+            if [int(c) for c in counters] != folded.pop(account_id, [0, 0, 0, 0]):
+                bad.append(account_id)
+        bad.extend(folded)  # journal entries naming accounts that do not exist
+        detail = (
+            f"{len(accounts)} accounts match the journal"
+            if not bad
+            else f"{len(bad)} accounts differ from the journal: {bad[:5]}"
+        )
+        return ("balances equal the fold of the journal", not bad, detail)
+
+    # --- helpers for subclasses --------------------------------------------------------
+
+    @staticmethod
+    def account_row(a: Account) -> tuple[Any, ...]:
+        return (a.id, a.kind, a.asset, a.flags, a.owner, a.status, a.metadata, a.debits_posted,
+                a.credits_posted, a.debits_pending, a.credits_pending, a.created_us)  # fmt: skip
+
+    @staticmethod
+    def transfer_rows(writes: Writes) -> list[tuple[Any, ...]]:
+        """New transfers as rows; a new hold's current state rides on its transfer's row."""
+        holds = {h.id: h for h in writes.new_holds}
+        rows = []
+        for t in writes.new_transfers:
+            h = holds.get(t.id)
+            rows.append(
+                (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags,
+                 t.pending_id, t.timeout_s, t.metadata, t.ts_us)
+                + ((h.expires_us, int(h.state), h.resolved_amount, h.resolved_by) if h
+                   else (None, None, None, None))
+            )  # fmt: skip
+        return rows
+
+    @staticmethod
+    def counters_row(a: Account) -> tuple[Any, ...]:
+        return (a.status, a.debits_posted, a.credits_posted, a.debits_pending,
+                a.credits_pending, a.id)  # fmt: skip
+
+    @staticmethod
+    def hold_state_row(h: Hold) -> tuple[Any, ...]:
+        """For ``UPDATE transfers SET hold_state, hold_resolved_amount, hold_resolved_by``."""
+        return (int(h.state), h.resolved_amount, h.resolved_by, h.id)
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+__all__ = ["HoldState", "Migration", "Store"]

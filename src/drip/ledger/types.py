@@ -1,0 +1,311 @@
+"""Ledger records: accounts, transfers, holds, balances, and the limits that bound them."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from drip.errors import InvalidId, InvalidRequest
+from drip.money import check_atomic
+
+#: Most operations coalesced into one store transaction (group commit).
+BATCH_OPS_MAX = 1024
+#: Most transfers in one linked chain.
+CHAIN_TRANSFERS_MAX = 64
+#: Longest id (transfer, account); longest event code.
+ID_LENGTH_MAX = 160
+CODE_LENGTH_MAX = 64
+#: Largest metadata object, serialised.
+METADATA_BYTES_MAX = 4096
+#: Longest hold timeout: 30 days.
+TIMEOUT_S_MAX = 30 * 24 * 3600
+#: Most rows one history page returns.
+PAGE_LIMIT_MAX = 1000
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/+=~-]{1,160}$")
+_CODE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+#: Separator of ids the ledger derives from a caller's id (``<id>~fee``); callers cannot use it.
+DERIVED_SEP = "~"
+
+
+class AccountKind(enum.StrEnum):
+    WALLET = "wallet"
+    REVENUE = "revenue"
+    FEE = "fee"
+    FUNDING = "funding"
+    ESCROW = "escrow"
+    SESSION = "session"
+
+
+class AccountFlags(enum.IntFlag):
+    NONE = 0
+    #: available = credits_posted - debits_posted - debits_pending must stay >= 0.
+    DEBITS_MUST_NOT_EXCEED_CREDITS = 1
+    #: the mirror rule, for accounts that may only be net-debited.
+    CREDITS_MUST_NOT_EXCEED_DEBITS = 2
+
+
+class TransferFlags(enum.IntFlag):
+    NONE = 0
+    #: this transfer and the next commit all-or-nothing.
+    LINKED = 1
+    #: reserve the amount (a hold); resolve later with POST_PENDING or VOID_PENDING.
+    PENDING = 2
+    #: capture up to the hold's amount; the rest is released.
+    POST_PENDING = 4
+    #: release the hold.
+    VOID_PENDING = 8
+    #: written by the ledger when a hold's timeout passes (a void nobody asked for).
+    EXPIRE_PENDING = 16
+
+
+class AccountStatus(enum.StrEnum):
+    OPEN = "open"
+    #: cannot be debited (a paused user); credits still land.
+    FROZEN = "frozen"
+
+
+class HoldState(enum.IntEnum):
+    PENDING = 0
+    POSTED = 1
+    VOIDED = 2
+    EXPIRED = 3
+
+
+def check_id(value: object, param: str = "id", *, caller: bool = False) -> str:
+    """Validate an id; ``caller=True`` also refuses the ``~`` the ledger keeps for itself."""
+    if (
+        not isinstance(value, str)
+        or not _ID_RE.match(value)
+        or (caller and DERIVED_SEP in value)
+    ):
+        raise InvalidId(
+            f"{param} must be 1-{ID_LENGTH_MAX} characters of letters, digits and _.:@/+=- "
+            f"(got {str(value)[:40]!r})",
+            param=param,
+        )
+    return value
+
+
+def check_code(value: object, param: str = "code") -> str:
+    if not isinstance(value, str) or not _CODE_RE.match(value):
+        raise InvalidRequest(
+            f"{param} must be 1-{CODE_LENGTH_MAX} characters of letters, digits and _.:/-",
+            param=param,
+        )
+    return value
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None, param: str = "metadata") -> str | None:
+    """Canonical JSON for metadata (sorted keys), size-bounded; ``None`` stays ``None``."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise InvalidRequest(f"{param} must be an object", param=param)
+    try:
+        text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(f"{param} must be JSON-serialisable: {exc}", param=param) from exc
+    if len(text.encode()) > METADATA_BYTES_MAX:
+        raise InvalidRequest(f"{param} is larger than {METADATA_BYTES_MAX} bytes", param=param)
+    return text
+
+
+def decode_metadata(text: str | None) -> dict[str, Any]:
+    return dict(json.loads(text)) if text else {}
+
+
+@dataclass(slots=True)
+class Account:
+    """An account and its four counters (atomic units). Balances derive from the counters."""
+
+    id: str
+    kind: str
+    asset: str
+    flags: int = 0
+    owner: str | None = None
+    status: str = AccountStatus.OPEN
+    metadata: str | None = None
+    debits_posted: int = 0
+    credits_posted: int = 0
+    debits_pending: int = 0
+    credits_pending: int = 0
+    created_us: int = 0
+
+    def copy(self) -> Account:
+        return Account(
+            self.id, self.kind, self.asset, self.flags, self.owner, self.status, self.metadata,
+            self.debits_posted, self.credits_posted, self.debits_pending, self.credits_pending,
+            self.created_us,
+        )  # fmt: skip
+
+    @property
+    def balance(self) -> Balance:
+        posted = self.credits_posted - self.debits_posted
+        if self.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS:
+            return Balance(posted, self.credits_pending, posted + self.credits_pending)
+        return Balance(posted, self.debits_pending, posted - self.debits_pending)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return decode_metadata(self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """``posted`` is settled; ``pending`` is reserved by open holds; ``available`` is spendable."""
+
+    posted: int
+    pending: int
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """An immutable journal entry. ``id`` is the caller's idempotency key, unique forever."""
+
+    id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: int
+    code: str
+    flags: int = 0
+    pending_id: str | None = None
+    timeout_s: int = 0
+    metadata: str | None = None
+    ts_us: int = 0
+    seq: int = 0
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return decode_metadata(self.metadata)
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """The fields an idempotent replay must repeat exactly."""
+        return (
+            self.debit_account_id, self.credit_account_id, self.amount, self.code,
+            self.flags & ~TransferFlags.LINKED, self.pending_id, self.timeout_s, self.metadata,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Hold:
+    """The mutable state of a pending transfer: it resolves exactly once."""
+
+    id: str
+    debit_account_id: str
+    credit_account_id: str
+    amount: int
+    expires_us: int | None
+    state: int = HoldState.PENDING
+    resolved_amount: int = 0
+    resolved_by: str | None = None
+
+    def copy(self) -> Hold:
+        return Hold(
+            self.id, self.debit_account_id, self.credit_account_id, self.amount,
+            self.expires_us, self.state, self.resolved_amount, self.resolved_by,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """A transfer as a caller asks for it (before the ledger stamps it).
+
+    For ``POST_PENDING``/``VOID_PENDING`` the accounts may be left empty (taken from the
+    hold) and ``amount=None`` posts the hold's full amount.
+    """
+
+    id: str
+    debit_account_id: str = ""
+    credit_account_id: str = ""
+    amount: int | None = 0
+    code: str = "transfer"
+    flags: int = 0
+    pending_id: str | None = None
+    timeout_s: int = 0
+    metadata: str | None = None
+
+    def validate(self) -> None:
+        check_id(self.id, "id")
+        check_code(self.code, "code")
+        flags = self.flags
+        if not isinstance(flags, int) or flags & ~_SPEC_FLAGS:
+            raise InvalidRequest("unknown transfer flags", param="flags")
+        kind = flags & _KIND_FLAGS
+        if kind & (kind - 1):
+            raise InvalidRequest("a transfer is at most one of pending, post or void", param="flags")
+        if kind & _RESOLVE_FLAGS:
+            check_id(self.pending_id, "pending_id")
+            if self.amount is not None:
+                check_atomic(self.amount, param="amount")
+        else:
+            if self.pending_id is not None:
+                raise InvalidRequest("pending_id is only for post and void", param="pending_id")
+            check_id(self.debit_account_id, "debit_account_id")
+            check_id(self.credit_account_id, "credit_account_id")
+            check_atomic(self.amount, allow_zero=False, param="amount")
+        if self.timeout_s:
+            if not kind & TransferFlags.PENDING:
+                raise InvalidRequest("timeout_s is only for pending transfers", param="timeout_s")
+            if (
+                not isinstance(self.timeout_s, int)
+                or isinstance(self.timeout_s, bool)
+                or not 0 < self.timeout_s <= TIMEOUT_S_MAX
+            ):
+                raise InvalidRequest(
+                    f"timeout_s must be an int in 1..{TIMEOUT_S_MAX}", param="timeout_s"
+                )
+
+
+_KIND_FLAGS = int(TransferFlags.PENDING | TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING)
+_RESOLVE_FLAGS = int(TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING)
+#: flags a caller may set; EXPIRE_PENDING is the ledger's own
+_SPEC_FLAGS = _KIND_FLAGS | int(TransferFlags.LINKED)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    id: str
+    kind: str
+    asset: str
+    flags: int = 0
+    owner: str | None = None
+    metadata: str | None = None
+
+    def fingerprint(self) -> tuple[object, ...]:
+        return (self.kind, self.asset, self.flags, self.owner, self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; pass ``next_cursor`` back to get the next (None at the end)."""
+
+    items: list[Transfer]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    code: str
+    bucket_start_us: int
+    calls: int
+    amount: int
+
+
+@dataclass(slots=True)
+class InvariantReport:
+    """What ``drip doctor`` prints: each invariant, whether it holds, and the evidence."""
+
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(passed for _, passed, _ in self.checks)
+
+    def add(self, name: str, passed: bool, detail: str) -> None:
+        self.checks.append((name, passed, detail))

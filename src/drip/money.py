@@ -1,0 +1,153 @@
+"""Exact money: atomic-unit integers inside, ``Decimal`` or strings at the edges.
+
+USDC has 6 decimals, so ``1_000_000`` atomic units are one dollar. Every amount that
+enters Drip passes through :func:`parse_amount`; every amount shown to a person
+passes through :func:`format_amount`. Nothing else converts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+from drip.errors import InvalidAmount
+
+#: Largest amount the ledger stores (a signed 64-bit column): about 9.2 trillion USDC.
+AMOUNT_ATOMIC_MAX = 2**63 - 1
+
+_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,4})?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    """A fungible asset the ledger counts in integers of ``10**-decimals``."""
+
+    symbol: str
+    decimals: int
+
+    @property
+    def scale(self) -> int:
+        return 10**self.decimals
+
+
+USDC = Asset("USDC", 6)
+
+AmountLike = int | str | Decimal | float
+
+
+def _to_decimal(value: object, param: str) -> Decimal:
+    if isinstance(value, bool):
+        raise InvalidAmount(f"{param} must be a number, not a bool", param=param)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidAmount(f"{param} must be finite, got {value!r}", param=param)
+        # str() gives the shortest repr, so 0.007 is read as written, not as 0.00699999...
+        value = str(value)
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        if len(text) > 64 or not _DECIMAL_RE.match(text):
+            raise InvalidAmount(f"{param} is not a decimal number: {value[:64]!r}", param=param)
+        try:
+            return Decimal(text)
+        except InvalidOperation as exc:  # pragma: no cover - the regex already guards this
+            raise InvalidAmount(f"{param} is not a decimal number", param=param) from exc
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidAmount(f"{param} must be finite, got {value}", param=param)
+        return value
+    raise InvalidAmount(
+        f"{param} must be a str, Decimal, int or float, not {type(value).__name__}", param=param
+    )
+
+
+def parse_amount(
+    value: object,
+    asset: Asset = USDC,
+    *,
+    allow_zero: bool = True,
+    allow_negative: bool = False,
+    param: str = "amount",
+) -> int:
+    """Convert a human amount (``"0.007"``, ``Decimal("5")``, ``5``, ``0.01``) to atomic units.
+
+    ``int`` values are *whole units of the asset* (``5`` is five dollars), as in the SDK's
+    ``initial_balance=5``; use :func:`atomic` for a count of atomic units. Raises
+    :class:`InvalidAmount` for NaN, infinities, excess precision, negatives (unless
+    ``allow_negative``), zero (unless ``allow_zero``) and amounts beyond the ledger's range.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        units = value * asset.scale
+    else:
+        dec = _to_decimal(value, param)
+        scaled = dec.scaleb(asset.decimals)
+        if scaled != scaled.to_integral_value():
+            raise InvalidAmount(
+                f"{param} has more than {asset.decimals} decimal places: {value}", param=param
+            )
+        if abs(scaled.adjusted()) > 30:
+            raise InvalidAmount(f"{param} is out of range: {value}", param=param)
+        units = int(scaled)
+    return check_atomic(units, allow_zero=allow_zero, allow_negative=allow_negative, param=param)
+
+
+def check_atomic(
+    units: object,
+    *,
+    allow_zero: bool = True,
+    allow_negative: bool = False,
+    param: str = "amount",
+) -> int:
+    """Validate a count of atomic units already in integer form and return it."""
+    if not isinstance(units, int) or isinstance(units, bool):
+        raise InvalidAmount(
+            f"{param} in atomic units must be an int, not {type(units).__name__}", param=param
+        )
+    if units < 0 and not allow_negative:
+        raise InvalidAmount(f"{param} must not be negative", param=param)
+    if units == 0 and not allow_zero:
+        raise InvalidAmount(f"{param} must be greater than zero", param=param)
+    if abs(units) > AMOUNT_ATOMIC_MAX:
+        raise InvalidAmount(f"{param} is out of range", param=param)
+    return units
+
+
+def atomic(units: int, *, param: str = "amount") -> int:
+    """Mark an integer as a count of atomic units (validated, returned unchanged)."""
+    return check_atomic(units, param=param)
+
+
+def to_decimal(units: int, asset: Asset = USDC) -> Decimal:
+    """Atomic units to an exact ``Decimal`` in whole units of the asset."""
+    return Decimal(units).scaleb(-asset.decimals)
+
+
+def format_amount(units: int, asset: Asset = USDC, *, symbol: bool = False) -> str:
+    """Atomic units to a display string with exactly the asset's decimals: ``"1.500000"``."""
+    sign = "-" if units < 0 else ""
+    whole, frac = divmod(abs(units), asset.scale)
+    text = f"{sign}{whole}.{frac:0{asset.decimals}d}"
+    return f"{text} {asset.symbol}" if symbol else text
+
+
+def format_plain(units: int, asset: Asset = USDC) -> str:
+    """Atomic units to the shortest exact decimal string (``"0.007"``), for APIs and headers."""
+    text = format_amount(units, asset)
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text if text not in ("", "-") else "0"
+
+
+__all__ = [
+    "AMOUNT_ATOMIC_MAX",
+    "USDC",
+    "AmountLike",
+    "Asset",
+    "atomic",
+    "check_atomic",
+    "format_amount",
+    "format_plain",
+    "parse_amount",
+    "to_decimal",
+]
