@@ -1,0 +1,48 @@
+"""Configuration: ``DripConfig`` reads keyword arguments, ``DRIP_*`` environment variables
+(``__`` nests) and an optional ``drip.toml``, in that order of precedence."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+#: A hold may live at most 30 days (the ledger's own limit).
+_HOLD_TIMEOUT_S_MAX = 30 * 24 * 3600
+
+
+class DripConfig(BaseSettings):
+    """Where the ledger lives and how metering behaves."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DRIP_",
+        env_nested_delimiter="__",
+        toml_file="drip.toml",
+        extra="forbid",
+    )
+
+    #: ``sqlite:///drip.db`` (default, embedded) or ``postgresql://user:pw@host/db``.
+    database_url: str = "sqlite:///drip.db"
+    #: The provider whose revenue account metered charges credit.
+    provider: str = "default"
+    #: The platform's cut of each charge, in basis points (250 = 2.5%).
+    fee_bps: int = Field(default=0, ge=0, lt=10_000)
+    #: How long a metered call's hold lives if the process dies before capturing it.
+    hold_timeout_s: int = Field(default=300, gt=0, le=_HOLD_TIMEOUT_S_MAX)
+    #: Void the hold when the metered function raises (False captures the full hold).
+    void_on_error: bool = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))

@@ -1,0 +1,363 @@
+"""``DripClient``: users with prepaid wallets, debits, top-ups, pause and resume.
+
+A user is a wallet account ``user:<user_id>`` in the ledger; its profile (email,
+container image, metadata) is the account's metadata, and its status is the account's
+(``frozen`` = paused). Amounts come in as people write them (``"0.007"``,
+``Decimal``, ``5`` meaning five dollars, ``0.01`` read through ``str``) and go out as
+``Decimal``; inside, everything is atomic-unit integers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+from drip import errors
+from drip.config import DripConfig
+from drip.ledger import (
+    Account,
+    AccountKind,
+    AccountStatus,
+    Charge,
+    Ledger,
+    SyncLedger,
+    Transfer,
+    UsageRow,
+    funding_account_id,
+    open_ledger,
+)
+from drip.ledger.types import check_id
+from drip.money import AmountLike, parse_amount, to_decimal
+
+WALLET_PREFIX = "user:"
+REVENUE_PREFIX = "revenue:"
+
+
+def wallet_id(user_id: str) -> str:
+    """The ledger account of a user's prepaid wallet."""
+    check_id(user_id, "user_id", caller=True)
+    return f"{WALLET_PREFIX}{user_id}"
+
+
+def user_status(account: Account) -> str:
+    return "paused" if account.status == AccountStatus.FROZEN else "active"
+
+
+def user_view(account: Account) -> dict[str, Any]:
+    """The seed SDK's user dict: balances as ``Decimal`` USDC, status, profile."""
+    balance = account.balance
+    profile = account.meta
+    return {
+        "user_id": account.id.removeprefix(WALLET_PREFIX),
+        "email": profile.get("email"),
+        "balance_usdc": to_decimal(balance.available),
+        "posted_usdc": to_decimal(balance.posted),
+        "pending_usdc": to_decimal(balance.pending),
+        "status": user_status(account),
+        "container_image": profile.get("container_image"),
+        "metadata": profile.get("metadata") or {},
+        "created_us": account.created_us,
+    }
+
+
+def new_call_id(prefix: str) -> str:
+    return f"{prefix}:{uuid.uuid4().hex}"
+
+
+def _as_user_error(exc: errors.DripError, user_id: str) -> errors.DripError:
+    """A missing wallet is a missing user to callers of the metering API."""
+    if isinstance(exc, errors.AccountNotFound) and exc.param != "credit_account_id":
+        return errors.UserNotFound(f"no user {user_id!r}: provision it first", param="user_id")
+    return exc
+
+
+def insufficient(user_id: str, event: str, exc: errors.DripError) -> errors.DripInsufficientCredits:
+    available = exc.details.get("available")
+    needed = exc.details.get("needed")
+    if isinstance(available, int) and isinstance(needed, int):
+        message = (
+            f"user {user_id!r} has {to_decimal(max(available, 0))} USDC available; "
+            f"{event!r} needs {to_decimal(needed)}"
+        )
+    else:
+        message = f"user {user_id!r} cannot afford {event!r}"
+    return errors.DripInsufficientCredits(
+        message, param="user_id", user_id=user_id, event=event, available=available, needed=needed
+    )
+
+
+class _Base:
+    """What the async and sync clients share: configuration, ids, argument checks."""
+
+    config: DripConfig
+    _ledger: Ledger | None
+
+    def _open(self) -> Ledger:
+        if self._ledger is None:
+            led = open_ledger(self.config.database_url, fee_bps=self.config.fee_bps)
+            led.sync.create_account(self.revenue_account, AccountKind.REVENUE,
+                                    owner=self.config.provider)  # fmt: skip
+            self._ledger = led
+        return self._ledger
+
+    @property
+    def ledger(self) -> Ledger:
+        """The underlying ledger (opened, and migrated, on first use)."""
+        return self._open()
+
+    @property
+    def revenue_account(self) -> str:
+        return f"{REVENUE_PREFIX}{self.config.provider}"
+
+    def _provision_args(
+        self,
+        user_id: str,
+        email: str | None,
+        initial_balance: AmountLike,
+        container_image: str | None,
+        metadata: Mapping[str, Any] | None,
+    ) -> tuple[str, dict[str, Any], int]:
+        account = wallet_id(user_id)
+        amount = parse_amount(initial_balance, param="initial_balance")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise errors.InvalidRequest("metadata must be an object", param="metadata")
+        profile = {"email": email, "container_image": container_image,
+                   "metadata": dict(metadata or {})}  # fmt: skip
+        return account, profile, amount
+
+    def get_user_now(self, user_id: str) -> dict[str, Any]:
+        account = self.ledger.store.get_account(wallet_id(user_id))
+        if account is None or account.kind != AccountKind.WALLET:
+            raise errors.UserNotFound(f"no user {user_id!r}", param="user_id")
+        return user_view(account)
+
+    def list_users(self, *, after: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        accounts = self.ledger.list_accounts(
+            AccountKind.WALLET, after_id=wallet_id(after) if after else None, limit=limit
+        )
+        return [user_view(a) for a in accounts]
+
+    def usage(
+        self,
+        user_id: str | None = None,
+        *,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        bucket_s: int = 86_400,
+    ) -> list[UsageRow]:
+        account = wallet_id(user_id) if user_id is not None else None
+        return self.ledger.usage(account, since_us=since_us, until_us=until_us, bucket_s=bucket_s)
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+
+class DripClient(_Base):
+    """The async SDK. ``client.sync`` is the same client for code without an event loop."""
+
+    def __init__(self, config: DripConfig | None = None, *, ledger: Ledger | None = None) -> None:
+        self.config = config or DripConfig()
+        check_id(self.config.provider, "provider", caller=True)
+        self._ledger = ledger
+        self.sync = SyncDripClient(self)
+
+    async def __aenter__(self) -> DripClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def provision_user(
+        self,
+        user_id: str,
+        email: str | None = None,
+        initial_balance: AmountLike = 0,
+        container_image: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Create the user's wallet and credit ``initial_balance`` (idempotent per user)."""
+        account, profile, amount = self._provision_args(
+            user_id, email, initial_balance, container_image, metadata
+        )
+        led = self.ledger
+        try:
+            await led.create_account(account, AccountKind.WALLET, owner=user_id, metadata=profile)
+        except errors.IdempotencyConflict as exc:
+            raise errors.AlreadyExists(
+                f"user {user_id!r} exists with a different profile", param="user_id"
+            ) from exc
+        if amount:
+            await led.transfer(f"provision:{user_id}", funding_account_id(led.asset.symbol),
+                               account, amount, code="topup")  # fmt: skip
+        return self.get_user_now(user_id)
+
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        return self.get_user_now(user_id)
+
+    async def debit(
+        self,
+        user_id: str,
+        amount: AmountLike,
+        event: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Charge:
+        """Charge ``amount`` now (no hold). Raises DripInsufficientCredits, nothing charged."""
+        atomic = parse_amount(amount, allow_zero=False)
+        transfer_id = idempotency_key or new_call_id("debit")
+        try:
+            return await self.ledger.charge(transfer_id, wallet_id(user_id), self.revenue_account,
+                                            atomic, code=event, metadata=metadata)  # fmt: skip
+        except errors.DripInsufficientCredits as exc:
+            raise insufficient(user_id, event, exc) from None
+        except errors.AccountNotFound as exc:
+            raise _as_user_error(exc, user_id) from None
+
+    async def topup(
+        self, user_id: str, amount: AmountLike, *, idempotency_key: str | None = None
+    ) -> Transfer:
+        """Credit the wallet from the outside world; a paused user is resumed."""
+        atomic = parse_amount(amount, allow_zero=False)
+        led = self.ledger
+        try:
+            transfer = await led.transfer(
+                idempotency_key or new_call_id("topup"), funding_account_id(led.asset.symbol),
+                wallet_id(user_id), atomic, code="topup",
+            )  # fmt: skip
+        except errors.AccountNotFound as exc:
+            raise _as_user_error(exc, user_id) from None
+        if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
+            await led.set_status(wallet_id(user_id), AccountStatus.OPEN)
+        return transfer
+
+    async def hibernate(self, user_id: str) -> dict[str, Any]:
+        """Pause the user: their wallet refuses charges until restored or topped up."""
+        return await self._set_status(user_id, AccountStatus.FROZEN)
+
+    async def restore(self, user_id: str) -> dict[str, Any]:
+        return await self._set_status(user_id, AccountStatus.OPEN)
+
+    async def _set_status(self, user_id: str, status: str) -> dict[str, Any]:
+        try:
+            account = await self.ledger.set_status(wallet_id(user_id), status)
+        except errors.AccountNotFound as exc:
+            raise _as_user_error(exc, user_id) from None
+        return user_view(account)
+
+    def meter(
+        self,
+        cost: Any,
+        event: str,
+        user_id_param: str = "user_id",
+        max_cost: AmountLike | None = None,
+        *,
+        void_on_error: bool | None = None,
+    ) -> Any:
+        """Decorate a function so each call holds, runs, then captures its cost."""
+        from drip.metering.meter import make_meter
+
+        return make_meter(lambda: self, cost, event, user_id_param, max_cost, void_on_error)
+
+
+class SyncDripClient:
+    """Blocking twin of :class:`DripClient`, sharing its ledger and configuration."""
+
+    def __init__(self, client: DripClient) -> None:
+        self._client = client
+
+    @property
+    def _ledger(self) -> SyncLedger:
+        return self._client.ledger.sync
+
+    def provision_user(
+        self,
+        user_id: str,
+        email: str | None = None,
+        initial_balance: AmountLike = 0,
+        container_image: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        c = self._client
+        account, profile, amount = c._provision_args(
+            user_id, email, initial_balance, container_image, metadata
+        )
+        led = self._ledger
+        try:
+            led.create_account(account, AccountKind.WALLET, owner=user_id, metadata=profile)
+        except errors.IdempotencyConflict as exc:
+            raise errors.AlreadyExists(
+                f"user {user_id!r} exists with a different profile", param="user_id"
+            ) from exc
+        if amount:
+            led.transfer(f"provision:{user_id}", funding_account_id(c.ledger.asset.symbol),
+                         account, amount, code="topup")  # fmt: skip
+        return c.get_user_now(user_id)
+
+    def get_user(self, user_id: str) -> dict[str, Any]:
+        return self._client.get_user_now(user_id)
+
+    def list_users(self, *, after: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return self._client.list_users(after=after, limit=limit)
+
+    def usage(self, user_id: str | None = None, **kw: Any) -> list[UsageRow]:
+        return self._client.usage(user_id, **kw)
+
+    def debit(
+        self,
+        user_id: str,
+        amount: AmountLike,
+        event: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Charge:
+        c = self._client
+        atomic = parse_amount(amount, allow_zero=False)
+        transfer_id = idempotency_key or new_call_id("debit")
+        try:
+            return self._ledger.charge(transfer_id, wallet_id(user_id), c.revenue_account, atomic,
+                                       code=event, metadata=metadata)  # fmt: skip
+        except errors.DripInsufficientCredits as exc:
+            raise insufficient(user_id, event, exc) from None
+        except errors.AccountNotFound as exc:
+            raise _as_user_error(exc, user_id) from None
+
+    def topup(
+        self, user_id: str, amount: AmountLike, *, idempotency_key: str | None = None
+    ) -> Transfer:
+        atomic = parse_amount(amount, allow_zero=False)
+        led = self._ledger
+        try:
+            transfer = led.transfer(
+                idempotency_key or new_call_id("topup"),
+                funding_account_id(self._client.ledger.asset.symbol), wallet_id(user_id), atomic,
+                code="topup",
+            )  # fmt: skip
+        except errors.AccountNotFound as exc:
+            raise _as_user_error(exc, user_id) from None
+        if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
+            led.set_status(wallet_id(user_id), AccountStatus.OPEN)
+        return transfer
+
+    def hibernate(self, user_id: str) -> dict[str, Any]:
+        return self._set_status(user_id, AccountStatus.FROZEN)
+
+    def restore(self, user_id: str) -> dict[str, Any]:
+        return self._set_status(user_id, AccountStatus.OPEN)
+
+    def _set_status(self, user_id: str, status: str) -> dict[str, Any]:
+        try:
+            return user_view(self._ledger.set_status(wallet_id(user_id), status))
+        except errors.AccountNotFound as exc:
+            raise _as_user_error(exc, user_id) from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+__all__ = ["DripClient", "SyncDripClient", "wallet_id"]

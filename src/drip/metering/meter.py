@@ -1,0 +1,221 @@
+"""The ``@meter`` decorator: hold before the call, capture after it, void on failure.
+
+1. Find the payer: the argument named ``user_id_param`` (keyword or positional).
+2. Hold the call's maximum cost on their wallet; if it does not fit, raise
+   ``DripInsufficientCredits`` *before* the function runs.
+3. Run the function. If it raises (or is cancelled), void the hold: nothing is charged
+   (``void_on_error=False`` captures the full hold instead).
+4. Capture the actual cost: the fixed ``cost``, or ``cost(result)`` bounded by
+   ``max_cost``. The rest of the hold is released at once.
+
+The captured :class:`~drip.ledger.Charge` of the last metered call in this context is
+available as :func:`last_charge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from drip import errors
+from drip.ledger import Charge, Transfer
+from drip.ledger.types import check_code
+from drip.metering.client import insufficient, new_call_id, wallet_id
+from drip.money import AmountLike, parse_amount
+
+if TYPE_CHECKING:
+    from drip.metering.client import DripClient
+
+log = logging.getLogger("drip.metering")
+
+_last_charge: contextvars.ContextVar[Charge | None] = contextvars.ContextVar(
+    "drip_last_charge", default=None
+)
+
+
+def last_charge() -> Charge | None:
+    """The charge captured by the most recent metered call in this context (task/thread)."""
+    return _last_charge.get()
+
+
+class _Pricing:
+    """A call's hold amount and how to compute what it finally costs."""
+
+    def __init__(self, cost: Any, max_cost: AmountLike | None, event: str) -> None:
+        self.dynamic = callable(cost)
+        if self.dynamic:
+            if max_cost is None:
+                raise errors.ConfigError(
+                    f"meter({event!r}): a callable cost needs max_cost (the amount to hold)",
+                    param="max_cost",
+                )
+            self.hold = parse_amount(max_cost, allow_zero=False, param="max_cost")
+            self.fn: Callable[[Any], Any] = cost
+        else:
+            self.hold = parse_amount(cost, allow_zero=False, param="cost")
+            if max_cost is not None and parse_amount(max_cost, param="max_cost") < self.hold:
+                raise errors.ConfigError(f"meter({event!r}): cost exceeds max_cost")
+        self.event = event
+
+    def actual(self, result: Any) -> int:
+        if not self.dynamic:
+            return self.hold
+        amount = parse_amount(self.fn(result), param="cost")
+        if amount > self.hold:
+            log.warning(
+                "meter(%r): cost %d exceeds max_cost %d; charging max_cost",
+                self.event, amount, self.hold,
+            )  # fmt: skip
+            return self.hold
+        return amount
+
+
+def _payer_getter(fn: Callable[..., Any], param: str) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+    signature = inspect.signature(fn)
+    if param not in signature.parameters:
+        raise errors.ConfigError(
+            f"meter: {fn.__qualname__} has no parameter {param!r} naming the payer "
+            f"(set user_id_param=...)",
+            param="user_id_param",
+        )
+    position = list(signature.parameters).index(param)
+
+    def payer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        if param in kwargs:
+            value = kwargs[param]
+        elif position < len(args):
+            value = args[position]
+        else:
+            default = signature.parameters[param].default
+            if default is inspect.Parameter.empty:
+                raise errors.InvalidRequest(f"{param} is required to bill this call", param=param)
+            value = default
+        if not isinstance(value, str):
+            raise errors.InvalidRequest(f"{param} must be a string", param=param)
+        return value
+
+    return payer
+
+
+def make_meter(
+    get_client: Callable[[], DripClient],
+    cost: Any,
+    event: str,
+    user_id_param: str = "user_id",
+    max_cost: AmountLike | None = None,
+    void_on_error: bool | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    check_code(event, "event")
+    pricing = _Pricing(cost, max_cost, event)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        payer = _payer_getter(fn, user_id_param)
+
+        def void_wanted(client: DripClient) -> bool:
+            return client.config.void_on_error if void_on_error is None else void_on_error
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def metered_async(*args: Any, **kwargs: Any) -> Any:
+                client = get_client()
+                user_id = payer(args, kwargs)
+                led = client.ledger
+                try:
+                    hold = await led.hold(
+                        new_call_id("call"), wallet_id(user_id), client.revenue_account,
+                        pricing.hold, code=event, timeout_s=client.config.hold_timeout_s,
+                    )  # fmt: skip
+                except errors.DripInsufficientCredits as exc:
+                    raise insufficient(user_id, event, exc) from None
+                except errors.AccountNotFound:
+                    raise errors.UserNotFound(f"no user {user_id!r}", param=user_id_param) from None
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException:
+                    await asyncio.shield(_settle_failed_async(client, hold, void_wanted(client)))
+                    raise
+                charge = await asyncio.shield(led.post(hold, pricing.actual(result)))
+                _last_charge.set(charge)
+                return result
+
+            return metered_async
+
+        @functools.wraps(fn)
+        def metered(*args: Any, **kwargs: Any) -> Any:
+            client = get_client()
+            user_id = payer(args, kwargs)
+            led = client.ledger.sync
+            try:
+                hold = led.hold(
+                    new_call_id("call"), wallet_id(user_id), client.revenue_account, pricing.hold,
+                    code=event, timeout_s=client.config.hold_timeout_s,
+                )  # fmt: skip
+            except errors.DripInsufficientCredits as exc:
+                raise insufficient(user_id, event, exc) from None
+            except errors.AccountNotFound:
+                raise errors.UserNotFound(f"no user {user_id!r}", param=user_id_param) from None
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                if void_wanted(client):
+                    led.void(hold)
+                else:
+                    _last_charge.set(led.post(hold))
+                raise
+            charge = led.post(hold, pricing.actual(result))
+            _last_charge.set(charge)
+            return result
+
+        return metered
+
+    return decorate
+
+
+async def _settle_failed_async(client: DripClient, hold: Transfer, void: bool) -> None:
+    if void:
+        await client.ledger.void(hold)
+    else:
+        _last_charge.set(await client.ledger.post(hold))
+
+
+# --- module-level configuration (the seed's ``drip.configure()`` + ``@meter``) ---------
+
+_default_client: DripClient | None = None
+
+
+def configure(config: Any = None, **settings: Any) -> DripClient:
+    """Set the client that module-level :func:`meter` uses; returns it."""
+    from drip.config import DripConfig
+    from drip.metering.client import DripClient
+
+    global _default_client
+    if config is not None and settings:
+        raise errors.ConfigError("pass either a DripConfig or keyword settings, not both")
+    if _default_client is not None:
+        _default_client.close()
+    _default_client = DripClient(config if config is not None else DripConfig(**settings))
+    return _default_client
+
+
+def default_client() -> DripClient:
+    if _default_client is None:
+        raise errors.ConfigError("call drip.configure(...) before using drip.meter")
+    return _default_client
+
+
+def meter(
+    cost: Any,
+    event: str,
+    user_id_param: str = "user_id",
+    max_cost: AmountLike | None = None,
+    *,
+    void_on_error: bool | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``@client.meter`` on the client set by :func:`configure` (looked up at call time)."""
+    return make_meter(default_client, cost, event, user_id_param, max_cost, void_on_error)
