@@ -29,7 +29,7 @@ class Asset:
 
     @property
     def scale(self) -> int:
-        return 10**self.decimals
+        return int(10**self.decimals)
 
 
 USDC = Asset("USDC", 6)

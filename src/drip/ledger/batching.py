@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -52,7 +53,7 @@ class GroupCommitter:
         *,
         workers: int = 1,
         batch_max: int = 1024,
-        housekeeping: Callable[[], None] | None = None,
+        housekeeping: Callable[[], object] | None = None,
         housekeeping_interval_s: float = 1.0,
         name: str = "drip-writer",
     ) -> None:
@@ -132,7 +133,7 @@ class GroupCommitter:
             results: list[Any] = self._run_batch([item.op for item in batch])
         except errors.DripError as exc:
             results, failed = [exc] * len(batch), True
-        except Exception as exc:  # noqa: BLE001 - every caller must hear about it
+        except Exception as exc:
             log.exception("ledger batch of %d operations failed", len(batch))
             wrapped = errors.StoreError(f"the ledger store failed: {type(exc).__name__}: {exc}")
             wrapped.__cause__ = exc
@@ -147,10 +148,9 @@ class GroupCommitter:
             else:
                 by_loop.setdefault(item.loop, []).append((item.future, result, failed))
         for loop, pairs in by_loop.items():
-            try:
+            # a closed loop raises RuntimeError: its callers are gone, nobody is waiting
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve_async, pairs)
-            except RuntimeError:  # the caller's loop has closed: nobody is waiting
-                pass
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Finish queued work, then stop the writer threads."""

@@ -351,7 +351,8 @@ class Engine:
             raise errors.InvalidTransfer("debit and credit accounts must differ")
         if debit.asset != credit.asset:
             raise errors.AssetMismatch(
-                f"cannot move {debit.asset} into a {credit.asset} account", param="credit_account_id"
+                f"cannot move {debit.asset} into a {credit.asset} account",
+                param="credit_account_id",
             )
         if debit.status == AccountStatus.FROZEN:
             raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)")
@@ -409,7 +410,9 @@ class Engine:
         assert spec.pending_id is not None
         hold = self._hold(spec.pending_id)
         if hold is None:
-            raise errors.HoldNotFound(f"hold {spec.pending_id!r} does not exist", param="pending_id")
+            raise errors.HoldNotFound(
+                f"hold {spec.pending_id!r} does not exist", param="pending_id"
+            )
         for given, actual, name in (
             (spec.debit_account_id, hold.debit_account_id, "debit_account_id"),
             (spec.credit_account_id, hold.credit_account_id, "credit_account_id"),

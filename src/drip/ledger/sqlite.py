@@ -19,9 +19,9 @@ Pass ``?synchronous=full`` in the URL to fsync every commit.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
-import asyncio
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -98,7 +98,10 @@ class SqliteStore(Store):
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=BUSY_TIMEOUT_MS / 1000,
             )
         except sqlite3.Error as exc:
             raise errors.StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
@@ -280,8 +283,10 @@ class _LoopBatcher:
         try:
             results = self.store.try_run_batch_now(ops)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            error = exc if isinstance(exc, errors.DripError) else errors.StoreError(
-                f"the ledger store failed: {type(exc).__name__}: {exc}"
+            error = (
+                exc
+                if isinstance(exc, errors.DripError)
+                else errors.StoreError(f"the ledger store failed: {type(exc).__name__}: {exc}")
             )
             for _, future in batch:
                 if not future.done():

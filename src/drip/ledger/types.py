@@ -78,11 +78,7 @@ class HoldState(enum.IntEnum):
 
 def check_id(value: object, param: str = "id", *, caller: bool = False) -> str:
     """Validate an id; ``caller=True`` also refuses the ``~`` the ledger keeps for itself."""
-    if (
-        not isinstance(value, str)
-        or not _ID_RE.match(value)
-        or (caller and DERIVED_SEP in value)
-    ):
+    if not isinstance(value, str) or not _ID_RE.match(value) or (caller and DERIVED_SEP in value):
         raise InvalidId(
             f"{param} must be 1-{ID_LENGTH_MAX} characters of letters, digits and _.:@/+=- "
             f"(got {str(value)[:40]!r})",
@@ -238,7 +234,9 @@ class TransferSpec:
             raise InvalidRequest("unknown transfer flags", param="flags")
         kind = flags & _KIND_FLAGS
         if kind & (kind - 1):
-            raise InvalidRequest("a transfer is at most one of pending, post or void", param="flags")
+            raise InvalidRequest(
+                "a transfer is at most one of pending, post or void", param="flags"
+            )
         if kind & _RESOLVE_FLAGS:
             check_id(self.pending_id, "pending_id")
             if self.amount is not None:

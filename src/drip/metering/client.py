@@ -10,9 +10,8 @@ container image, metadata) is the account's metadata, and its status is the acco
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from decimal import Decimal
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from drip import errors
 from drip.config import DripConfig
@@ -30,6 +29,9 @@ from drip.ledger import (
 )
 from drip.ledger.types import check_id
 from drip.money import AmountLike, parse_amount, to_decimal
+
+if TYPE_CHECKING:
+    from drip.metering.meter import F
 
 WALLET_PREFIX = "user:"
 REVENUE_PREFIX = "revenue:"
@@ -68,7 +70,7 @@ def new_call_id(prefix: str) -> str:
 
 def _as_user_error(exc: errors.DripError, user_id: str) -> errors.DripError:
     """A missing wallet is a missing user to callers of the metering API."""
-    if isinstance(exc, errors.AccountNotFound) and exc.param != "credit_account_id":
+    if isinstance(exc, errors.AccountNotFound) and repr(wallet_id(user_id)) in exc.message:
         return errors.UserNotFound(f"no user {user_id!r}: provision it first", param="user_id")
     return exc
 
@@ -257,7 +259,7 @@ class DripClient(_Base):
         max_cost: AmountLike | None = None,
         *,
         void_on_error: bool | None = None,
-    ) -> Any:
+    ) -> Callable[[F], F]:
         """Decorate a function so each call holds, runs, then captures its cost."""
         from drip.metering.meter import make_meter
 

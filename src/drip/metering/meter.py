@@ -20,7 +20,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from drip import errors
 from drip.ledger import Charge, Transfer
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from drip.metering.client import DripClient
 
 log = logging.getLogger("drip.metering")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _last_charge: contextvars.ContextVar[Charge | None] = contextvars.ContextVar(
     "drip_last_charge", default=None
@@ -75,7 +77,10 @@ class _Pricing:
         return amount
 
 
-def _payer_getter(fn: Callable[..., Any], param: str) -> Callable[[tuple[Any, ...], dict[str, Any]], str]:
+Payer = Callable[[tuple[Any, ...], dict[str, Any]], str]
+
+
+def _payer_getter(fn: Callable[..., Any], param: str) -> Payer:
     signature = inspect.signature(fn)
     if param not in signature.parameters:
         raise errors.ConfigError(
@@ -109,11 +114,11 @@ def make_meter(
     user_id_param: str = "user_id",
     max_cost: AmountLike | None = None,
     void_on_error: bool | None = None,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> Callable[[F], F]:
     check_code(event, "event")
     pricing = _Pricing(cost, max_cost, event)
 
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(fn: F) -> F:
         payer = _payer_getter(fn, user_id_param)
 
         def void_wanted(client: DripClient) -> bool:
@@ -144,7 +149,7 @@ def make_meter(
                 _last_charge.set(charge)
                 return result
 
-            return metered_async
+            return metered_async  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def metered(*args: Any, **kwargs: Any) -> Any:
@@ -172,7 +177,7 @@ def make_meter(
             _last_charge.set(charge)
             return result
 
-        return metered
+        return metered  # type: ignore[return-value]
 
     return decorate
 
@@ -216,6 +221,6 @@ def meter(
     max_cost: AmountLike | None = None,
     *,
     void_on_error: bool | None = None,
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> Callable[[F], F]:
     """``@client.meter`` on the client set by :func:`configure` (looked up at call time)."""
     return make_meter(default_client, cost, event, user_id_param, max_cost, void_on_error)

@@ -1,0 +1,48 @@
+# Drip: `make demo` runs the scripted tour, `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PG_TEST_DSN ?= postgresql://drip_test:drip_test@127.0.0.1:5432/drip_test
+
+.PHONY: install demo test test-fast lint format bench postgres clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/drip demo
+
+# Starts PostgreSQL (installing it if missing), then runs lint, types and every test.
+test: $(STAMP)
+	@dsn=$$(bash scripts/postgres-up.sh) || { echo "PostgreSQL could not be started" >&2; exit 1; }; \
+	export DRIP_TEST_POSTGRES_DSN=$$dsn; \
+	$(MAKE) --no-print-directory lint && \
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -x
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: $(STAMP)
+	@dsn=$$(bash scripts/postgres-up.sh); DRIP_TEST_POSTGRES_DSN=$$dsn $(BIN)/python bench/ledger.py
+
+postgres:
+	@bash scripts/postgres-up.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache drip-demo.db*

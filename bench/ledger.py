@@ -1,0 +1,567 @@
+"""Benchmark of the Drip ledger: metered calls (one hold, then one smaller capture).
+
+Run from the repository root::
+
+    python bench/ledger.py                        # SQLite, plus PostgreSQL if configured
+    python bench/ledger.py --store postgres --postgres-dsn postgresql://u:pw@host/db
+    python bench/ledger.py --json                 # one JSON object per metric per line
+
+Each store gets a fresh database (a SQLite file in a temporary directory; a new
+PostgreSQL schema, dropped at the end). Per store it measures, time-boxed:
+
+* metered calls per second from one asyncio task (hold, then post), with the latency
+  of each hold+capture pair (the clean latency: nothing else is queued);
+* metered calls per second from 8 asyncio tasks on ONE hot wallet, same event loop;
+* the store's raw insert rate: single-row INSERTs of ledger-shaped rows in one
+  transaction into a scratch copy of the ``transfers`` table (same columns, indexes).
+
+It then checks the ledger's invariants and the hot wallet's balance, and fails loudly
+(exit status 1) if either is wrong. See bench/README.md for what each metric means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from drip import errors
+from drip.ledger import Ledger, TransferFlags, open_ledger
+
+#: Concurrent tasks on the one hot wallet.
+WORKERS = 8
+#: What each metered call reserves, then captures (atomic units).
+HOLD_AMOUNT = 1_000
+CAPTURE_AMOUNT = 700
+HOLD_TIMEOUT_S = 300
+#: Enough for any run: 10^15 atomic units is a billion USDC.
+WALLET_FUNDS = 10**15
+#: Raw-insert rows between two looks at the clock.
+RAW_CHUNK = 256
+
+TARGET_SQLITE_CONCURRENT = 20_000
+TARGET_SQLITE_RAW_RATIO = 0.25
+TARGET_SQLITE_P99_MS = 2.0
+TARGET_POSTGRES_CONCURRENT = 5_000
+
+_PENDING = int(TransferFlags.PENDING)
+_POST = int(TransferFlags.POST_PENDING)
+
+# The scratch table: the ledger's ``transfers`` table and indexes, copied from
+# src/drip/ledger/schema.py (V1). ``_check_same_shape`` warns if the two drift apart.
+_RAW_SQLITE = """
+CREATE TABLE bench_raw_transfers (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    debit_account_id TEXT NOT NULL,
+    credit_account_id TEXT NOT NULL,
+    amount INTEGER NOT NULL CHECK (amount >= 0),
+    code TEXT NOT NULL,
+    flags INTEGER NOT NULL,
+    pending_id TEXT,
+    timeout_s INTEGER NOT NULL,
+    metadata TEXT,
+    ts_us INTEGER NOT NULL,
+    hold_expires_us INTEGER,
+    hold_state INTEGER,
+    hold_resolved_amount INTEGER,
+    hold_resolved_by TEXT,
+    CHECK (hold_resolved_amount IS NULL OR hold_resolved_amount <= amount)
+);
+CREATE INDEX bench_raw_transfers_debit ON bench_raw_transfers (debit_account_id, seq);
+CREATE INDEX bench_raw_transfers_credit ON bench_raw_transfers (credit_account_id, seq);
+CREATE INDEX bench_raw_transfers_holds_due ON bench_raw_transfers (hold_expires_us)
+    WHERE hold_state = 0 AND hold_expires_us IS NOT NULL;
+"""
+
+_RAW_POSTGRES = """
+CREATE TABLE bench_raw_transfers (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    debit_account_id TEXT NOT NULL,
+    credit_account_id TEXT NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount >= 0),
+    code TEXT NOT NULL,
+    flags INTEGER NOT NULL,
+    pending_id TEXT,
+    timeout_s INTEGER NOT NULL,
+    metadata TEXT,
+    ts_us BIGINT NOT NULL,
+    hold_expires_us BIGINT,
+    hold_state SMALLINT,
+    hold_resolved_amount BIGINT,
+    hold_resolved_by TEXT,
+    CHECK (hold_resolved_amount IS NULL OR hold_resolved_amount <= amount)
+);
+CREATE INDEX bench_raw_transfers_debit ON bench_raw_transfers (debit_account_id, seq);
+CREATE INDEX bench_raw_transfers_credit ON bench_raw_transfers (credit_account_id, seq);
+CREATE INDEX bench_raw_transfers_holds_due ON bench_raw_transfers (hold_expires_us)
+    WHERE hold_state = 0 AND hold_expires_us IS NOT NULL;
+"""
+
+_RAW_COLUMNS = (
+    "id, debit_account_id, credit_account_id, amount, code, flags, pending_id, timeout_s, "
+    "metadata, ts_us, hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
+)
+
+
+class BenchFailure(Exception):
+    """The benchmark cannot run, or the ledger came out wrong: exit status 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    ratio: float | None = None
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {"metric": self.metric, "value": _round(self.value), "unit": self.unit,
+             "baseline": _round(self.baseline), "ratio": _round(self.ratio)}
+        )  # fmt: skip
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+@dataclass(slots=True)
+class StoreResult:
+    store: str
+    where: str
+    metrics: list[Metric]
+    notes: list[str]
+
+    def value(self, suffix: str) -> float:
+        return next(m.value for m in self.metrics if m.metric == f"{self.store}.{suffix}")
+
+
+# --- the metered calls -----------------------------------------------------------------
+
+
+async def _metered_calls(
+    led: Ledger, wallet: str, revenue: str, prefix: str, deadline: float, latencies: list[float]
+) -> int:
+    """Hold then capture until ``deadline``; appends each call's seconds to ``latencies``."""
+    clock = time.perf_counter
+    n = 0
+    while True:
+        start = clock()
+        if start >= deadline:
+            return n
+        hold = await led.hold(f"{prefix}-{n}", wallet, revenue, HOLD_AMOUNT, code="search",
+                              timeout_s=HOLD_TIMEOUT_S)  # fmt: skip
+        await led.post(hold, CAPTURE_AMOUNT)
+        latencies.append(clock() - start)
+        n += 1
+
+
+async def _run(
+    led: Ledger, wallet: str, revenue: str, prefix: str, tasks: int, seconds: float
+) -> tuple[int, float, list[float]]:
+    """``tasks`` concurrent callers for ``seconds``; returns (calls, elapsed s, latencies)."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+    counts = await asyncio.gather(
+        *(_metered_calls(led, wallet, revenue, f"{prefix}-{w}", deadline, latencies)
+          for w in range(tasks))
+    )  # fmt: skip
+    return sum(counts), time.perf_counter() - start, latencies
+
+
+def _percentile_ms(latencies: list[float], q: float) -> float:
+    """Nearest-rank percentile of ``latencies`` (seconds), in milliseconds."""
+    ordered = sorted(latencies)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index] * 1000
+
+
+async def _bench_ledger(
+    url: str, store: str, run: str, seconds: float, warmup_s: float
+) -> tuple[list[Metric], list[str]]:
+    metrics: list[Metric] = []
+    notes: list[str] = []
+    led = open_ledger(url)
+    try:
+        wallet, revenue = f"{run}-wallet", f"{run}-revenue"
+        await led.create_account(wallet, "wallet")
+        await led.create_account(revenue, "revenue")
+        await led.transfer(f"{run}-topup", "funding:USDC", wallet, WALLET_FUNDS, code="topup")
+
+        total = 0
+        for phase, tasks in (("warm-seq", 1), ("warm-conc", WORKERS)):
+            calls, _, _ = await _run(led, wallet, revenue, f"{run}-{phase}", tasks, warmup_s / 2)
+            total += calls
+
+        calls, elapsed, latencies = await _run(led, wallet, revenue, f"{run}-seq", 1, seconds)
+        total += calls
+        if not calls:
+            raise BenchFailure(f"{store}: no metered call finished in {seconds} s")
+        metrics.append(Metric(f"{store}.metered_calls_per_s.sequential", calls / elapsed, "calls/s"))
+        metrics.append(Metric(f"{store}.hold_capture_p50_ms", _percentile_ms(latencies, 0.5), "ms"))
+        metrics.append(Metric(f"{store}.hold_capture_p99_ms", _percentile_ms(latencies, 0.99), "ms"))
+        notes.append(f"sequential: {calls:,} calls in {elapsed:.2f} s")
+
+        calls, elapsed, latencies = await _run(led, wallet, revenue, f"{run}-conc", WORKERS,
+                                               seconds)  # fmt: skip
+        total += calls
+        metrics.append(Metric(f"{store}.metered_calls_per_s.concurrent", calls / elapsed, "calls/s"))
+        metrics.append(
+            Metric(f"{store}.hold_capture_p50_ms.concurrent", _percentile_ms(latencies, 0.5), "ms")
+        )
+        metrics.append(
+            Metric(f"{store}.hold_capture_p99_ms.concurrent", _percentile_ms(latencies, 0.99), "ms")
+        )
+        notes.append(f"concurrent: {calls:,} calls by {WORKERS} tasks in {elapsed:.2f} s")
+
+        _verify(led, store, wallet, total)
+        notes.append(f"invariants ok after {total:,} metered calls (warm-up included)")
+    finally:
+        led.close()
+    return metrics, notes
+
+
+def _verify(led: Ledger, store: str, wallet: str, calls: int) -> None:
+    report = led.check_invariants()
+    if not report.ok:
+        lines = [f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}"
+                 for name, ok, detail in report.checks]  # fmt: skip
+        raise BenchFailure(f"{store}: ledger invariants do not hold:\n" + "\n".join(lines))
+    balance = led.balance(wallet)
+    expected = WALLET_FUNDS - calls * CAPTURE_AMOUNT
+    if balance.pending != 0 or balance.posted != expected:
+        raise BenchFailure(
+            f"{store}: hot wallet balance is posted={balance.posted} pending={balance.pending}, "
+            f"expected posted={expected} pending=0 after {calls} metered calls"
+        )
+
+
+# --- raw inserts -----------------------------------------------------------------------
+
+
+def _raw_rows(run: str, wallet: str, revenue: str) -> Iterator[tuple[Any, ...]]:
+    """Rows as a metered call writes them: a hold's row, then its capture's row."""
+    i = 0
+    while True:
+        ts = time.time_ns() // 1000
+        for _ in range(RAW_CHUNK // 2):
+            hold_id = f"{run}-raw-{i}"
+            yield (hold_id, wallet, revenue, HOLD_AMOUNT, "search", _PENDING, None,
+                   HOLD_TIMEOUT_S, None, ts, ts + HOLD_TIMEOUT_S * 1_000_000, 0, None, None)
+            yield (f"{hold_id}~post", wallet, revenue, CAPTURE_AMOUNT, "search", _POST, hold_id,
+                   0, None, ts, None, None, None, None)  # fmt: skip
+            i += 1
+
+
+def _insert_loop(execute: Callable[[str, tuple[Any, ...]], Any], sql: str, run: str,
+                 seconds: float) -> int:  # fmt: skip
+    """One ``execute`` per row until ``seconds`` pass; returns the rows inserted."""
+    rows = _raw_rows(run, f"{run}-wallet", f"{run}-revenue")
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    n = 0
+    while clock() < deadline:
+        for _ in range(RAW_CHUNK):
+            execute(sql, next(rows))
+        n += RAW_CHUNK
+    return n
+
+
+def _raw_insert_sqlite(path: str, run: str, seconds: float) -> tuple[int, float]:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        # the same settings as the ledger's own connections (src/drip/ledger/sqlite.py)
+        for pragma in ("journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL",
+                       "cache_size=-65536", "wal_autocheckpoint=0"):  # fmt: skip
+            conn.execute(f"PRAGMA {pragma}")
+        conn.executescript(_RAW_SQLITE)
+        _check_same_shape_sqlite(conn)
+        cur = conn.cursor()
+        sql = f"INSERT INTO bench_raw_transfers ({_RAW_COLUMNS}) VALUES ({','.join('?' * 14)})"
+        start = time.perf_counter()
+        cur.execute("BEGIN IMMEDIATE")
+        n = _insert_loop(cur.execute, sql, run, seconds)
+        cur.execute("COMMIT")
+        return n, time.perf_counter() - start
+    finally:
+        conn.close()
+
+
+def _raw_insert_postgres(url: str, run: str, seconds: float) -> tuple[int, float]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_RAW_POSTGRES.encode())
+        _check_same_shape_postgres(conn)
+        conn.autocommit = False
+        sql = f"INSERT INTO bench_raw_transfers ({_RAW_COLUMNS}) VALUES ({','.join(['%s'] * 14)})"
+        with conn.cursor() as cur:
+            start = time.perf_counter()
+            with conn.transaction():
+                n = _insert_loop(cur.execute, sql, run, seconds)
+            return n, time.perf_counter() - start
+
+
+def _check_same_shape_sqlite(conn: sqlite3.Connection) -> None:
+    def shape(table: str) -> tuple[Any, ...]:
+        columns = [tuple(r[1:]) for r in conn.execute(f"PRAGMA table_info({table})")]
+        indexes = sorted((r[2], r[4]) for r in conn.execute(f"PRAGMA index_list({table})"))
+        return (columns, indexes)
+
+    _compare(shape("transfers"), shape("bench_raw_transfers"))
+
+
+def _check_same_shape_postgres(conn: Any) -> None:
+    def shape(table: str) -> tuple[Any, ...]:
+        columns = conn.execute(
+            "SELECT column_name, data_type, is_nullable, is_identity FROM "
+            "information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = %s ORDER BY ordinal_position",
+            (table,),
+        ).fetchall()
+        indexes = conn.execute(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() "
+            "AND tablename = %s",
+            (table,),
+        ).fetchall()
+        return (columns, indexes)
+
+    _compare(shape("transfers"), shape("bench_raw_transfers"))
+
+
+def _compare(ledger: tuple[Any, ...], raw: tuple[Any, ...]) -> None:
+    if ledger != raw:
+        print(
+            "warning: bench_raw_transfers no longer matches the ledger's transfers table; "
+            "update the copy in bench/ledger.py from src/drip/ledger/schema.py\n"
+            f"  transfers:           {ledger}\n  bench_raw_transfers: {raw}",
+            file=sys.stderr,
+        )
+
+
+def _raw_metrics(store: str, rows: int, elapsed: float, metrics: list[Metric]) -> Metric:
+    raw = Metric(f"{store}.raw_insert_per_s", rows / elapsed, "rows/s")
+    for i, m in enumerate(metrics):
+        if m.metric == f"{store}.metered_calls_per_s.concurrent":
+            metrics[i] = Metric(m.metric, m.value, m.unit, raw.value, m.value / raw.value)
+    return raw
+
+
+# --- the stores ------------------------------------------------------------------------
+
+
+def bench_sqlite(run: str, seconds: float, warmup_s: float) -> StoreResult:
+    with tempfile.TemporaryDirectory(prefix="drip-bench-") as tmp:
+        path = os.path.join(tmp, "ledger.db")
+        metrics, notes = asyncio.run(
+            _bench_ledger(f"sqlite:///{path}", "sqlite", run, seconds, warmup_s)
+        )
+        rows, elapsed = _raw_insert_sqlite(path, run, seconds)
+    metrics.append(_raw_metrics("sqlite", rows, elapsed, metrics))
+    notes.append(f"raw insert: {rows:,} rows in one transaction in {elapsed:.2f} s")
+    where = f"SQLite {sqlite3.sqlite_version}, WAL, synchronous=NORMAL, fresh file in a temp dir"
+    return StoreResult("sqlite", where, metrics, notes)
+
+
+def _with_search_path(dsn: str, schema: str) -> str:
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}options={quote(f'-csearch_path={schema}')}"
+
+
+@contextmanager
+def _fresh_schema(dsn: str) -> Iterator[tuple[str, str]]:
+    """A new, empty schema; yields (its name, a DSN whose search_path is it); drops it."""
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}".encode())
+    except psycopg.Error as exc:
+        raise BenchFailure(
+            f"cannot connect to PostgreSQL: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+    try:
+        yield schema, _with_search_path(dsn, schema)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE".encode())
+
+
+def _describe_postgres(dsn: str) -> str:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(dsn)  # never print the password
+    with psycopg.connect(dsn) as conn:
+        version = conn.info.server_version
+    major, minor = version // 10000, version % 10000
+    return f"PostgreSQL {major}.{minor} at {info.get('host', 'localhost')}:" \
+        f"{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def bench_postgres(dsn: str, run: str, seconds: float, warmup_s: float) -> StoreResult:
+    with _fresh_schema(dsn) as (schema, url):
+        where = f"{_describe_postgres(dsn)}, fresh schema {schema} (dropped afterwards)"
+        metrics, notes = asyncio.run(_bench_ledger(url, "postgres", run, seconds, warmup_s))
+        rows, elapsed = _raw_insert_postgres(url, run, seconds)
+    metrics.append(_raw_metrics("postgres", rows, elapsed, metrics))
+    notes.append(
+        f"raw insert: {rows:,} rows, one cursor.execute each, one transaction, {elapsed:.2f} s"
+    )
+    return StoreResult("postgres", where, metrics, notes)
+
+
+# --- targets and output ----------------------------------------------------------------
+
+
+def targets(results: list[StoreResult]) -> list[tuple[str, bool | None, str]]:
+    """(target, met or None when not measured, the measured value)."""
+    by_store = {r.store: r for r in results}
+    out: list[tuple[str, bool | None, str]] = []
+    sq = by_store.get("sqlite")
+    if sq is None:
+        out.append(("SQLite (not run)", None, "-"))
+    else:
+        conc = sq.value("metered_calls_per_s.concurrent")
+        ratio = conc / sq.value("raw_insert_per_s")
+        p99 = sq.value("hold_capture_p99_ms")
+        out += [
+            (f"SQLite >= {TARGET_SQLITE_CONCURRENT:,} concurrent metered calls/s",
+             conc >= TARGET_SQLITE_CONCURRENT, f"{conc:,.0f}/s"),
+            (f"SQLite concurrent >= {TARGET_SQLITE_RAW_RATIO:.0%} of raw insert rate",
+             ratio >= TARGET_SQLITE_RAW_RATIO, f"{ratio:.1%}"),
+            (f"SQLite hold+capture p99 < {TARGET_SQLITE_P99_MS:g} ms (sequential)",
+             p99 < TARGET_SQLITE_P99_MS, f"{p99:.3f} ms"),
+        ]  # fmt: skip
+    pg = by_store.get("postgres")
+    if pg is None:
+        out.append((f"PostgreSQL >= {TARGET_POSTGRES_CONCURRENT:,}/s (not run)", None, "-"))
+    else:
+        conc = pg.value("metered_calls_per_s.concurrent")
+        out.append((f"PostgreSQL >= {TARGET_POSTGRES_CONCURRENT:,} concurrent metered calls/s",
+                    conc >= TARGET_POSTGRES_CONCURRENT, f"{conc:,.0f}/s"))  # fmt: skip
+    return out
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "ratio":
+        return f"{value:.3f}"
+    if unit == "ms":
+        return f"{value:.3f}"
+    return f"{value:,.0f}"
+
+
+def print_table(results: list[StoreResult], args: argparse.Namespace, skipped: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(
+        f"Drip ledger benchmark: {args.seconds:g} s per measurement, {args.warmup:g} s warm-up, "
+        f"{WORKERS} concurrent tasks on one hot wallet; a metered call = hold "
+        f"{HOLD_AMOUNT} then capture {CAPTURE_AMOUNT}"
+    )
+    for note in skipped:
+        console.print(f"[yellow]{note}[/yellow]")
+    table = Table(
+        caption="hold_capture_p*_ms: per-call latency (hold + capture) in the sequential run "
+        "(one task, nothing queued); *.concurrent: the same in the 8-task run, which includes "
+        "waiting behind the other tasks' calls. Baseline of the concurrent rate = the raw "
+        "insert rate of the same store.",
+        caption_justify="left",
+    )
+    for name, justify in (("metric", "left"), ("value", "right"), ("unit", "left"),
+                          ("baseline", "right"), ("ratio", "right")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for i, result in enumerate(results):
+        if i:
+            table.add_section()
+        for m in result.metrics:
+            table.add_row(m.metric, _fmt(m.value, m.unit), m.unit, _fmt(m.baseline, m.unit),
+                          _fmt(m.ratio, "ratio"))  # fmt: skip
+    console.print(table)
+    for result in results:
+        console.print(f"{result.store}: {result.where}")
+        for note in result.notes:
+            console.print(f"  {note}")
+    parts = []
+    for name, met, measured in targets(results):
+        verdict = "n/a" if met is None else ("[green]MET[/green]" if met else "[red]NOT MET[/red]")
+        parts.append(f"{name}: {verdict} ({measured})")
+    console.print("Targets: " + "; ".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", choices=("sqlite", "postgres", "all"), default="all")
+    parser.add_argument("--postgres-dsn", default=os.environ.get("DRIP_TEST_POSTGRES_DSN", ""),
+                        help="PostgreSQL DSN (default: $DRIP_TEST_POSTGRES_DSN)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="length of each time-boxed measurement (default 3)")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="warm-up seconds per store before measuring (default 1)")  # fmt: skip
+    parser.add_argument("--json", action="store_true",
+                        help="print only one JSON object per metric per line")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.seconds <= 0 or args.warmup < 0:
+        parser.error("--seconds must be > 0 and --warmup >= 0")
+
+    started = time.perf_counter()
+    stores = ["sqlite", "postgres"] if args.store == "all" else [args.store]
+    skipped: list[str] = []
+    if "postgres" in stores and not args.postgres_dsn:
+        if args.store == "postgres":
+            print("error: --store postgres needs a DSN: pass --postgres-dsn or set "
+                  "DRIP_TEST_POSTGRES_DSN", file=sys.stderr)  # fmt: skip
+            return 2
+        stores.remove("postgres")
+        skipped.append("PostgreSQL skipped: no DSN (pass --postgres-dsn or set "
+                       "DRIP_TEST_POSTGRES_DSN); running SQLite only")  # fmt: skip
+        if args.json:
+            print(skipped[-1], file=sys.stderr)
+
+    run = uuid.uuid4().hex[:8]
+    results: list[StoreResult] = []
+    try:
+        for store in stores:
+            if store == "sqlite":
+                results.append(bench_sqlite(run, args.seconds, args.warmup))
+            else:
+                results.append(bench_postgres(args.postgres_dsn, run, args.seconds, args.warmup))
+    except (BenchFailure, errors.DripError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    wall = time.perf_counter() - started
+    if args.json:
+        for result in results:
+            for m in result.metrics:
+                print(m.as_json())
+        print(Metric("bench.wall_time_s", round(wall, 3), "s").as_json())
+    else:
+        print_table(results, args, skipped)
+        print(f"total wall time {wall:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

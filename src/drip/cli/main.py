@@ -1,0 +1,238 @@
+"""The ``drip`` command: wallets, usage, ledger checks and the demo.
+
+Every command takes ``--database-url`` (or ``DRIP_DATABASE_URL``). Errors print one
+clear line on stderr and exit non-zero; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from drip import errors
+from drip.config import DripConfig
+from drip.metering import DripClient
+from drip.money import format_amount, parse_amount
+
+app = typer.Typer(
+    name="drip",
+    help="Drip: prepaid wallets and metered billing for APIs and AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+wallet_app = typer.Typer(help="Create, inspect and top up user wallets.", no_args_is_help=True)
+app.add_typer(wallet_app, name="wallet")
+
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="DRIP_DATABASE_URL",
+        help="sqlite:///drip.db (default) or postgresql://user:pw@host/db",
+        show_default=False,
+    ),
+]
+
+
+def _client(database_url: str | None) -> DripClient:
+    settings: dict[str, Any] = {}
+    if database_url:
+        settings["database_url"] = database_url
+    return DripClient(DripConfig(**settings))
+
+
+def friendly(fn: F) -> F:
+    """Turn Drip's errors (and bad configuration) into one line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except errors.DripError as exc:
+            err.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
+            raise typer.Exit(1) from None
+        except ValueError as exc:  # pydantic ValidationError of DripConfig
+            err.print(f"[bold red]error[/] (config_error): {exc}".splitlines()[0], highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _user_table(users: list[dict[str, Any]]) -> Table:
+    table = Table(title=None, show_lines=False)
+    for column, justify in (("user", "left"), ("status", "left"), ("available USDC", "right"),
+                            ("pending USDC", "right"), ("email", "left")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for u in users:
+        table.add_row(
+            u["user_id"], u["status"], f"{u['balance_usdc']:.6f}", f"{u['pending_usdc']:.6f}",
+            u.get("email") or "",
+        )  # fmt: skip
+    return table
+
+
+@wallet_app.command("create")
+@friendly
+def wallet_create(
+    user_id: Annotated[str, typer.Argument(help="The user's id")],
+    initial_balance: Annotated[
+        str, typer.Option("--initial-balance", "-b", help="USDC to credit, e.g. 5.00")
+    ] = "0",
+    email: Annotated[str | None, typer.Option(help="Where notices go")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Provision a user's wallet (idempotent: the same command twice changes nothing)."""
+    client = _client(database_url)
+    try:
+        user = client.sync.provision_user(user_id, email=email, initial_balance=initial_balance)
+    finally:
+        client.close()
+    out.print(_user_table([user]))
+
+
+@wallet_app.command("show")
+@friendly
+def wallet_show(user_id: str, database_url: DatabaseUrl = None) -> None:
+    """Show one wallet's balances and status."""
+    client = _client(database_url)
+    try:
+        user = client.sync.get_user(user_id)
+    finally:
+        client.close()
+    out.print(_user_table([user]))
+
+
+@wallet_app.command("list")
+@friendly
+def wallet_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+    after: Annotated[str | None, typer.Option(help="Continue after this user id")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """List wallets, ordered by user id."""
+    client = _client(database_url)
+    try:
+        users = client.sync.list_users(after=after, limit=limit)
+    finally:
+        client.close()
+    out.print(_user_table(users))
+    if len(users) == limit:
+        out.print(f"more: drip wallet list --after {users[-1]['user_id']}", highlight=False)
+
+
+@wallet_app.command("topup")
+@friendly
+def wallet_topup(
+    user_id: str,
+    amount: Annotated[str, typer.Argument(help="USDC to credit, e.g. 2.00")],
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="Retry-safe id: the same key credits once"),
+    ] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Credit a wallet (resumes a paused user)."""
+    parse_amount(amount, allow_zero=False)
+    client = _client(database_url)
+    try:
+        client.sync.topup(user_id, amount, idempotency_key=idempotency_key)
+        user = client.sync.get_user(user_id)
+    finally:
+        client.close()
+    out.print(_user_table([user]))
+
+
+def _when(us: int, bucket_s: int) -> str:
+    moment = datetime.fromtimestamp(us / 1_000_000, tz=UTC)
+    return moment.strftime("%Y-%m-%d" if bucket_s >= 86_400 else "%Y-%m-%d %H:%M")
+
+
+@app.command("usage")
+@friendly
+def usage(
+    user_id: Annotated[str | None, typer.Option("--user", help="One user's usage")] = None,
+    bucket: Annotated[str, typer.Option(help="Bucket: minute, hour or day")] = "day",
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Metered usage per event (calls and USDC), per time bucket."""
+    sizes = {"minute": 60, "hour": 3600, "day": 86_400}
+    if bucket not in sizes:
+        raise errors.InvalidRequest("bucket must be minute, hour or day", param="bucket")
+    client = _client(database_url)
+    try:
+        rows = client.sync.usage(user_id, bucket_s=sizes[bucket])
+    finally:
+        client.close()
+    table = Table(title=f"usage{' of ' + user_id if user_id else ''} per {bucket}")
+    table.add_column(bucket)
+    table.add_column("event")
+    table.add_column("calls", justify="right")
+    table.add_column("USDC", justify="right")
+    total_calls = total = 0
+    for r in rows:
+        table.add_row(_when(r.bucket_start_us, sizes[bucket]), r.code, str(r.calls),
+                      format_amount(r.amount))  # fmt: skip
+        total_calls += r.calls
+        total += r.amount
+    table.add_section()
+    table.add_row("total", "", str(total_calls), format_amount(total))
+    out.print(table)
+
+
+@app.command("doctor")
+@friendly
+def doctor(database_url: DatabaseUrl = None) -> None:
+    """Check the ledger's invariants and print each; exit 1 if any fails."""
+    client = _client(database_url)
+    try:
+        report = client.ledger.check_invariants()
+    finally:
+        client.close()
+    table = Table(title="ledger invariants")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("evidence")
+    for name, passed, detail in report.checks:
+        table.add_row(name, "[green]ok[/]" if passed else "[bold red]FAILED[/]", detail)
+    out.print(table)
+    if not report.ok:
+        err.print("[bold red]error[/] (invariant_violation): the ledger failed a check")
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+@friendly
+def demo(
+    database_url: DatabaseUrl = None,
+    fresh: Annotated[bool, typer.Option(help="Start from an empty demo database")] = True,
+) -> None:
+    """A scripted tour: provision, meter calls until credit runs out, top up, continue."""
+    from drip.demo import run_demo
+
+    run_demo(database_url or "sqlite:///drip-demo.db", fresh=fresh, console=out)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
