@@ -155,6 +155,24 @@ def test_parse_amount_rejects_huge_decimal_exponents(value: Decimal) -> None:
         parse_amount(value)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1.00000000000000000000000000001",  # 30 significant digits
+        "0.99999999999999999999999999999",  # would round *up* to 1.000000
+        "1234567.0000000000000000000000001",
+        "0.0000010000000000000000000000000001",
+        Decimal("1.00000000000000000000000000001"),
+    ],
+)
+def test_excess_precision_is_refused_not_rounded(value: object) -> None:
+    """More decimals than the asset has is an error, however many significant digits the
+    input carries: it must never be rounded (Decimal's default context keeps only 28
+    digits) into an amount the caller did not write."""
+    with pytest.raises(InvalidAmount):
+        parse_amount(value)
+
+
 def test_param_name_is_reported() -> None:
     with pytest.raises(InvalidAmount) as info:
         parse_amount("abc", param="initial_balance")
