@@ -206,7 +206,6 @@ async def _bench_ledger(
     run: str,
     seconds: float,
     warmup_s: float,
-    before_verify: Callable[[], str] | None = None,
 ) -> tuple[list[Metric], list[str]]:
     metrics: list[Metric] = []
     notes: list[str] = []
@@ -239,6 +238,8 @@ async def _bench_ledger(
             led, wallet, revenue, f"{run}-conc", WORKERS, seconds
         )
         total += calls
+        if not calls:
+            raise BenchFailure(f"{store}: no concurrent metered call finished in {seconds} s")
         metrics.append(
             Metric(f"{store}.metered_calls_per_s.concurrent", calls / elapsed, "calls/s")
         )
@@ -250,8 +251,6 @@ async def _bench_ledger(
         )
         notes.append(f"concurrent: {calls:,} calls by {WORKERS} tasks in {elapsed:.2f} s")
 
-        if before_verify is not None:
-            notes.append(before_verify())
         verify_start = time.perf_counter()
         _verify(led, store, wallet, total)
         notes.append(
@@ -431,39 +430,11 @@ def _raw_metrics(store: str, rows: int, elapsed: float, metrics: list[Metric]) -
 # --- the stores ------------------------------------------------------------------------
 
 
-def _sqlite_verify_index(path: str) -> Callable[[], str]:
-    """Index ``transfers.pending_id`` once the measurements are done.
-
-    ``check_invariants`` asks, for every hold, whether a transfer resolves it (a
-    correlated ``NOT EXISTS`` on ``pending_id``). The ledger's schema has no index on
-    that column, so on SQLite the check is quadratic: about 5 s for 20,000 transfers,
-    minutes for a benchmark's worth. The index is added after the timed runs, in this
-    throw-away database only, so it changes no measurement.
-    """
-
-    def add() -> str:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        try:
-            conn.execute(
-                "CREATE INDEX IF NOT EXISTS bench_verify_pending_id ON transfers (pending_id)"
-            )
-        finally:
-            conn.close()
-        return (
-            "after the timed runs: added index transfers(pending_id) so check_invariants "
-            "is not quadratic (the ledger schema lacks it)"
-        )
-
-    return add
-
-
 def bench_sqlite(run: str, seconds: float, warmup_s: float) -> StoreResult:
     with tempfile.TemporaryDirectory(prefix="drip-bench-") as tmp:
         path = os.path.join(tmp, "ledger.db")
         metrics, notes = asyncio.run(
-            _bench_ledger(
-                f"sqlite:///{path}", "sqlite", run, seconds, warmup_s, _sqlite_verify_index(path)
-            )
+            _bench_ledger(f"sqlite:///{path}", "sqlite", run, seconds, warmup_s)
         )
         rows, elapsed = _raw_insert_sqlite(path, run, seconds)
     metrics.append(_raw_metrics("sqlite", rows, elapsed, metrics))

@@ -52,6 +52,12 @@ class Loader(Protocol):
 
     def load_holds(self, ids: set[str]) -> dict[str, Hold]: ...
 
+    def load_all(
+        self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
+    ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:
+        """All three reads at once (in this order: holds, accounts, transfers)."""
+        ...
+
 
 # --- operations ----------------------------------------------------------------------
 
@@ -131,6 +137,8 @@ class Engine:
         account_ids: set[str] = set()
         transfer_ids: set[str] = set()
         hold_ids: set[str] = set()
+        #: a hold whose accounts the batch does not name must be read before the accounts
+        holds_first = False
         for op in ops:
             if isinstance(op, CreateTransfers):
                 for t in op.transfers:
@@ -141,19 +149,31 @@ class Engine:
                         account_ids.add(t.credit_account_id)
                     if t.pending_id:
                         hold_ids.add(t.pending_id)
+                        if not (t.debit_account_id and t.credit_account_id):
+                            holds_first = True
             elif isinstance(op, CreateAccounts):
                 account_ids.update(a.id for a in op.accounts)
             elif isinstance(op, SetAccountStatus):
                 account_ids.add(op.account_id)
             else:
                 hold_ids.update(op.hold_ids)
-        self._load_holds(hold_ids)
-        for hold in self.holds.values():
-            if hold is not None:
-                account_ids.add(hold.debit_account_id)
-                account_ids.add(hold.credit_account_id)
-        self._load_accounts(account_ids)
-        self._load_transfers(transfer_ids)
+                holds_first = True
+        if holds_first:
+            self._load_holds(hold_ids)
+            for hold in self.holds.values():
+                if hold is not None:
+                    account_ids.add(hold.debit_account_id)
+                    account_ids.add(hold.credit_account_id)
+            self._load_accounts(account_ids)
+            self._load_transfers(transfer_ids)
+            return
+        holds, accounts, transfers = self.loader.load_all(hold_ids, account_ids, transfer_ids)
+        for i in hold_ids:
+            self.holds[i] = holds.get(i)
+        for i in account_ids:
+            self.accounts[i] = accounts.get(i)
+        for i in transfer_ids:
+            self.transfers[i] = transfers.get(i)
 
     def _load_accounts(self, ids: set[str]) -> None:
         ids = {i for i in ids if i not in self.accounts}

@@ -38,7 +38,7 @@ from drip.ledger.types import Account, Hold, Transfer
 #: How many times a batch that lost a race is retried before its callers hear of it.
 BATCH_RETRIES_MAX = 8
 #: Writer threads per process: batches in flight at once.
-WRITERS = 2
+WRITERS = 1
 _MIGRATION_LOCK_KEY = 0x44524950  # "DRIP"
 _RETRYABLE = (
     pg_errors.DeadlockDetected,
@@ -48,6 +48,14 @@ _RETRYABLE = (
 )
 
 
+_LOCK_HOLDS = (
+    f"SELECT {HOLD_COLUMNS} FROM transfers WHERE id = ANY(%s) "
+    "AND hold_state IS NOT NULL ORDER BY id FOR UPDATE"
+)
+_LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+_SELECT_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY(%s)"
+
+
 class _PgLoader:
     __slots__ = ("cur",)
 
@@ -55,25 +63,34 @@ class _PgLoader:
         self.cur = cur
 
     def load_holds(self, ids: set[str]) -> dict[str, Hold]:
-        self.cur.execute(
-            f"SELECT {HOLD_COLUMNS} FROM transfers WHERE id = ANY(%s) "
-            "AND hold_state IS NOT NULL ORDER BY id FOR UPDATE",
-            (sorted(ids),),
-        )
+        self.cur.execute(_LOCK_HOLDS, (sorted(ids),))
         return {r[0]: Hold(*r) for r in self.cur.fetchall()}
 
     def load_accounts(self, ids: set[str]) -> dict[str, Account]:
-        self.cur.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-            (sorted(ids),),
-        )
+        self.cur.execute(_LOCK_ACCOUNTS, (sorted(ids),))
         return {r[0]: Account(*r) for r in self.cur.fetchall()}
 
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
-        self.cur.execute(
-            f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY(%s)", (list(ids),)
-        )
+        self.cur.execute(_SELECT_TRANSFERS, (list(ids),))
         return {r[0]: Transfer(*r) for r in self.cur.fetchall()}
+
+    def load_all(
+        self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
+    ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:
+        """One round trip: the three reads go out in a pipeline, locks in the usual order."""
+        conn = self.cur.connection
+        with conn.cursor() as c_holds, conn.cursor() as c_accounts, conn.cursor() as c_xfers:
+            with conn.pipeline():
+                if hold_ids:
+                    c_holds.execute(_LOCK_HOLDS, (sorted(hold_ids),))
+                if account_ids:
+                    c_accounts.execute(_LOCK_ACCOUNTS, (sorted(account_ids),))
+                if transfer_ids:
+                    c_xfers.execute(_SELECT_TRANSFERS, (list(transfer_ids),))
+            holds = {r[0]: Hold(*r) for r in c_holds.fetchall()} if hold_ids else {}
+            accounts = {r[0]: Account(*r) for r in c_accounts.fetchall()} if account_ids else {}
+            transfers = {r[0]: Transfer(*r) for r in c_xfers.fetchall()} if transfer_ids else {}
+        return holds, accounts, transfers
 
 
 class PostgresStore(Store):
@@ -117,9 +134,17 @@ class PostgresStore(Store):
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Cursor[Any]]:
+        """A transaction on this thread's writer connection; ``write`` commits it."""
         conn = self._writer()
-        with conn.transaction(), conn.cursor() as cur:
-            yield cur
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.commit()
+        except BaseException:
+            if not conn.closed:
+                conn.rollback()
+            raise
 
     @contextmanager
     def read(self) -> Iterator[psycopg.Cursor[Any]]:
@@ -180,6 +205,8 @@ class PostgresStore(Store):
                     "hold_resolved_by = %s WHERE id = %s",
                     [self.hold_state_row(h) for h in writes.changed_holds.values()],
                 )
+            # the COMMIT rides in the same round trip as the writes
+            cur.connection.commit()
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         with psycopg.connect(self.url, autocommit=False) as conn, conn.transaction():

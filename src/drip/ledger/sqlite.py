@@ -40,6 +40,7 @@ from drip.ledger.store import (
 )
 from drip.ledger.types import BATCH_OPS_MAX, Account, Hold, Transfer
 
+_HOLD_EXTRA = "hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 #: How long a writer waits for another process's write lock before failing the batch.
 BUSY_TIMEOUT_MS = 30_000
@@ -65,6 +66,22 @@ class _SqliteLoader:
     def load_holds(self, ids: set[str]) -> dict[str, Hold]:
         rows = self._select(HOLD_COLUMNS, "transfers", ids)
         return {r[0]: Hold(*r) for r in rows if r[5] is not None}
+
+    def load_all(
+        self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
+    ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:
+        # holds and transfers live in one table: one query reads both
+        holds: dict[str, Hold] = {}
+        transfers: dict[str, Transfer] = {}
+        ids = hold_ids | transfer_ids
+        if ids:
+            for r in self._select(f"{TRANSFER_COLUMNS}, {_HOLD_EXTRA}", "transfers", ids):
+                if r[0] in transfer_ids:
+                    transfers[r[0]] = Transfer(*r[:11])
+                if r[0] in hold_ids and r[12] is not None:
+                    holds[r[0]] = Hold(r[0], r[1], r[2], r[3], r[11], r[12], r[13], r[14])
+        accounts = self.load_accounts(account_ids) if account_ids else {}
+        return holds, accounts, transfers
 
 
 class SqliteStore(Store):

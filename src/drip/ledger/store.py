@@ -294,11 +294,15 @@ class Store(abc.ABC):
             "SELECT pending_id, count(*) FROM transfers WHERE pending_id IS NOT NULL "
             "GROUP BY pending_id HAVING count(*) > 1 LIMIT 5"
         )
+        # non-correlated IN/NOT IN subqueries: each is built once (hashed), never per row
+        resolved_ids = "SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL"
         mismatched = self.query(
-            "SELECT h.id FROM transfers h LEFT JOIN transfers r ON r.pending_id = h.id "
-            "WHERE h.hold_state IS NOT NULL AND ((h.hold_state = 0 AND r.id IS NOT NULL) "
-            "OR (h.hold_state <> 0 AND r.id IS NULL) "
-            "OR (h.hold_state = 1 AND r.amount <> h.hold_resolved_amount)) LIMIT 5"
+            f"SELECT id FROM transfers WHERE (hold_state = 0 AND id IN ({resolved_ids})) "
+            f"OR (hold_state <> 0 AND id NOT IN ({resolved_ids})) LIMIT 5"
+        ) + self.query(
+            f"SELECT pending_id FROM transfers WHERE (flags & {int(TransferFlags.POST_PENDING)}) "
+            "<> 0 AND (pending_id, amount) NOT IN (SELECT id, hold_resolved_amount FROM "
+            "transfers WHERE hold_state = 1) LIMIT 5"
         )
         report.add(
             "every hold resolved at most once",
@@ -329,8 +333,8 @@ class Store(abc.ABC):
             add(account, 1, amount)
         for debit, credit, amount in self.query(
             "SELECT debit_account_id, credit_account_id, sum(amount) FROM transfers t "
-            f"WHERE (flags & {int(TransferFlags.PENDING)}) <> 0 AND NOT EXISTS "
-            "(SELECT 1 FROM transfers r WHERE r.pending_id = t.id) "
+            f"WHERE (flags & {int(TransferFlags.PENDING)}) <> 0 AND t.id NOT IN "
+            "(SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL) "
             "GROUP BY debit_account_id, credit_account_id"
         ):
             add(debit, 2, amount)
