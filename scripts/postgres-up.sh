@@ -33,4 +33,5 @@ fi
 if [ "$(as_pg "-c \"SELECT 1 FROM pg_database WHERE datname='$DB'\"")" != "1" ]; then
   as_pg "-c \"CREATE DATABASE $DB OWNER $ROLE\"" >&2
 fi
+as_pg "-c \"ALTER DATABASE $DB OWNER TO $ROLE\"" >&2
 echo "postgresql://$ROLE:$PASSWORD@127.0.0.1:$PORT/$DB"

@@ -63,7 +63,7 @@ def test_parse_amount_accepts(value: object, expected: int) -> None:
 
 def test_float_is_read_as_written_not_as_its_binary_value() -> None:
     # Decimal(0.007) is 0.00700000000000000014571677198205...; str(0.007) is "0.007"
-    assert Decimal(0.007) != Decimal("0.007")
+    assert Decimal.from_float(0.007) != Decimal("0.007")
     assert parse_amount(0.007) == parse_amount("0.007") == parse_amount(Decimal("0.007"))
 
 

@@ -17,6 +17,8 @@ from drip.errors import InvalidAmount
 #: Largest amount the ledger stores (a signed 64-bit column): about 9.2 trillion USDC.
 AMOUNT_ATOMIC_MAX = 2**63 - 1
 
+#: Whole-unit digits an amount may have (the ledger's range is about 9.2e12 USDC).
+_WHOLE_DIGITS_MAX = 18
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,4})?$")
 
 
@@ -47,7 +49,7 @@ def _to_decimal(value: object, param: str) -> Decimal:
         value = str(value)
     if isinstance(value, str):
         text = value.strip().replace("_", "")
-        if len(text) > 64 or not _DECIMAL_RE.match(text):
+        if len(text) > 64 or not _DECIMAL_RE.fullmatch(text):
             raise InvalidAmount(f"{param} is not a decimal number: {value[:64]!r}", param=param)
         try:
             return Decimal(text)
@@ -80,16 +82,29 @@ def parse_amount(
     if isinstance(value, int) and not isinstance(value, bool):
         units = value * asset.scale
     else:
-        dec = _to_decimal(value, param)
-        scaled = dec.scaleb(asset.decimals)
-        if scaled != scaled.to_integral_value():
-            raise InvalidAmount(
-                f"{param} has more than {asset.decimals} decimal places: {value}", param=param
-            )
-        if abs(scaled.adjusted()) > 30:
-            raise InvalidAmount(f"{param} is out of range: {value}", param=param)
-        units = int(scaled)
+        units = _decimal_to_atomic(_to_decimal(value, param), asset, value, param)
     return check_atomic(units, allow_zero=allow_zero, allow_negative=allow_negative, param=param)
+
+
+def _decimal_to_atomic(dec: Decimal, asset: Asset, shown: object, param: str) -> int:
+    """Exact conversion on the digits themselves: no Decimal context, so no rounding
+    at 28 digits and no Overflow on huge exponents."""
+    if dec.is_zero():
+        return 0
+    if dec.adjusted() > _WHOLE_DIGITS_MAX:
+        raise InvalidAmount(f"{param} is out of range: {str(shown)[:40]}", param=param)
+    sign, digits, exponent = dec.as_tuple()
+    assert isinstance(exponent, int)  # finite: checked by _to_decimal
+    shift = exponent + asset.decimals
+    if shift < 0:
+        if any(digits[shift:]):
+            raise InvalidAmount(
+                f"{param} has more than {asset.decimals} decimal places: {str(shown)[:40]}",
+                param=param,
+            )
+        digits, shift = digits[:shift], 0
+    units = int("".join(map(str, digits)) or "0") * int(10**shift)
+    return -units if sign else units
 
 
 def check_atomic(

@@ -232,9 +232,7 @@ async def test_debit_idempotency_key_reused_with_other_amount_conflicts(
     assert await balance(client, "alice") == Decimal("0.90")
 
 
-@pytest.mark.parametrize(
-    "bad", ["-1", "1e400", "0.0000001", float("nan"), "0", "abc"], ids=repr
-)
+@pytest.mark.parametrize("bad", ["-1", "1e400", "0.0000001", float("nan"), "0", "abc"], ids=repr)
 async def test_debit_rejects_bad_amounts(client: DripClient, bad: Any) -> None:
     await client.provision_user("alice", initial_balance="1.00")
     before = journal(client, "alice")

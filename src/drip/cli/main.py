@@ -33,7 +33,7 @@ wallet_app = typer.Typer(help="Create, inspect and top up user wallets.", no_arg
 app.add_typer(wallet_app, name="wallet")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

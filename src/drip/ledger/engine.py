@@ -129,6 +129,8 @@ class Engine:
         self._new_account_ids: set[str] = set()
         self._new_hold_ids: set[str] = set()
         self._undo: list[tuple[dict[str, Any], str, Any]] | None = None
+        #: holds found expired inside a chain: expired at the end, whatever the chain does
+        self._due_expiries: list[str] = []
 
     # --- loading ----------------------------------------------------------------------
 
@@ -312,8 +314,8 @@ class Engine:
     def _apply_chain(self, chain: tuple[TransferSpec, ...]) -> list[Result]:
         undo: list[tuple[dict[str, Any], str, Any]] = []
         marks = (len(self.writes.new_transfers), len(self.writes.new_holds))
-        changed_accounts = dict(self.writes.changed_accounts)
-        changed_holds = dict(self.writes.changed_holds)
+        changed_accounts = set(self.writes.changed_accounts)
+        changed_holds = set(self.writes.changed_holds)
         self._undo = undo
         done: list[Result] = []
         try:
@@ -332,25 +334,31 @@ class Engine:
             for hold in self.writes.new_holds[marks[1] :]:
                 self._new_hold_ids.discard(hold.id)
             del self.writes.new_holds[marks[1] :]
-            self.writes.changed_accounts = changed_accounts
-            self.writes.changed_holds = changed_holds
-            # the restored copies are the objects now in the caches; point writes at them
-            for key in list(changed_accounts):
-                restored = self.accounts.get(key)
-                if restored is not None:
-                    changed_accounts[key] = restored
-            for key in list(changed_holds):
-                restored_hold = self.holds.get(key)
-                if restored_hold is not None:
-                    changed_holds[key] = restored_hold
+            for key in set(self.writes.changed_accounts) - changed_accounts:
+                del self.writes.changed_accounts[key]
+            for key in set(self.writes.changed_holds) - changed_holds:
+                del self.writes.changed_holds[key]
             linked = errors.LinkedEventFailed("another transfer in this linked chain failed")
             return [failed.error if k == failed.index else linked for k in range(len(chain))]
         finally:
             self._undo = None
         return done
 
+    def finish(self) -> Writes:
+        """What to persist: every written row as it stands now (after any rollbacks)."""
+        w = self.writes
+        for hold_id in self._due_expiries:
+            self._expire(hold_id, True)
+        self._due_expiries.clear()
+        accounts, holds = self.accounts, self.holds
+        w.new_accounts = [accounts[a.id] or a for a in w.new_accounts]
+        w.new_holds = [holds[h.id] or h for h in w.new_holds]
+        w.changed_accounts = {k: accounts[k] or v for k, v in w.changed_accounts.items()}
+        w.changed_holds = {k: holds[k] or v for k, v in w.changed_holds.items()}
+        return w
+
     def _transfer_one(self, spec: TransferSpec) -> Transfer:
-        spec.validate()
+        # specs were validated when submitted (Ledger plans), in the caller's context
         flags = spec.flags
         existing = self._transfer(spec.id)
         if existing is not None:
@@ -446,7 +454,10 @@ class Engine:
         if hold.state != HoldState.PENDING:
             raise _resolved_error(hold)
         if hold.expires_us is not None and hold.expires_us <= self.now_us:
-            self._expire(hold.id, True)
+            if self._undo is None:
+                self._expire(hold.id, True)
+            else:
+                self._due_expiries.append(hold.id)
             raise errors.HoldExpired(f"hold {hold.id!r} expired before it was resolved")
         post = bool(spec.flags & _POST)
         amount = (hold.amount if spec.amount is None else spec.amount) if post else hold.amount
@@ -493,6 +504,7 @@ class Engine:
     def _replay(self, spec: TransferSpec, existing: Transfer) -> Transfer:
         """Same id: the same fields return the original transfer; anything else conflicts."""
         debit_id, credit_id, amount = spec.debit_account_id, spec.credit_account_id, spec.amount
+        hold: Hold | None = None
         if spec.flags & (_POST | _VOID):
             hold = self._pending_hold(spec)
             debit_id, credit_id = hold.debit_account_id, hold.credit_account_id
@@ -501,6 +513,9 @@ class Engine:
         asked = (debit_id, credit_id, amount, spec.code, spec.flags & ~_LINKED, spec.pending_id,
                  spec.timeout_s, spec.metadata)  # fmt: skip
         if asked != existing.fingerprint():
+            # the ledger chose this id (``<hold>~post``): the caller is capturing twice
+            if hold is not None and hold.state != HoldState.PENDING and DERIVED_SEP in spec.id:
+                raise _resolved_error(hold)
             raise errors.IdempotencyConflict(
                 f"transfer id {spec.id!r} was already used with different fields", param="id"
             )

@@ -50,7 +50,13 @@ T = TypeVar("T")
 #: Basis points in one whole: a fee rate of 250 bps is 2.5%.
 BPS_ONE = 10_000
 
-FEE_ACCOUNT_ID = "fee:platform"
+
+def fee_account_id(asset: str) -> str:
+    """Where the platform's fees in ``asset`` accumulate."""
+    return f"fee:{asset}"
+
+
+FEE_ACCOUNT_ID = fee_account_id("USDC")
 
 _PENDING = int(TransferFlags.PENDING)
 _POST = int(TransferFlags.POST_PENDING)
@@ -81,6 +87,14 @@ class Charge:
 
 # A plan is one operation and how to read its results; both twins drive the same plans.
 Plan = tuple[Op, Callable[[list[Result]], Any]]
+
+
+def _submit(specs: tuple[TransferSpec, ...], read: Callable[[list[Result]], Any]) -> Plan:
+    """Validate in the caller's context: a malformed transfer raises here and never
+    reaches (or disturbs) the batch it would have shared with other callers."""
+    for spec in specs:
+        spec.validate()
+    return CreateTransfers(specs), read
 
 
 def _raise_first(results: list[Result]) -> list[Any]:
@@ -147,7 +161,12 @@ class _Plans:
         metadata: Mapping[str, Any] | None = None,
     ) -> Plan:
         check_id(account_id, "account_id", caller=True)
-        kind = AccountKind(kind).value
+        try:
+            kind = AccountKind(kind).value
+        except ValueError:
+            raise errors.InvalidRequest(
+                f"kind must be one of {[k.value for k in AccountKind]}", param="kind"
+            ) from None
         if flags is None:
             flags = (
                 AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
@@ -162,15 +181,44 @@ class _Plans:
         specs = (
             AccountSpec(funding_account_id(self.asset.symbol), AccountKind.FUNDING.value,
                         self.asset.symbol),
-            AccountSpec(FEE_ACCOUNT_ID, AccountKind.FEE.value, self.asset.symbol),
+            AccountSpec(fee_account_id(self.asset.symbol), AccountKind.FEE.value,
+                        self.asset.symbol),
         )  # fmt: skip
         return CreateAccounts(specs), _raise_first
 
     def transfers(self, specs: Sequence[TransferSpec]) -> Plan:
-        """Raw transfers; returns one result per spec (a Transfer or an error instance)."""
-        for spec in specs:
-            _caller_id(spec.id)
-        return CreateTransfers(tuple(specs)), list
+        """Raw transfers; returns one result per spec (a Transfer or an error instance).
+
+        A malformed spec gets its error here and is never submitted; the rest of its
+        linked chain gets ``LinkedEventFailed``; every other transfer goes ahead.
+        """
+        specs = tuple(specs)
+        refused: dict[int, errors.DripError] = {}
+        for index, spec in enumerate(specs):
+            try:
+                _caller_id(spec.id)
+                spec.validate()
+            except errors.DripError as exc:
+                refused[index] = exc
+        if not refused:
+            return CreateTransfers(specs), list
+        chains: list[list[int]] = [[]]
+        for index, spec in enumerate(specs):
+            chains[-1].append(index)
+            if not (isinstance(spec.flags, int) and spec.flags & _LINKED):
+                chains.append([])
+        failed = {i for chain in chains if refused.keys() & set(chain) for i in chain}
+        kept = [i for i in range(len(specs)) if i not in failed]
+
+        def read(results: list[Result]) -> list[Result]:
+            merged: list[Result] = []
+            by_index = dict(zip(kept, results, strict=True))
+            linked = errors.LinkedEventFailed("another transfer in this linked chain failed")
+            for i in range(len(specs)):
+                merged.append(by_index[i] if i in by_index else refused.get(i, linked))
+            return merged
+
+        return CreateTransfers(tuple(specs[i] for i in kept)), read
 
     def transfer(
         self,
@@ -185,7 +233,7 @@ class _Plans:
         _caller_id(transfer_id)
         spec = TransferSpec(transfer_id, debit_account_id, credit_account_id, amount,
                             check_code(code), 0, None, 0, encode_metadata(metadata))  # fmt: skip
-        return CreateTransfers((spec,)), _one
+        return _submit((spec,), _one)
 
     def charge(
         self,
@@ -199,9 +247,10 @@ class _Plans:
     ) -> Plan:
         """A one-step charge: wallet -> revenue, then the platform fee out of revenue."""
         _caller_id(transfer_id)
+        check_atomic(amount, allow_zero=False)
         spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, check_code(code),
                             0, None, 0, encode_metadata(metadata))  # fmt: skip
-        return CreateTransfers(self._with_fee(spec, revenue_id, amount)), _charge
+        return _submit(self._with_fee(spec, revenue_id, amount), _charge)
 
     def hold(
         self,
@@ -218,7 +267,7 @@ class _Plans:
         spec = TransferSpec(hold_id, wallet_id, revenue_id, amount, check_code(code),
                             _PENDING, None, timeout_s,
                             encode_metadata(metadata))  # fmt: skip
-        return CreateTransfers((spec,)), _one
+        return _submit((spec,), _one)
 
     def post(
         self,
@@ -233,24 +282,25 @@ class _Plans:
         held = self._held(hold)
         if transfer_id is not None:
             _caller_id(transfer_id)
-        post_id = transfer_id or f"{held.id}{DERIVED_SEP}post"
+        post_id = f"{held.id}{DERIVED_SEP}post" if transfer_id is None else transfer_id
         code = check_code(code or self._hold_code(hold))
         spec = TransferSpec(post_id, held.debit_account_id, held.credit_account_id, amount,
                             code, _POST, held.id, 0,
                             encode_metadata(metadata))  # fmt: skip
         fee_base = held.amount if amount is None else check_atomic(amount)
-        return CreateTransfers(self._with_fee(spec, held.credit_account_id, fee_base)), _charge
+        return _submit(self._with_fee(spec, held.credit_account_id, fee_base), _charge)
 
     def void(self, hold: Transfer | Hold | str, *, transfer_id: str | None = None) -> Plan:
         held = self._held(hold)
         if transfer_id is not None:
             _caller_id(transfer_id)
-        void_id = transfer_id or f"{held.id}{DERIVED_SEP}void"
+        void_id = f"{held.id}{DERIVED_SEP}void" if transfer_id is None else transfer_id
         spec = TransferSpec(void_id, held.debit_account_id, held.credit_account_id, None,
                             self._hold_code(hold), _VOID, held.id)  # fmt: skip
-        return CreateTransfers((spec,)), _one
+        return _submit((spec,), _one)
 
     def set_status(self, account_id: str, status: str) -> Plan:
+        check_id(account_id, "account_id")
         return SetAccountStatus(account_id, status), _one
 
     # --- helpers ----------------------------------------------------------------------
@@ -264,7 +314,8 @@ class _Plans:
         linked = TransferSpec(spec.id, spec.debit_account_id, spec.credit_account_id,
                               spec.amount, spec.code, spec.flags | _LINKED,
                               spec.pending_id, spec.timeout_s, spec.metadata)  # fmt: skip
-        fee_spec = TransferSpec(f"{spec.id}{DERIVED_SEP}fee", revenue_id, FEE_ACCOUNT_ID, fee,
+        fee_spec = TransferSpec(f"{spec.id}{DERIVED_SEP}fee", revenue_id,
+                                fee_account_id(self.asset.symbol), fee,
                                 "platform_fee")  # fmt: skip
         return (linked, fee_spec)
 

@@ -140,8 +140,9 @@ class Store(abc.ABC):
         engine = Engine(self.loader(cur), self.clock_us())
         engine.prefetch(ops)
         results = [engine.apply(op) for op in ops]
-        if not engine.writes.empty():
-            self.write(cur, engine.writes)
+        writes = engine.finish()
+        if not writes.empty():
+            self.write(cur, writes)
         return results
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:

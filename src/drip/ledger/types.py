@@ -78,7 +78,11 @@ class HoldState(enum.IntEnum):
 
 def check_id(value: object, param: str = "id", *, caller: bool = False) -> str:
     """Validate an id; ``caller=True`` also refuses the ``~`` the ledger keeps for itself."""
-    if not isinstance(value, str) or not _ID_RE.match(value) or (caller and DERIVED_SEP in value):
+    if (
+        not isinstance(value, str)
+        or not _ID_RE.fullmatch(value)
+        or (caller and DERIVED_SEP in value)
+    ):
         raise InvalidId(
             f"{param} must be 1-{ID_LENGTH_MAX} characters of letters, digits and _.:@/+=- "
             f"(got {str(value)[:40]!r})",
@@ -88,7 +92,7 @@ def check_id(value: object, param: str = "id", *, caller: bool = False) -> str:
 
 
 def check_code(value: object, param: str = "code") -> str:
-    if not isinstance(value, str) or not _CODE_RE.match(value):
+    if not isinstance(value, str) or not _CODE_RE.fullmatch(value):
         raise InvalidRequest(
             f"{param} must be 1-{CODE_LENGTH_MAX} characters of letters, digits and _.:/-",
             param=param,

@@ -142,10 +142,14 @@ def make_meter(
                     raise errors.UserNotFound(f"no user {user_id!r}", param=user_id_param) from None
                 try:
                     result = await fn(*args, **kwargs)
+                    amount = pricing.actual(result)
                 except BaseException:
-                    await asyncio.shield(_settle_failed_async(client, hold, void_wanted(client)))
+                    failed = _settle_failed_async(client, hold, void_wanted(client))
+                    charge = await asyncio.shield(failed)
+                    if charge is not None:
+                        _last_charge.set(charge)
                     raise
-                charge = await asyncio.shield(led.post(hold, pricing.actual(result)))
+                charge = await asyncio.shield(led.post(hold, amount))
                 _last_charge.set(charge)
                 return result
 
@@ -167,13 +171,14 @@ def make_meter(
                 raise errors.UserNotFound(f"no user {user_id!r}", param=user_id_param) from None
             try:
                 result = fn(*args, **kwargs)
+                amount = pricing.actual(result)
             except BaseException:
                 if void_wanted(client):
                     led.void(hold)
                 else:
                     _last_charge.set(led.post(hold))
                 raise
-            charge = led.post(hold, pricing.actual(result))
+            charge = led.post(hold, amount)
             _last_charge.set(charge)
             return result
 
@@ -182,11 +187,13 @@ def make_meter(
     return decorate
 
 
-async def _settle_failed_async(client: DripClient, hold: Transfer, void: bool) -> None:
+async def _settle_failed_async(client: DripClient, hold: Transfer, void: bool) -> Charge | None:
+    """Void the hold of a failed call (or capture all of it); runs shielded from cancellation,
+    so the caller sets ``last_charge`` from the returned charge in its own context."""
     if void:
         await client.ledger.void(hold)
-    else:
-        _last_charge.set(await client.ledger.post(hold))
+        return None
+    return await client.ledger.post(hold)
 
 
 # --- module-level configuration (the seed's ``drip.configure()`` + ``@meter``) ---------

@@ -1,0 +1,315 @@
+"""The ``drip`` command: wallets, usage, doctor, demo; errors are one line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from drip import DripClient, DripConfig
+from drip.cli.main import app
+
+#: Wide enough that no table cell wraps; the error tests use 80, what a pipe or CI log gets.
+WIDE = "200"
+DRIP_BIN = Path(sys.executable).with_name("drip")
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/cli.db"
+
+
+def drip_cli(*args: str, url: str | None, columns: str = WIDE) -> Result:
+    argv = [*args] if url is None else [*args, "--database-url", url]
+    env = {"COLUMNS": columns, "DRIP_DATABASE_URL": None}
+    return CliRunner().invoke(app, argv, env=env)  # type: ignore[arg-type]
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    return result.stdout
+
+
+def row_of(output: str, first_cell: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first_cell``."""
+    for line in output.splitlines():
+        line = line.strip()
+        if not (line.startswith("│") and line.endswith("│")):
+            continue
+        cells = [c.strip() for c in line[1:-1].split("│")]
+        if cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{output}")
+
+
+def user_of(url: str, user_id: str) -> dict[str, Any]:
+    client = DripClient(DripConfig(database_url=url))
+    try:
+        return client.sync.get_user(user_id)
+    finally:
+        client.close()
+
+
+# --- wallets --------------------------------------------------------------------------
+
+
+def test_wallet_flow(store_url: str) -> None:
+    out = ok(drip_cli("wallet", "create", "u1", "--initial-balance", "5", url=store_url))
+    assert row_of(out, "u1") == ["u1", "active", "5.000000", "0.000000", ""]
+
+    # the same command twice changes nothing
+    out = ok(drip_cli("wallet", "create", "u1", "--initial-balance", "5", url=store_url))
+    assert row_of(out, "u1")[2] == "5.000000"
+
+    out = ok(drip_cli("wallet", "show", "u1", url=store_url))
+    assert row_of(out, "u1") == ["u1", "active", "5.000000", "0.000000", ""]
+
+    out = ok(drip_cli("wallet", "topup", "u1", "2.50", url=store_url))
+    assert row_of(out, "u1")[2] == "7.500000"
+
+    user = user_of(store_url, "u1")
+    assert user["balance_usdc"] == Decimal("7.5")
+    assert user["status"] == "active"
+
+    out = ok(drip_cli("doctor", url=store_url))
+    assert "FAILED" not in out
+
+
+def test_wallet_create_with_email_and_list(db_url: str) -> None:
+    ok(drip_cli("wallet", "create", "u2", "-b", "0.25", "--email", "u2@example.com", url=db_url))
+    ok(drip_cli("wallet", "create", "u1", "--initial-balance", "5", url=db_url))
+
+    out = ok(drip_cli("wallet", "list", url=db_url))
+
+    assert row_of(out, "u1") == ["u1", "active", "5.000000", "0.000000", ""]
+    assert row_of(out, "u2") == ["u2", "active", "0.250000", "0.000000", "u2@example.com"]
+    assert out.index("u1") < out.index("u2")
+    assert "more:" not in out
+
+
+def test_wallet_list_pages(db_url: str) -> None:
+    for user in ("a", "b", "c"):
+        ok(drip_cli("wallet", "create", user, "-b", "1", url=db_url))
+
+    first = ok(drip_cli("wallet", "list", "--limit", "2", url=db_url))
+    assert row_of(first, "a") and row_of(first, "b")
+    assert "more: drip wallet list --after b" in first
+
+    rest = ok(drip_cli("wallet", "list", "--limit", "2", "--after", "b", url=db_url))
+    assert row_of(rest, "c")
+    with pytest.raises(AssertionError):
+        row_of(rest, "a")
+
+
+def test_wallet_list_empty(db_url: str) -> None:
+    out = ok(drip_cli("wallet", "list", url=db_url))
+    assert "user" in out  # the header, no rows
+    with pytest.raises(AssertionError):
+        row_of(out, "u1")
+
+
+def test_topup_resumes_paused_user(db_url: str) -> None:
+    client = DripClient(DripConfig(database_url=db_url))
+    try:
+        client.sync.provision_user("u1", initial_balance="1")
+        client.sync.hibernate("u1")
+    finally:
+        client.close()
+    assert row_of(ok(drip_cli("wallet", "show", "u1", url=db_url)), "u1")[1] == "paused"
+
+    out = ok(drip_cli("wallet", "topup", "u1", "1", url=db_url))
+
+    assert row_of(out, "u1")[1:3] == ["active", "2.000000"]
+
+
+def test_topup_idempotency_key(db_url: str) -> None:
+    ok(drip_cli("wallet", "create", "u1", url=db_url))
+    for _ in range(2):
+        ok(drip_cli("wallet", "topup", "u1", "1.5", "--idempotency-key", "pay_1", url=db_url))
+
+    assert user_of(db_url, "u1")["balance_usdc"] == Decimal("1.5")
+
+
+def test_database_url_from_environment(db_url: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["wallet", "create", "envuser", "-b", "3"],
+        env={"DRIP_DATABASE_URL": db_url, "COLUMNS": WIDE},
+    )
+    ok(result)
+
+    assert user_of(db_url, "envuser")["balance_usdc"] == Decimal("3")
+
+
+# --- usage ----------------------------------------------------------------------------
+
+
+def test_usage_lists_events(store_url: str) -> None:
+    client = DripClient(DripConfig(database_url=store_url))
+    try:
+        client.sync.provision_user("u1", initial_balance="1")
+        client.sync.provision_user("u2", initial_balance="1")
+        for _ in range(3):
+            client.sync.debit("u1", "0.007", "web_search")
+        client.sync.debit("u1", "0.05", "llm_call")
+        client.sync.debit("u2", "0.1", "export")
+        client.sync.topup("u1", "1")  # not usage
+    finally:
+        client.close()
+
+    out = ok(drip_cli("usage", url=store_url))
+    events = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip()[1:-1].split("│")]
+        if len(cells) == 4 and cells[0] not in ("total", ""):
+            events[cells[1]] = cells[2:]
+    assert events == {
+        "web_search": ["3", "0.021000"],
+        "llm_call": ["1", "0.050000"],
+        "export": ["1", "0.100000"],
+    }
+    assert row_of(out, "total") == ["total", "", "5", "0.171000"]
+
+    mine = ok(drip_cli("usage", "--user", "u1", url=store_url))
+    assert "usage of u1" in mine
+    assert "export" not in mine
+    assert row_of(mine, "total") == ["total", "", "4", "0.071000"]
+
+    hourly = ok(drip_cli("usage", "--bucket", "hour", url=store_url))
+    assert row_of(hourly, "total") == ["total", "", "5", "0.171000"]
+
+
+def test_usage_empty(db_url: str) -> None:
+    out = ok(drip_cli("usage", url=db_url))
+    assert row_of(out, "total") == ["total", "", "0", "0.000000"]
+
+
+# --- doctor ---------------------------------------------------------------------------
+
+
+def test_doctor_prints_each_invariant(db_url: str) -> None:
+    client = DripClient(DripConfig(database_url=db_url))
+    try:
+        client.sync.provision_user("u1", initial_balance="1")
+        client.sync.debit("u1", "0.3", "search")
+        names = [name for name, _, _ in client.ledger.check_invariants().checks]
+    finally:
+        client.close()
+    assert len(names) >= 4
+
+    out = ok(drip_cli("doctor", url=db_url))
+
+    for name in names:
+        assert row_of(out, name)[1] == "ok"
+    assert "FAILED" not in out
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["wallet", "show", "ghost"], "user_not_found"),
+        (["wallet", "topup", "ghost", "1"], "user_not_found"),
+        (["wallet", "topup", "u1", "abc"], "invalid_amount"),
+        (["wallet", "topup", "u1", "0"], "invalid_amount"),
+        (["wallet", "create", "u9", "--initial-balance", "0.0000001"], "invalid_amount"),
+        (["usage", "--bucket", "week"], "invalid_request"),
+    ],
+    ids=[
+        "show-unknown",
+        "topup-unknown",
+        "topup-abc",
+        "topup-zero",
+        "create-precision",
+        "usage-bucket",
+    ],
+)
+def test_errors_are_one_line(db_url: str, args: list[str], code: str) -> None:
+    ok(drip_cli("wallet", "create", "u1", "-b", "1", url=db_url))
+
+    result = drip_cli(*args, url=db_url, columns="80")
+
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error ({code}): ")
+    assert user_of(db_url, "u1")["balance_usdc"] == Decimal(1)  # nothing changed
+
+
+@pytest.mark.parametrize("command", [["wallet", "list"], ["doctor"]], ids=" ".join)
+def test_unsupported_url_scheme_is_one_line(command: list[str]) -> None:
+    result = drip_cli(*command, url="mysql://x", columns="80")
+
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error (config_error): ")
+    assert "mysql" in lines[0]
+
+
+def test_no_arguments_shows_help() -> None:
+    result = CliRunner().invoke(app, [])
+    assert "wallet" in result.output
+    assert "doctor" in result.output
+
+
+# --- the installed console script -----------------------------------------------------
+
+
+def run_drip(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIP_")}
+    env["COLUMNS"] = "80"
+    return subprocess.run(
+        [str(DRIP_BIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_console_script_wallet(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/script.db"
+
+    created = run_drip(
+        "wallet", "create", "sub1", "--initial-balance", "1.25", "--database-url", url, cwd=tmp_path
+    )
+    assert created.returncode == 0, created.stderr
+    assert "sub1" in created.stdout
+    assert "1.250000" in created.stdout
+    assert user_of(url, "sub1")["balance_usdc"] == Decimal("1.25")
+
+    missing = run_drip("wallet", "show", "ghost", "--database-url", url, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stdout == ""
+    assert missing.stderr.strip().splitlines() == ["error (user_not_found): no user 'ghost'"]
+
+
+def test_console_script_demo(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/demo.db"
+
+    demo = run_drip("demo", "--database-url", url, cwd=tmp_path)
+
+    assert demo.returncode == 0, demo.stderr
+    assert "Traceback" not in demo.stderr
+    out = demo.stdout
+    assert "refused before running" in out
+    assert "topped up" in out
+    assert out.index("refused before running") < out.index("topped up")
+    assert "FAILED" not in out
+    assert "ok  debits equal credits" in out
+    # the demo's user, billed through its ledger
+    user = user_of(url, "researcher_42")
+    assert user["status"] == "active"
+    assert Decimal(0) < user["balance_usdc"] < Decimal("0.35")
+    assert not (tmp_path / "drip-demo.db").exists()  # it used the URL it was given

@@ -1,0 +1,380 @@
+"""Bad input is refused with the right error, and refusing it writes nothing.
+
+Every case runs on both stores against a ledger holding one funded wallet, one open
+hold and one posted charge; afterwards every account counter, the journal and every
+hold must be exactly as before, and the invariants must hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from drip.errors import (
+    AccountNotFound,
+    DripError,
+    DripInsufficientCredits,
+    HoldNotFound,
+    InvalidAmount,
+    InvalidId,
+    InvalidRequest,
+    InvalidTransfer,
+)
+from drip.ledger import Charge, Ledger, Transfer, TransferFlags, TransferSpec, funding_account_id
+from drip.money import AMOUNT_ATOMIC_MAX, parse_amount
+
+FUND = funding_account_id("USDC")
+W, R = "user:a", "rev:p"
+FUNDS = 1_000_000
+
+Case = Callable[[Ledger], Awaitable[Any]]
+
+
+def all_history(led: Ledger) -> list[Transfer]:
+    items: list[Transfer] = []
+    cursor = None
+    while True:
+        page = led.history(None, cursor=cursor, limit=1000)
+        items.extend(page.items)
+        if page.next_cursor is None:
+            return items
+        cursor = page.next_cursor
+
+
+def snapshot(led: Ledger) -> tuple[object, ...]:
+    accounts = {
+        a.id: (
+            a.kind,
+            a.flags,
+            a.status,
+            a.debits_posted,
+            a.credits_posted,
+            a.debits_pending,
+            a.credits_pending,
+        )
+        for a in led.list_accounts(limit=1000)
+    }
+    journal = [
+        (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.flags) for t in all_history(led)
+    ]
+    holds = {t.id: led.get_hold(t.id) for t in all_history(led) if t.flags & TransferFlags.PENDING}
+    return accounts, journal, holds
+
+
+@pytest.fixture
+async def led(ledger: Ledger) -> Ledger:
+    """conftest's ledger (each store) with a funded wallet, an open hold and a charge."""
+    await ledger.create_account(W, "wallet")
+    await ledger.create_account(R, "revenue")
+    await ledger.transfer("topup", FUND, W, FUNDS, code="topup")
+    await ledger.hold("open-hold", W, R, 100_000, code="llm")
+    await ledger.charge("charged", W, R, 1_000, code="search")
+    return ledger
+
+
+def parsed(text: object) -> Case:
+    """A top-up whose amount comes from a human string: parse_amount refuses it first."""
+    return lambda led: led.transfer("t-new", FUND, W, parse_amount(text), code="topup")
+
+
+def atomic(amount: object, how: str = "transfer") -> Case:
+    def case(led: Ledger) -> Awaitable[Any]:
+        if how == "transfer":
+            return led.transfer("t-new", W, R, amount)
+        if how == "charge":
+            return led.charge("t-new", W, R, amount, code="search")
+        if how == "hold":
+            return led.hold("t-new", W, R, amount, code="llm")
+        return led.post("open-hold", amount)
+
+    return case
+
+
+def bad_id(value: object, where: str) -> Case:
+    def case(led: Ledger) -> Awaitable[Any]:
+        if where == "transfer":
+            return led.transfer(value, W, R, 1)
+        if where == "hold":
+            return led.hold(value, W, R, 1, code="llm")
+        if where == "charge":
+            return led.charge(value, W, R, 1, code="search")
+        if where == "account":
+            return led.create_account(value, "wallet")
+        if where == "debit":
+            return led.transfer("t-new", value, R, 1)
+        if where == "post":
+            return led.post(value)
+        if where == "post_transfer_id":
+            return led.post("open-hold", 10, transfer_id=value)
+        return led.void("open-hold", transfer_id=value)
+
+    return case
+
+
+def spec(s: TransferSpec) -> Case:
+    """create_transfers reports errors per transfer instead of raising: re-raise them."""
+
+    async def case(led: Ledger) -> None:
+        results = await led.create_transfers([s])
+        assert len(results) == 1
+        if isinstance(results[0], Exception):
+            raise results[0]
+
+    return case
+
+
+BAD_IDS = {
+    "empty": "",
+    "too-long": "x" * 161,
+    "space": "user a",
+    "leading-space": " user",
+    "tilde": "user~a",
+    "newline": "user\n",
+    "nul": "user\x00",
+    "quote": "user'a",
+    "non-ascii": "usér",
+    "none": None,
+    "int": 123,
+}
+
+CASES: dict[str, tuple[type[DripError], Case]] = {
+    # human amounts that parse_amount refuses before anything reaches the ledger
+    "parse--1": (InvalidAmount, parsed("-1")),
+    "parse-1e400": (InvalidAmount, parsed("1e400")),
+    "parse-0.0000001": (InvalidAmount, parsed("0.0000001")),
+    "parse-nan": (InvalidAmount, parsed(float("nan"))),
+    "parse-inf": (InvalidAmount, parsed(float("inf"))),
+    "parse-Decimal-NaN": (InvalidAmount, parsed(Decimal("NaN"))),
+    "parse-bool": (InvalidAmount, parsed(True)),
+    "parse-abc": (InvalidAmount, parsed("abc")),
+    # atomic amounts straight into the ledger
+    **{
+        f"{how}-amount-{name}": (InvalidAmount, atomic(value, how))
+        for how in ("transfer", "charge", "hold")
+        for name, value in {
+            "negative": -1,
+            "zero": 0,
+            "true": True,
+            "false": False,
+            "float": 1.5,
+            "whole-float": 1.0,
+            "nan": float("nan"),
+            "decimal": Decimal(1),
+            "str": "100",
+            "none": None,
+            "too-big": AMOUNT_ATOMIC_MAX + 1,
+        }.items()
+    },
+    **{
+        f"post-amount-{name}": (InvalidAmount, atomic(value, "post"))
+        for name, value in {
+            "negative": -1,
+            "true": True,
+            "float": 1.5,
+            "decimal": Decimal(10),
+            "str": "10",
+            "too-big": AMOUNT_ATOMIC_MAX + 1,
+        }.items()
+    },
+    "spec-zero-amount": (InvalidAmount, spec(TransferSpec("t-new", W, R, 0))),
+    "spec-negative-amount": (InvalidAmount, spec(TransferSpec("t-new", W, R, -5))),
+    "spec-post-negative": (
+        InvalidAmount,
+        spec(
+            TransferSpec(
+                "t-new", amount=-1, flags=TransferFlags.POST_PENDING, pending_id="open-hold"
+            )
+        ),
+    ),
+    # unknown accounts and holds
+    "unknown-debit": (AccountNotFound, lambda led: led.transfer("t-new", "ghost", R, 1)),
+    "unknown-credit": (AccountNotFound, lambda led: led.transfer("t-new", W, "ghost", 1)),
+    "unknown-revenue-charge": (
+        AccountNotFound,
+        lambda led: led.charge("t-new", W, "ghost", 1, code="search"),
+    ),
+    "unknown-wallet-hold": (
+        AccountNotFound,
+        lambda led: led.hold("t-new", "ghost", R, 1, code="llm"),
+    ),
+    "unknown-tilde-account": (AccountNotFound, lambda led: led.transfer("t-new", W, "x~y", 1)),
+    "unknown-hold-post": (HoldNotFound, lambda led: led.post("ghost-hold")),
+    "unknown-hold-post-amount": (HoldNotFound, lambda led: led.post("ghost-hold", 5)),
+    "unknown-hold-void": (HoldNotFound, lambda led: led.void("ghost-hold")),
+    "not-a-hold-post": (HoldNotFound, lambda led: led.post("charged")),
+    "not-a-hold-void": (HoldNotFound, lambda led: led.void("topup")),
+    "unknown-hold-spec": (
+        HoldNotFound,
+        spec(TransferSpec("t-new", flags=TransferFlags.VOID_PENDING, pending_id="ghost-hold")),
+    ),
+    # ids
+    **{
+        f"id-{where}-{name}": (InvalidId, bad_id(value, where))
+        for where in ("transfer", "hold", "charge", "account")
+        for name, value in BAD_IDS.items()
+    },
+    **{
+        f"id-{where}-{name}": (InvalidId, bad_id(value, where))
+        for where in ("post_transfer_id", "void_transfer_id")
+        for name, value in BAD_IDS.items()
+        if name != "none"  # transfer_id=None is the default: the ledger derives the id
+    },
+    **{
+        f"id-{where}-{name}": (InvalidId, bad_id(value, where))
+        for where in ("debit", "post")
+        for name, value in BAD_IDS.items()
+        if name != "tilde"  # a '~' account or hold id is merely unknown (see above)
+    },
+    "id-spec-empty": (InvalidId, spec(TransferSpec("", W, R, 1))),
+    "id-spec-tilde": (InvalidId, spec(TransferSpec("a~b", W, R, 1))),
+    "id-spec-pending-id": (
+        InvalidId,
+        spec(TransferSpec("t-new", flags=TransferFlags.POST_PENDING, pending_id="bad id")),
+    ),
+    # metadata, codes, flags and other fields
+    "metadata-oversized": (
+        InvalidRequest,
+        lambda led: led.transfer("t-new", W, R, 1, metadata={"blob": "x" * 4096}),
+    ),
+    "metadata-oversized-charge": (
+        InvalidRequest,
+        lambda led: led.charge("t-new", W, R, 1, code="c", metadata={"k": "é" * 2100}),
+    ),
+    "metadata-oversized-hold": (
+        InvalidRequest,
+        lambda led: led.hold("t-new", W, R, 1, code="c", metadata={str(i): i for i in range(900)}),
+    ),
+    "metadata-oversized-post": (
+        InvalidRequest,
+        lambda led: led.post("open-hold", 10, metadata={"blob": "x" * 5000}),
+    ),
+    "metadata-oversized-account": (
+        InvalidRequest,
+        lambda led: led.create_account("user:b", "wallet", metadata={"blob": "x" * 5000}),
+    ),
+    "metadata-not-object": (
+        InvalidRequest,
+        lambda led: led.transfer("t-new", W, R, 1, metadata=["a"]),
+    ),
+    "metadata-not-json": (
+        InvalidRequest,
+        lambda led: led.transfer("t-new", W, R, 1, metadata={"x": object()}),
+    ),
+    "metadata-nan": (
+        InvalidRequest,
+        lambda led: led.transfer("t-new", W, R, 1, metadata={"x": float("nan")}),
+    ),
+    "code-empty": (InvalidRequest, lambda led: led.transfer("t-new", W, R, 1, code="")),
+    "code-too-long": (InvalidRequest, lambda led: led.transfer("t-new", W, R, 1, code="c" * 65)),
+    "code-space": (InvalidRequest, lambda led: led.charge("t-new", W, R, 1, code="a b")),
+    "code-none": (InvalidRequest, lambda led: led.hold("t-new", W, R, 1, code=None)),
+    "timeout-negative": (
+        InvalidRequest,
+        lambda led: led.hold("t-new", W, R, 1, code="c", timeout_s=-1),
+    ),
+    "timeout-too-long": (
+        InvalidRequest,
+        lambda led: led.hold("t-new", W, R, 1, code="c", timeout_s=10**9),
+    ),
+    "spec-unknown-flag": (InvalidRequest, spec(TransferSpec("t-new", W, R, 1, flags=64))),
+    "spec-expire-flag": (
+        InvalidRequest,
+        spec(TransferSpec("t-new", W, R, 1, flags=TransferFlags.EXPIRE_PENDING)),
+    ),
+    "spec-pending-and-post": (
+        InvalidRequest,
+        spec(
+            TransferSpec(
+                "t-new",
+                W,
+                R,
+                1,
+                flags=TransferFlags.PENDING | TransferFlags.POST_PENDING,
+                pending_id="open-hold",
+            )
+        ),
+    ),
+    "spec-pending-id-on-plain": (
+        InvalidRequest,
+        spec(TransferSpec("t-new", W, R, 1, pending_id="open-hold")),
+    ),
+    "account-kind-unknown": (
+        InvalidRequest,
+        lambda led: led.create_account("user:b", "piggybank"),
+    ),
+    "status-unknown": (InvalidRequest, lambda led: led.set_status(W, "asleep")),
+    "status-unknown-account": (AccountNotFound, lambda led: led.set_status("ghost", "frozen")),
+    # ledger rules
+    "same-account": (InvalidTransfer, lambda led: led.transfer("t-new", W, W, 1)),
+    "overdraft": (DripInsufficientCredits, lambda led: led.transfer("t-new", W, R, FUNDS)),
+    "counter-overflow": (
+        InvalidTransfer,
+        lambda led: led.transfer("t-new", FUND, W, AMOUNT_ATOMIC_MAX - FUNDS + 1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+async def test_bad_input_is_refused_and_writes_nothing(led: Ledger, name: str) -> None:
+    error, case = CASES[name]
+    before = snapshot(led)
+    with pytest.raises(error) as info:
+        await case(led)
+    # every refusal is a DripError with a stable code; none is a bare Python exception
+    assert isinstance(info.value, DripError)
+    assert info.value.to_dict()["error"]["code"] == error.code
+    assert snapshot(led) == before
+    assert led.get_transfer("t-new") is None
+    assert led.get_transfer("user:b") is None
+    assert [a.id for a in led.list_accounts("wallet")] == [W]
+    assert (led.balance(W).posted, led.balance(W).pending) == (FUNDS - 1_000, 100_000)
+    report = led.check_invariants()
+    assert report.ok, report.checks
+
+
+async def test_the_ledger_still_works_after_bad_input(led: Ledger) -> None:
+    """A batch of refusals next to a good transfer: only the good one lands."""
+    results = await led.create_transfers(
+        [
+            TransferSpec("b1", W, R, 0),
+            TransferSpec("b2", W, "ghost", 1),
+            TransferSpec("good", W, R, 7),
+            TransferSpec("b3", W, R, FUNDS),
+        ]
+    )
+    assert isinstance(results[0], InvalidAmount)
+    assert isinstance(results[1], AccountNotFound)
+    assert isinstance(results[2], Transfer)
+    assert isinstance(results[3], DripInsufficientCredits)
+    assert led.balance(W).posted == FUNDS - 1_000 - 7
+    assert {t.id for t in all_history(led)} == {"topup", "open-hold", "charged", "good"}
+    report = led.check_invariants()
+    assert report.ok, report.checks
+
+
+async def test_bad_input_does_not_fail_other_callers_in_the_same_batch(led: Ledger) -> None:
+    """Operations submitted together share one store transaction (group commit). One
+    caller's malformed id must be refused on its own (InvalidId), never fail the batch
+    and with it the valid operations of other callers."""
+    await led.create_account("user:b", "wallet")
+    await led.transfer("topup-b", FUND, "user:b", FUNDS, code="topup")
+    results = await asyncio.gather(
+        led.transfer("good-1", W, R, 1),
+        led.transfer("bad\x00id", W, R, 1),
+        led.charge("good-2", "user:b", R, 2, code="search"),
+        led.transfer("good-3", 123, R, 1),  # type: ignore[arg-type]
+        led.hold("good-4", W, R, 3, code="llm"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], InvalidId), results[1]
+    assert isinstance(results[3], InvalidId), results[3]
+    assert [type(r) for r in results[0::2]] == [Transfer, Charge, Transfer], results
+    assert led.balance(W).posted == FUNDS - 1_000 - 1
+    assert led.balance(W).pending == 100_000 + 3
+    assert led.balance("user:b").posted == FUNDS - 2
+    report = led.check_invariants()
+    assert report.ok, report.checks

@@ -1,0 +1,169 @@
+"""Many processes and threads charging one small wallet at once never overspend it.
+
+4 processes (``spawn``), each with its own ledger on the same database, each with 8
+threads using the blocking API, race to charge one wallet (one-step charges, and holds
+that are then posted in part, in full, or voided). Most requests are refused for lack
+of funds. Each worker reports the charges that succeeded; the ledger must agree with
+them to the atomic unit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import random
+import threading
+import time
+import traceback
+from typing import Any
+
+from drip.errors import DripInsufficientCredits
+from drip.ledger import TransferFlags, funding_account_id, open_ledger
+
+PROCESSES = 4
+THREADS = 8
+OPS_PER_THREAD = 40
+FUNDS = 400_000  # $0.40: a fraction of what the workers ask for
+MAX_AMOUNT = 5_000
+WALLET, REVENUE = "user:hot", "rev:hot"
+FUND = funding_account_id("USDC")
+
+
+def worker(url: str, proc: int, start: Any, results: Any) -> None:
+    """One process: open a ledger, wait for the others, run THREADS threads of charges."""
+    try:
+        led = open_ledger(url)
+    except Exception:  # noqa: BLE001 - reported to the parent, which fails the test
+        results.put((proc, [], 0, [traceback.format_exc()]))
+        return
+    api = led.sync
+    succeeded: list[tuple[str, int]] = []
+    refused = 0
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def run(thread: int) -> None:
+        nonlocal refused
+        rng = random.Random(proc * 1000 + thread)
+        mine: list[tuple[str, int]] = []
+        mine_refused = 0
+        try:
+            for i in range(OPS_PER_THREAD):
+                amount = rng.randint(1, MAX_AMOUNT)
+                op_id = f"p{proc}-t{thread}-{i}"
+                if rng.random() < 0.5:
+                    try:
+                        charge = api.charge(op_id, WALLET, REVENUE, amount, code="search")
+                    except DripInsufficientCredits:
+                        mine_refused += 1
+                        continue
+                    assert charge.amount == amount
+                    mine.append((charge.id, charge.amount))
+                    continue
+                try:
+                    hold = api.hold(op_id, WALLET, REVENUE, amount, code="llm")
+                except DripInsufficientCredits:
+                    mine_refused += 1
+                    continue
+                roll = rng.random()
+                if roll < 0.2:
+                    api.void(hold)
+                elif roll < 0.5:
+                    posted = api.post(hold)
+                    assert posted.amount == amount
+                    mine.append((posted.id, posted.amount))
+                else:
+                    posted = api.post(op_id, rng.randint(0, amount))
+                    mine.append((posted.id, posted.amount))
+        except Exception:  # noqa: BLE001 - reported to the parent, which fails the test
+            with lock:
+                failures.append(traceback.format_exc())
+        with lock:
+            succeeded.extend(mine)
+            refused += mine_refused
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
+    try:
+        start.wait(timeout=60)
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        led.close()
+        results.put((proc, succeeded, refused, failures))
+
+
+def _race(url: str) -> None:
+    led = open_ledger(url)
+    try:
+        led.sync.create_account(WALLET, "wallet")
+        led.sync.create_account(REVENUE, "revenue")
+        led.sync.transfer("funds", FUND, WALLET, FUNDS, code="topup")
+    finally:
+        led.close()
+
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(PROCESSES)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(url, p, start, results)) for p in range(PROCESSES)]
+    began = time.monotonic()
+    for p in procs:
+        p.start()
+    reports = []
+    try:
+        for _ in procs:
+            reports.append(results.get(timeout=120))
+    except queue.Empty:
+        raise AssertionError(f"workers did not report in time ({len(reports)} did)") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    elapsed = time.monotonic() - began
+
+    failures = [f for _, _, _, fs in reports for f in fs]
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    succeeded = [s for _, ss, _, _ in reports for s in ss]
+    refused = sum(r for _, _, r, _ in reports)
+    total = sum(amount for _, amount in succeeded)
+    ids = [i for i, _ in succeeded]
+    assert len(ids) == len(set(ids))
+    # the race was real: money ran out, and many requests were refused
+    assert refused > 0
+    assert succeeded
+    assert total <= FUNDS
+
+    # a fresh process's view of the ledger, as `drip doctor` would open it
+    led = open_ledger(url)
+    try:
+        balance = led.balance(WALLET)
+        assert balance.posted == FUNDS - total
+        assert balance.pending == 0  # every hold was posted or voided
+        assert balance.available == FUNDS - total >= 0
+        assert led.balance(REVENUE).posted == total
+        # every reported charge is in the journal with its amount, and nothing else is
+        journal: dict[str, int] = {}
+        cursor = None
+        while True:
+            page = led.history(WALLET, limit=1000, cursor=cursor)
+            for t in page.items:
+                if t.debit_account_id == WALLET and not t.flags & (
+                    TransferFlags.PENDING | TransferFlags.VOID_PENDING
+                ):
+                    journal[t.id] = t.amount
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        assert journal == dict(succeeded)
+        report = led.check_invariants()
+        assert report.ok, report.checks
+    finally:
+        led.close()
+    assert elapsed < 60, f"the race took {elapsed:.1f}s"
+
+
+def test_many_processes_never_overspend_one_wallet(store_url: str) -> None:
+    _race(store_url)
