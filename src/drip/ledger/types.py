@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drip.errors import InvalidId, InvalidRequest
+from drip.money import AMOUNT_ATOMIC_MAX as _MAX
 from drip.money import check_atomic
 
 #: Most operations coalesced into one store transaction (group commit).
@@ -28,6 +29,8 @@ PAGE_LIMIT_MAX = 1000
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:@/+=~-]{1,160}$")
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+_ID_MATCH = _ID_RE.fullmatch
+_CODE_MATCH = _CODE_RE.fullmatch
 #: Separator of ids the ledger derives from a caller's id (``<id>~fee``); callers cannot use it.
 DERIVED_SEP = "~"
 
@@ -164,7 +167,7 @@ class Balance:
     available: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Transfer:
     """An immutable journal entry. ``id`` is the caller's idempotency key, unique forever."""
 
@@ -212,7 +215,7 @@ class Hold:
         )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TransferSpec:
     """A transfer as a caller asks for it (before the ledger stamps it).
 
@@ -231,39 +234,50 @@ class TransferSpec:
     metadata: str | None = None
 
     def validate(self) -> None:
-        check_id(self.id, "id")
-        check_code(self.code, "code")
+        """Refuse a malformed transfer with a typed error (fast path first: this runs
+        for every operation)."""
         flags = self.flags
-        if not isinstance(flags, int) or flags & ~_SPEC_FLAGS:
+        if type(flags) is not int:
+            if not isinstance(flags, int) or isinstance(flags, bool):
+                raise InvalidRequest("flags must be TransferFlags or an int", param="flags")
+            flags = self.flags = int(flags)  # a TransferFlags member: store the plain int
+        if flags & ~_SPEC_FLAGS:
             raise InvalidRequest("unknown transfer flags", param="flags")
         kind = flags & _KIND_FLAGS
         if kind & (kind - 1):
             raise InvalidRequest(
                 "a transfer is at most one of pending, post or void", param="flags"
             )
+        if not (type(self.id) is str and _ID_MATCH(self.id)):
+            check_id(self.id, "id")
+        if not (type(self.code) is str and _CODE_MATCH(self.code)):
+            check_code(self.code, "code")
+        amount = self.amount
         if kind & _RESOLVE_FLAGS:
-            check_id(self.pending_id, "pending_id")
-            if self.amount is not None:
-                check_atomic(self.amount, param="amount")
+            if not (type(self.pending_id) is str and _ID_MATCH(self.pending_id)):
+                check_id(self.pending_id, "pending_id")
+            if amount is not None and not (type(amount) is int and 0 <= amount <= _MAX):
+                check_atomic(amount, param="amount")
         else:
             if self.pending_id is not None:
                 raise InvalidRequest("pending_id is only for post and void", param="pending_id")
-            check_id(self.debit_account_id, "debit_account_id")
-            check_id(self.credit_account_id, "credit_account_id")
-            check_atomic(self.amount, allow_zero=False, param="amount")
-        if self.timeout_s:
-            if not kind & TransferFlags.PENDING:
+            for value, name in ((self.debit_account_id, "debit_account_id"),
+                                (self.credit_account_id, "credit_account_id")):  # fmt: skip
+                if not (type(value) is str and _ID_MATCH(value)):
+                    check_id(value, name)
+            if not (type(amount) is int and 0 < amount <= _MAX):
+                check_atomic(amount, allow_zero=False, param="amount")
+        timeout_s = self.timeout_s
+        if timeout_s:
+            if not kind & _PENDING_FLAG:
                 raise InvalidRequest("timeout_s is only for pending transfers", param="timeout_s")
-            if (
-                not isinstance(self.timeout_s, int)
-                or isinstance(self.timeout_s, bool)
-                or not 0 < self.timeout_s <= TIMEOUT_S_MAX
-            ):
+            if type(timeout_s) is not int or not 0 < timeout_s <= TIMEOUT_S_MAX:
                 raise InvalidRequest(
                     f"timeout_s must be an int in 1..{TIMEOUT_S_MAX}", param="timeout_s"
                 )
 
 
+_PENDING_FLAG = int(TransferFlags.PENDING)
 _KIND_FLAGS = int(TransferFlags.PENDING | TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING)
 _RESOLVE_FLAGS = int(TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING)
 #: flags a caller may set; EXPIRE_PENDING is the ledger's own
