@@ -62,6 +62,8 @@ class GroupCommitter:
         self._housekeeping = housekeeping
         self._housekeeping_interval_s = housekeeping_interval_s
         self._queue: collections.deque[_Item] = collections.deque()
+        #: per event loop, what this turn of the loop submitted (handed off at its end)
+        self._loop_pending: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         self._cond = threading.Condition(threading.Lock())
         self._sleepers = 0
         self._closed = False
@@ -76,20 +78,37 @@ class GroupCommitter:
 
     # --- submitting -------------------------------------------------------------------
 
-    def _push(self, item: _Item) -> None:
+    def _push(self, *items: _Item) -> None:
         if self._closed:
             raise errors.StoreError("the ledger is closed")
         with self._cond:
-            self._queue.append(item)
+            self._queue.extend(items)
             if self._sleepers:
                 self._cond.notify()
 
     def submit_async(self, op: Any) -> asyncio.Future[Any]:
-        """Queue ``op`` from inside a running event loop; await the returned future."""
+        """Queue ``op`` from inside a running event loop; await the returned future.
+
+        What one turn of the loop submits reaches the writer together (one hand-off at
+        the end of the turn), so a batch is not cut short by the first arrival.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._push(_Item(op, loop, future))
+        pending = self._loop_pending.get(loop)
+        if pending is None:
+            pending = self._loop_pending[loop] = []
+            loop.call_soon(self._hand_off, loop)
+        pending.append(_Item(op, loop, future))
         return future
+
+    def _hand_off(self, loop: asyncio.AbstractEventLoop) -> None:
+        items = self._loop_pending.pop(loop, [])
+        try:
+            self._push(*items)
+        except errors.StoreError as exc:
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
 
     def submit(self, op: Any) -> Any:
         """Queue ``op`` and block this thread until its batch commits; return its result."""

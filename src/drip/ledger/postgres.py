@@ -23,7 +23,8 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from drip import errors
-from drip.ledger.engine import Op, Result, Writes
+from drip.ledger.engine import Engine, Op, Result, Writes
+from drip.ledger.pg_optimistic import RowCache, try_batch
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
@@ -157,11 +158,33 @@ class PostgresStore(Store):
     # --- the batch --------------------------------------------------------------------
 
     def run_batch(self, ops: list[Op]) -> list[list[Result]]:
+        cache = self._cache()
+        try:
+            fast = try_batch(self._writer(), cache, ops, self.clock_us())
+        except psycopg.OperationalError:
+            fast = None  # the locked path reconnects
+            cache.clear()
+        if fast is not None:
+            return fast
+        return self._run_locked(ops)
+
+    def _cache(self) -> RowCache:
+        cache: RowCache | None = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = RowCache()
+        return cache
+
+    def applied(self, engine: Engine) -> None:
+        self._cache().remember(engine)
+
+    def _run_locked(self, ops: list[Op]) -> list[list[Result]]:
+        """Read and lock current rows, apply, write; retried whole when it loses a race."""
         delay_s = 0.001
         for attempt in range(BATCH_RETRIES_MAX + 1):
             try:
                 return super().run_batch(ops)
             except _RETRYABLE:
+                self._cache().clear()
                 if attempt == BATCH_RETRIES_MAX:
                     raise
             except pg_errors.CheckViolation as exc:
@@ -170,6 +193,7 @@ class PostgresStore(Store):
                 ) from exc
             except psycopg.OperationalError:
                 # the connection broke (maybe mid-commit): reconnect and replay; ids dedupe
+                self._cache().clear()
                 conn = getattr(self._local, "conn", None)
                 if conn is not None:
                     conn.close()

@@ -96,4 +96,14 @@ CREATE INDEX transfers_holds_due ON transfers (hold_expires_us)
     WHERE hold_state = 0 AND hold_expires_us IS NOT NULL;
 """
 
-LEDGER_MIGRATIONS = (Migration(1, _V1_SQLITE, _V1_POSTGRES),)
+# PostgreSQL's optimistic writer resolves a hold with a compare-and-set that writes -1
+# when the hold is no longer pending; this constraint turns that into an abort.
+_V2_POSTGRES = """
+ALTER TABLE transfers ADD CONSTRAINT transfers_hold_state_check
+    CHECK (hold_state IS NULL OR hold_state >= 0);
+"""
+
+LEDGER_MIGRATIONS = (
+    Migration(1, _V1_SQLITE, _V1_POSTGRES),
+    Migration(2, "", _V2_POSTGRES),
+)

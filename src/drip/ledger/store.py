@@ -143,7 +143,11 @@ class Store(abc.ABC):
         writes = engine.finish()
         if not writes.empty():
             self.write(cur, writes)
+        self.applied(engine)
         return results
+
+    def applied(self, engine: Engine) -> None:  # noqa: B027 - a hook; most stores need nothing
+        """Called after a batch's writes were sent (PostgreSQL: committed)."""
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         """Queue ``op`` for the next batch; await its results (from a running loop)."""

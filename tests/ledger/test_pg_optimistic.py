@@ -1,0 +1,103 @@
+"""PostgreSQL's one-round-trip path must never act on a stale memory of the rows.
+
+Two ledgers on one database stand for two server processes: each remembers the rows
+its own batches saw, and the other changes them behind its back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from drip import errors
+from drip.ledger import Ledger, open_ledger, pg_optimistic
+
+
+@pytest.fixture
+def pair(postgres_url: str) -> Iterator[tuple[Ledger, Ledger]]:
+    a = open_ledger(postgres_url)
+    b = open_ledger(postgres_url)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _fund(led: Ledger, amount: int) -> None:
+    led.sync.create_account("user:w", "wallet")
+    led.sync.create_account("rev:p", "revenue")
+    if amount:
+        led.sync.transfer("fund-1", "funding:USDC", "user:w", amount, code="topup")
+
+
+def test_a_top_up_elsewhere_is_seen_before_refusing(pair: tuple[Ledger, Ledger]) -> None:
+    a, b = pair
+    _fund(a, 100)
+    a.sync.charge("c1", "user:w", "rev:p", 100, code="x")  # a now remembers 0 available
+    b.sync.transfer("fund-2", "funding:USDC", "user:w", 500, code="topup")
+    charge = a.sync.charge("c2", "user:w", "rev:p", 300, code="x")
+    assert charge.amount == 300
+    assert a.balance("user:w").available == 200
+    assert a.check_invariants().ok
+
+
+def test_a_charge_elsewhere_is_never_overspent(pair: tuple[Ledger, Ledger]) -> None:
+    a, b = pair
+    _fund(a, 1000)
+    a.sync.charge("c1", "user:w", "rev:p", 100, code="x")  # a remembers 900
+    b.sync.charge("c2", "user:w", "rev:p", 800, code="x")  # really 100 left
+    with pytest.raises(errors.DripInsufficientCredits):
+        a.sync.charge("c3", "user:w", "rev:p", 500, code="x")
+    assert a.balance("user:w").posted == 100
+    a.sync.charge("c4", "user:w", "rev:p", 100, code="x")
+    assert b.balance("user:w").available == 0
+    assert a.check_invariants().ok
+
+
+def test_a_hold_resolved_elsewhere_is_not_resolved_twice(pair: tuple[Ledger, Ledger]) -> None:
+    a, b = pair
+    _fund(a, 1000)
+    hold = a.sync.hold("h1", "user:w", "rev:p", 400, code="x")  # a remembers it open
+    b.sync.void("h1")
+    with pytest.raises(errors.HoldAlreadyResolved):
+        a.sync.post(hold, 300)
+    assert a.balance("user:w") == b.balance("user:w")
+    assert a.balance("user:w").available == 1000
+    assert a.check_invariants().ok
+
+
+def test_a_replayed_id_is_answered_from_the_database(pair: tuple[Ledger, Ledger]) -> None:
+    a, b = pair
+    _fund(a, 1000)
+    first = b.sync.charge("same-id", "user:w", "rev:p", 250, code="x")
+    again = a.sync.charge("same-id", "user:w", "rev:p", 250, code="x")  # a thinks it is new
+    assert again.transfer.id == first.transfer.id and again.amount == 250
+    with pytest.raises(errors.IdempotencyConflict):
+        a.sync.charge("same-id", "user:w", "rev:p", 251, code="x")
+    assert a.balance("user:w").posted == 750
+    assert a.check_invariants().ok
+
+
+def test_the_fast_path_is_taken_when_nothing_changed(
+    pair: tuple[Ledger, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = pair
+    _fund(a, 1000)
+    a.sync.charge("warm", "user:w", "rev:p", 1, code="x")
+    taken: list[bool] = []
+    real = pg_optimistic.try_batch
+
+    def spy(*args: object, **kwargs: object) -> object:
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr("drip.ledger.postgres.try_batch", spy)
+    for i in range(5):
+        hold = a.sync.hold(f"h{i}", "user:w", "rev:p", 10, code="x")
+        a.sync.post(hold, 7)
+    assert taken and all(taken)
+    assert a.balance("user:w").posted == 1000 - 1 - 5 * 7
+    assert a.check_invariants().ok
