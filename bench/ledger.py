@@ -26,6 +26,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -39,6 +40,8 @@ from urllib.parse import quote
 
 from drip import errors
 from drip.ledger import Ledger, TransferFlags, open_ledger
+from drip.ledger.schema import LEDGER_MIGRATIONS
+from drip.ledger.store import TRANSFER_INSERT_COLUMNS
 
 #: Concurrent tasks on the one hot wallet.
 WORKERS = 8
@@ -59,62 +62,19 @@ TARGET_POSTGRES_CONCURRENT = 5_000
 _PENDING = int(TransferFlags.PENDING)
 _POST = int(TransferFlags.POST_PENDING)
 
-# The scratch table: the ledger's ``transfers`` table and indexes, copied from
-# src/drip/ledger/schema.py (V1). ``_check_same_shape`` warns if the two drift apart.
-_RAW_SQLITE = """
-CREATE TABLE bench_raw_transfers (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    debit_account_id TEXT NOT NULL,
-    credit_account_id TEXT NOT NULL,
-    amount INTEGER NOT NULL CHECK (amount >= 0),
-    code TEXT NOT NULL,
-    flags INTEGER NOT NULL,
-    pending_id TEXT,
-    timeout_s INTEGER NOT NULL,
-    metadata TEXT,
-    ts_us INTEGER NOT NULL,
-    hold_expires_us INTEGER,
-    hold_state INTEGER,
-    hold_resolved_amount INTEGER,
-    hold_resolved_by TEXT,
-    CHECK (hold_resolved_amount IS NULL OR hold_resolved_amount <= amount)
-);
-CREATE INDEX bench_raw_transfers_debit ON bench_raw_transfers (debit_account_id, seq);
-CREATE INDEX bench_raw_transfers_credit ON bench_raw_transfers (credit_account_id, seq);
-CREATE INDEX bench_raw_transfers_holds_due ON bench_raw_transfers (hold_expires_us)
-    WHERE hold_state = 0 AND hold_expires_us IS NOT NULL;
-"""
 
-_RAW_POSTGRES = """
-CREATE TABLE bench_raw_transfers (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    debit_account_id TEXT NOT NULL,
-    credit_account_id TEXT NOT NULL,
-    amount BIGINT NOT NULL CHECK (amount >= 0),
-    code TEXT NOT NULL,
-    flags INTEGER NOT NULL,
-    pending_id TEXT,
-    timeout_s INTEGER NOT NULL,
-    metadata TEXT,
-    ts_us BIGINT NOT NULL,
-    hold_expires_us BIGINT,
-    hold_state SMALLINT,
-    hold_resolved_amount BIGINT,
-    hold_resolved_by TEXT,
-    CHECK (hold_resolved_amount IS NULL OR hold_resolved_amount <= amount)
-);
-CREATE INDEX bench_raw_transfers_debit ON bench_raw_transfers (debit_account_id, seq);
-CREATE INDEX bench_raw_transfers_credit ON bench_raw_transfers (credit_account_id, seq);
-CREATE INDEX bench_raw_transfers_holds_due ON bench_raw_transfers (hold_expires_us)
-    WHERE hold_state = 0 AND hold_expires_us IS NOT NULL;
-"""
+def _raw_ddl(dialect: str) -> str:
+    """The ledger's own ``transfers`` table and indexes (every migration), renamed to
+    ``bench_raw_transfers``: the raw insert reference pays for the same indexes."""
+    script = ";".join(getattr(m, dialect) for m in LEDGER_MIGRATIONS)
+    statements = [
+        st for st in script.split(";") if re.search(r"\btransfers\b", st.split("(", 1)[0])
+    ]
+    renamed = [re.sub(r"\btransfers(_\w+)?\b", r"bench_raw_transfers\1", st) for st in statements]
+    return ";\n".join(renamed) + ";"
 
-_RAW_COLUMNS = (
-    "id, debit_account_id, credit_account_id, amount, code, flags, pending_id, timeout_s, "
-    "metadata, ts_us, hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
-)
+
+_RAW_COLUMNS = TRANSFER_INSERT_COLUMNS
 
 
 class BenchFailure(Exception):
@@ -350,8 +310,7 @@ def _raw_insert_sqlite(path: str, run: str, seconds: float) -> tuple[int, float]
             "wal_autocheckpoint=0",
         ):
             conn.execute(f"PRAGMA {pragma}")
-        conn.executescript(_RAW_SQLITE)
-        _check_same_shape_sqlite(conn)
+        conn.executescript(_raw_ddl("sqlite"))
         cur = conn.cursor()
         sql = f"INSERT INTO bench_raw_transfers ({_RAW_COLUMNS}) VALUES ({','.join('?' * 14)})"
         start = time.perf_counter()
@@ -367,8 +326,7 @@ def _raw_insert_postgres(url: str, run: str, seconds: float) -> tuple[int, float
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(_RAW_POSTGRES.encode())
-        _check_same_shape_postgres(conn)
+        conn.execute(_raw_ddl("postgres").encode())
         conn.autocommit = False
         sql = f"INSERT INTO bench_raw_transfers ({_RAW_COLUMNS}) VALUES ({','.join(['%s'] * 14)})"
         with conn.cursor() as cur:
@@ -376,47 +334,6 @@ def _raw_insert_postgres(url: str, run: str, seconds: float) -> tuple[int, float
             with conn.transaction():
                 n = _insert_loop(cur.execute, sql, run, seconds)
             return n, time.perf_counter() - start
-
-
-def _check_same_shape_sqlite(conn: sqlite3.Connection) -> None:
-    def shape(table: str) -> tuple[Any, ...]:
-        columns = [tuple(r[1:]) for r in conn.execute(f"PRAGMA table_info({table})")]
-        indexes = sorted(
-            (r[2], r[3], r[4])
-            for r in conn.execute(f"PRAGMA index_list({table})")
-            if not r[1].startswith("bench_verify")
-        )
-        return (columns, indexes)
-
-    _compare(shape("transfers"), shape("bench_raw_transfers"))
-
-
-def _check_same_shape_postgres(conn: Any) -> None:
-    def shape(table: str) -> tuple[Any, ...]:
-        columns = conn.execute(
-            "SELECT column_name, data_type, is_nullable, is_identity FROM "
-            "information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = %s ORDER BY ordinal_position",
-            (table,),
-        ).fetchall()
-        indexes = conn.execute(
-            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() "
-            "AND tablename = %s",
-            (table,),
-        ).fetchall()
-        return (columns, indexes)
-
-    _compare(shape("transfers"), shape("bench_raw_transfers"))
-
-
-def _compare(ledger: tuple[Any, ...], raw: tuple[Any, ...]) -> None:
-    if ledger != raw:
-        print(
-            "warning: bench_raw_transfers no longer matches the ledger's transfers table; "
-            "update the copy in bench/ledger.py from src/drip/ledger/schema.py\n"
-            f"  transfers:           {ledger}\n  bench_raw_transfers: {raw}",
-            file=sys.stderr,
-        )
 
 
 def _raw_metrics(store: str, rows: int, elapsed: float, metrics: list[Metric]) -> Metric:

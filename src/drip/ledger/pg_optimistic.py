@@ -21,7 +21,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from drip.ledger.engine import Engine, Op, Result, Writes
-from drip.ledger.store import ACCOUNT_COLUMNS, TRANSFER_INSERT_COLUMNS
+from drip.ledger.store import Store
 from drip.ledger.types import Account, Hold, HoldState, Transfer
 
 #: Most rows each cache keeps before it starts over (bounded memory).
@@ -94,13 +94,13 @@ class RowCache:
 
 
 def try_batch(
-    conn: psycopg.Connection[Any], cache: RowCache, ops: list[Op], now_us: int
+    store: Store, conn: psycopg.Connection[Any], cache: RowCache, ops: list[Op]
 ) -> list[list[Result]] | None:
     """Apply ``ops`` in one round trip, or return ``None`` for the locked path."""
     if cache.backoff:
         cache.backoff -= 1
         return None
-    engine = Engine(cache, now_us)
+    engine = Engine(cache, store.clock_us())
     try:
         engine.prefetch(ops)
         results = [engine.apply(op) for op in ops]
@@ -110,7 +110,7 @@ def try_batch(
         return None  # refusals are decided on locked rows only
     writes = engine.finish()
     try:
-        _send(conn, writes, cache)
+        _send(store, conn, writes, cache)
     except _ABORTS:
         _reset(conn)
         cache.clear()
@@ -120,9 +120,7 @@ def try_batch(
     return results
 
 
-def _send(conn: psycopg.Connection[Any], writes: Writes, cache: RowCache) -> None:
-    from drip.ledger.store import Store
-
+def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: RowCache) -> None:
     with conn.cursor() as cur, conn.pipeline():
         # lock order as on the locked path: holds, then accounts (each sorted by id)
         if writes.changed_holds:
@@ -140,18 +138,7 @@ def _send(conn: psycopg.Connection[Any], writes: Writes, cache: RowCache) -> Non
                     a.debits_pending, a.credits_pending, account_id,
                 ))  # fmt: skip
             cur.executemany(_CAS_ACCOUNT, rows)
-        if writes.new_accounts:
-            cur.executemany(
-                f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) "
-                f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                [Store.account_row(a) for a in writes.new_accounts],
-            )
-        if writes.new_transfers:
-            cur.executemany(
-                f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) "
-                f"VALUES ({','.join(['%s'] * 14)})",
-                Store.transfer_rows(writes),
-            )
+        store.insert_rows(cur, writes)
         conn.commit()
 
 

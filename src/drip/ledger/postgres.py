@@ -29,7 +29,6 @@ from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
     TRANSFER_COLUMNS,
-    TRANSFER_INSERT_COLUMNS,
     Migration,
     Store,
     wall_clock_us,
@@ -160,7 +159,7 @@ class PostgresStore(Store):
     def run_batch(self, ops: list[Op]) -> list[list[Result]]:
         cache = self._cache()
         try:
-            fast = try_batch(self._writer(), cache, ops, self.clock_us())
+            fast = try_batch(self, self._writer(), cache, ops)
         except psycopg.OperationalError:
             fast = None  # the locked path reconnects
             cache.clear()
@@ -204,32 +203,10 @@ class PostgresStore(Store):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def write(self, cur: psycopg.Cursor[Any], writes: Writes) -> None:
+        # one round trip: the writes and the COMMIT go out together in a pipeline
         with cur.connection.pipeline():
-            if writes.new_accounts:
-                cur.executemany(
-                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) "
-                    f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                    [self.account_row(a) for a in writes.new_accounts],
-                )
-            if writes.changed_accounts:
-                cur.executemany(
-                    "UPDATE accounts SET status = %s, debits_posted = %s, credits_posted = %s, "
-                    "debits_pending = %s, credits_pending = %s WHERE id = %s",
-                    [self.counters_row(a) for a in writes.changed_accounts.values()],
-                )
-            if writes.new_transfers:
-                cur.executemany(
-                    f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) "
-                    f"VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                    self.transfer_rows(writes),
-                )
-            if writes.changed_holds:
-                cur.executemany(
-                    "UPDATE transfers SET hold_state = %s, hold_resolved_amount = %s, "
-                    "hold_resolved_by = %s WHERE id = %s",
-                    [self.hold_state_row(h) for h in writes.changed_holds.values()],
-                )
-            # the COMMIT rides in the same round trip as the writes
+            self.update_rows(cur, writes)
+            self.insert_rows(cur, writes)
             cur.connection.commit()
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:

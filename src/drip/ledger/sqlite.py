@@ -33,7 +33,6 @@ from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
     TRANSFER_COLUMNS,
-    TRANSFER_INSERT_COLUMNS,
     Migration,
     Store,
     wall_clock_us,
@@ -197,29 +196,8 @@ class SqliteStore(Store):
 
     def write(self, cur: sqlite3.Cursor, writes: Writes) -> None:
         try:
-            if writes.new_accounts:
-                cur.executemany(
-                    f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [self.account_row(a) for a in writes.new_accounts],
-                )
-            if writes.changed_accounts:
-                cur.executemany(
-                    "UPDATE accounts SET status = ?, debits_posted = ?, credits_posted = ?, "
-                    "debits_pending = ?, credits_pending = ? WHERE id = ?",
-                    [self.counters_row(a) for a in writes.changed_accounts.values()],
-                )
-            if writes.new_transfers:
-                cur.executemany(
-                    f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) "
-                    f"VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    self.transfer_rows(writes),
-                )
-            if writes.changed_holds:
-                cur.executemany(
-                    "UPDATE transfers SET hold_state = ?, hold_resolved_amount = ?, "
-                    "hold_resolved_by = ? WHERE id = ?",
-                    [self.hold_state_row(h) for h in writes.changed_holds.values()],
-                )
+            self.insert_rows(cur, writes)
+            self.update_rows(cur, writes)
         except sqlite3.IntegrityError as exc:
             raise errors.InvariantViolation(f"the database refused the batch: {exc}") from exc
 

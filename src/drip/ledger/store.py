@@ -360,6 +360,42 @@ class Store(abc.ABC):
         )
         return ("balances equal the fold of the journal", not bad, detail)
 
+    # --- writing a batch's rows (the SQL both dialects share) ---------------------------
+
+    def insert_rows(self, cur: Any, writes: Writes) -> None:
+        """INSERT the batch's new accounts and transfers (holds ride on their transfer)."""
+        if writes.new_accounts:
+            cur.executemany(
+                self.sql(f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES ({_marks(12)})"),
+                [self.account_row(a) for a in writes.new_accounts],
+            )
+        if writes.new_transfers:
+            cur.executemany(
+                self.sql(
+                    f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) VALUES ({_marks(14)})"
+                ),
+                self.transfer_rows(writes),
+            )
+
+    def update_rows(self, cur: Any, writes: Writes) -> None:
+        """UPDATE the holds and accounts the batch changed (rows it read under its lock)."""
+        if writes.changed_holds:
+            cur.executemany(
+                self.sql(
+                    "UPDATE transfers SET hold_state = ?, hold_resolved_amount = ?, "
+                    "hold_resolved_by = ? WHERE id = ?"
+                ),
+                [self.hold_state_row(h) for h in writes.changed_holds.values()],
+            )
+        if writes.changed_accounts:
+            cur.executemany(
+                self.sql(
+                    "UPDATE accounts SET status = ?, debits_posted = ?, credits_posted = ?, "
+                    "debits_pending = ?, credits_pending = ? WHERE id = ?"
+                ),
+                [self.counters_row(a) for a in writes.changed_accounts.values()],
+            )
+
     # --- helpers for subclasses --------------------------------------------------------
 
     @staticmethod
@@ -391,6 +427,10 @@ class Store(abc.ABC):
     def hold_state_row(h: Hold) -> tuple[Any, ...]:
         """For ``UPDATE transfers SET hold_state, hold_resolved_amount, hold_resolved_by``."""
         return (int(h.state), h.resolved_amount, h.resolved_by, h.id)
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
