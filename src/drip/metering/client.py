@@ -10,7 +10,8 @@ container image, metadata) is the account's metadata, and its status is the acco
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from drip import errors
@@ -73,6 +74,21 @@ def _as_user_error(exc: errors.DripError, user_id: str) -> errors.DripError:
     if isinstance(exc, errors.AccountNotFound) and repr(wallet_id(user_id)) in exc.message:
         return errors.UserNotFound(f"no user {user_id!r}: provision it first", param="user_id")
     return exc
+
+
+@contextmanager
+def user_errors(user_id: str, event: str = "") -> Iterator[None]:
+    """Translate the ledger's errors about a wallet into the metering API's words."""
+    try:
+        yield
+    except errors.DripInsufficientCredits as exc:
+        raise insufficient(user_id, event, exc) from None
+    except errors.AccountNotFound as exc:
+        raise _as_user_error(exc, user_id) from None
+    except errors.AccountFrozen:
+        raise errors.AccountFrozen(
+            f"user {user_id!r} is paused: top up or restore to resume", param="user_id"
+        ) from None
 
 
 def insufficient(user_id: str, event: str, exc: errors.DripError) -> errors.DripInsufficientCredits:
@@ -212,13 +228,9 @@ class DripClient(_Base):
         """Charge ``amount`` now (no hold). Raises DripInsufficientCredits, nothing charged."""
         atomic = parse_amount(amount, allow_zero=False)
         transfer_id = idempotency_key or new_call_id("debit")
-        try:
+        with user_errors(user_id, event):
             return await self.ledger.charge(transfer_id, wallet_id(user_id), self.revenue_account,
                                             atomic, code=event, metadata=metadata)  # fmt: skip
-        except errors.DripInsufficientCredits as exc:
-            raise insufficient(user_id, event, exc) from None
-        except errors.AccountNotFound as exc:
-            raise _as_user_error(exc, user_id) from None
 
     async def topup(
         self, user_id: str, amount: AmountLike, *, idempotency_key: str | None = None
@@ -226,13 +238,11 @@ class DripClient(_Base):
         """Credit the wallet from the outside world; a paused user is resumed."""
         atomic = parse_amount(amount, allow_zero=False)
         led = self.ledger
-        try:
+        with user_errors(user_id):
             transfer = await led.transfer(
                 idempotency_key or new_call_id("topup"), funding_account_id(led.asset.symbol),
                 wallet_id(user_id), atomic, code="topup",
             )  # fmt: skip
-        except errors.AccountNotFound as exc:
-            raise _as_user_error(exc, user_id) from None
         if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
             await led.set_status(wallet_id(user_id), AccountStatus.OPEN)
         return transfer
@@ -245,10 +255,8 @@ class DripClient(_Base):
         return await self._set_status(user_id, AccountStatus.OPEN)
 
     async def _set_status(self, user_id: str, status: str) -> dict[str, Any]:
-        try:
+        with user_errors(user_id):
             account = await self.ledger.set_status(wallet_id(user_id), status)
-        except errors.AccountNotFound as exc:
-            raise _as_user_error(exc, user_id) from None
         return user_view(account)
 
     def meter(
@@ -321,27 +329,21 @@ class SyncDripClient:
         c = self._client
         atomic = parse_amount(amount, allow_zero=False)
         transfer_id = idempotency_key or new_call_id("debit")
-        try:
+        with user_errors(user_id, event):
             return self._ledger.charge(transfer_id, wallet_id(user_id), c.revenue_account, atomic,
                                        code=event, metadata=metadata)  # fmt: skip
-        except errors.DripInsufficientCredits as exc:
-            raise insufficient(user_id, event, exc) from None
-        except errors.AccountNotFound as exc:
-            raise _as_user_error(exc, user_id) from None
 
     def topup(
         self, user_id: str, amount: AmountLike, *, idempotency_key: str | None = None
     ) -> Transfer:
         atomic = parse_amount(amount, allow_zero=False)
         led = self._ledger
-        try:
+        with user_errors(user_id):
             transfer = led.transfer(
                 idempotency_key or new_call_id("topup"),
                 funding_account_id(self._client.ledger.asset.symbol), wallet_id(user_id), atomic,
                 code="topup",
             )  # fmt: skip
-        except errors.AccountNotFound as exc:
-            raise _as_user_error(exc, user_id) from None
         if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
             led.set_status(wallet_id(user_id), AccountStatus.OPEN)
         return transfer
@@ -353,10 +355,8 @@ class SyncDripClient:
         return self._set_status(user_id, AccountStatus.OPEN)
 
     def _set_status(self, user_id: str, status: str) -> dict[str, Any]:
-        try:
+        with user_errors(user_id):
             return user_view(self._ledger.set_status(wallet_id(user_id), status))
-        except errors.AccountNotFound as exc:
-            raise _as_user_error(exc, user_id) from None
 
     def close(self) -> None:
         self._client.close()

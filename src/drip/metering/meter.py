@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from drip import errors
 from drip.ledger import Charge, Transfer
 from drip.ledger.types import check_code
-from drip.metering.client import insufficient, new_call_id, wallet_id
+from drip.metering.client import new_call_id, user_errors, wallet_id
 from drip.money import AmountLike, parse_amount
 
 if TYPE_CHECKING:
@@ -131,15 +131,11 @@ def make_meter(
                 client = get_client()
                 user_id = payer(args, kwargs)
                 led = client.ledger
-                try:
+                with user_errors(user_id, event):
                     hold = await led.hold(
                         new_call_id("call"), wallet_id(user_id), client.revenue_account,
                         pricing.hold, code=event, timeout_s=client.config.hold_timeout_s,
                     )  # fmt: skip
-                except errors.DripInsufficientCredits as exc:
-                    raise insufficient(user_id, event, exc) from None
-                except errors.AccountNotFound:
-                    raise errors.UserNotFound(f"no user {user_id!r}", param=user_id_param) from None
                 try:
                     result = await fn(*args, **kwargs)
                     amount = pricing.actual(result)
@@ -160,15 +156,11 @@ def make_meter(
             client = get_client()
             user_id = payer(args, kwargs)
             led = client.ledger.sync
-            try:
+            with user_errors(user_id, event):
                 hold = led.hold(
                     new_call_id("call"), wallet_id(user_id), client.revenue_account, pricing.hold,
                     code=event, timeout_s=client.config.hold_timeout_s,
                 )  # fmt: skip
-            except errors.DripInsufficientCredits as exc:
-                raise insufficient(user_id, event, exc) from None
-            except errors.AccountNotFound:
-                raise errors.UserNotFound(f"no user {user_id!r}", param=user_id_param) from None
             try:
                 result = fn(*args, **kwargs)
                 amount = pricing.actual(result)
