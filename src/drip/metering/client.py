@@ -9,7 +9,8 @@ container image, metadata) is the account's metadata, and its status is the acco
 
 from __future__ import annotations
 
-import uuid
+import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,9 @@ def user_view(account: Account) -> dict[str, Any]:
 
 
 def new_call_id(prefix: str) -> str:
-    return f"{prefix}:{uuid.uuid4().hex}"
+    """A unique, time-ordered id: nanoseconds then 64 random bits. Ordered ids land on the
+    same index pages as their neighbours, so a batch of them dirties few pages."""
+    return f"{prefix}:{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 def _as_user_error(exc: errors.DripError, user_id: str) -> errors.DripError:
