@@ -15,6 +15,11 @@ if ! command -v pg_lsclusters >/dev/null 2>&1 || [ -z "$(pg_lsclusters -h 2>/dev
   apt-get install -y -qq postgresql >&2
 fi
 
+if [ -z "$(pg_lsclusters -h 2>/dev/null)" ]; then
+  VERSION=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+  log "creating cluster $VERSION/main"
+  pg_createcluster "$VERSION" main >&2
+fi
 read -r VERSION CLUSTER PORT STATUS _ < <(pg_lsclusters -h | head -n 1)
 if [ "$STATUS" != "online" ]; then
   log "starting cluster $VERSION/$CLUSTER"
