@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 wallet_app = typer.Typer(help="Create, inspect and top up user wallets.", no_args_is_help=True)
 app.add_typer(wallet_app, name="wallet")
+keys_app = typer.Typer(help="Admin API keys for drip serve.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -224,6 +226,75 @@ def demo(
     from drip.demo import run_demo
 
     run_demo(database_url or "sqlite:///drip-demo.db", fresh=fresh, console=out)
+
+
+def _keys(database_url: str | None) -> tuple[DripClient, Any]:
+    from drip.server.keys import KeyStore
+
+    client = _client(database_url)
+    return client, KeyStore(client.ledger.store)
+
+
+@keys_app.command("create")
+@friendly
+def keys_create(
+    scope: Annotated[str, typer.Option(help="admin (everything) or read (GET only)")] = "admin",
+    label: Annotated[str | None, typer.Option(help="What the key is for")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create an API key and print it once; only its SHA-256 digest is stored."""
+    client, store = _keys(database_url)
+    try:
+        token, key = store.create(scope, label)
+    finally:
+        client.close()
+    err.print(f"key {key.key_id} ({key.scope}); store it now, it is not shown again:")
+    out.print(token, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+@friendly
+def keys_list(database_url: DatabaseUrl = None) -> None:
+    """List API keys (ids and scopes, never secrets)."""
+    client, store = _keys(database_url)
+    try:
+        keys = store.list()
+    finally:
+        client.close()
+    table = Table()
+    for column in ("key id", "scope", "label", "status"):
+        table.add_column(column)
+    for k in keys:
+        table.add_row(k.key_id, k.scope, k.label or "", "revoked" if k.revoked_us else "active")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(key_id: str, database_url: DatabaseUrl = None) -> None:
+    """Revoke an API key at once."""
+    client, store = _keys(database_url)
+    try:
+        store.revoke(key_id)
+    finally:
+        client.close()
+    out.print(f"revoked {key_id}", highlight=False)
+
+
+@app.command("serve")
+@friendly
+def serve(
+    host: Annotated[str, typer.Option(envvar="DRIP_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="DRIP_PORT", min=1, max=65535)] = 8402,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the REST API (OpenAPI at /docs, Prometheus at /metrics)."""
+    import uvicorn
+
+    from drip.server import create_app
+
+    settings: dict[str, Any] = {"database_url": database_url} if database_url else {}
+    uvicorn.run(create_app(DripConfig(**settings)), host=host, port=port, log_level="info")
 
 
 def main() -> None:

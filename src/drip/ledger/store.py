@@ -176,6 +176,13 @@ class Store(abc.ABC):
             cur.execute(self.sql(sql), tuple(params))
             return list(cur.fetchall())
 
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """One statement on a table of another component (API keys, idempotency records),
+        committed on its own; returns the row count. Never for the ledger's tables."""
+        with self.read() as cur:
+            cur.execute(self.sql(sql), tuple(params))
+            return int(cur.rowcount)
+
     def get_account(self, account_id: str) -> Account | None:
         rows = self.query(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
         return Account(*rows[0]) if rows else None

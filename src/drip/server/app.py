@@ -1,0 +1,277 @@
+"""``drip serve``: the REST API over the ledger and the metering SDK.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the route signatures,
+which name types defined inside ``create_app``.)
+
+Every error, from Drip or from request validation, leaves as
+``{"error": {"type", "code", "message", "param"}}`` with the status of DESIGN.md
+section 6; nothing a client sends produces a 500.
+"""
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from drip import errors
+from drip.config import DripConfig
+from drip.ledger import AccountKind, funding_account_id
+from drip.metering import DripClient, wallet_id
+from drip.metering.client import user_errors
+from drip.money import format_plain, parse_amount
+from drip.server.idempotency import Responses, check_key
+from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
+
+log = logging.getLogger("drip.server")
+
+Amount = Annotated[str | int | float, Field(description='USDC as a decimal string, e.g. "2.50"')]
+
+
+class WalletCreate(BaseModel):
+    user_id: str = Field(min_length=1, max_length=150)
+    email: str | None = Field(default=None, max_length=320)
+    initial_balance: Amount = "0"
+    metadata: dict[str, Any] | None = None
+
+
+class TopUp(BaseModel):
+    amount: Amount
+
+
+class Adjust(BaseModel):
+    amount: Amount = Field(description="Signed: positive credits the wallet, negative debits it")
+    reason: str = Field(min_length=1, max_length=200)
+
+
+def _error_response(exc: errors.DripError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+def _money(units: int) -> dict[str, Any]:
+    return {"usdc": format_plain(units), "atomic": units}
+
+
+def wallet_json(user: dict[str, Any]) -> dict[str, Any]:
+    def atomic(value: Decimal) -> int:
+        return int(value.scaleb(6))
+
+    return {
+        "user_id": user["user_id"],
+        "email": user["email"],
+        "status": user["status"],
+        "available": _money(atomic(user["balance_usdc"])),
+        "posted": _money(atomic(user["posted_usdc"])),
+        "pending": _money(atomic(user["pending_usdc"])),
+        "metadata": user["metadata"],
+    }
+
+
+def create_app(config: DripConfig | None = None) -> FastAPI:
+    config = config or DripConfig()
+    client = DripClient(config)
+    keys = KeyStore(client.ledger.store)
+    responses = Responses(client.ledger.store)
+    registry = CollectorRegistry()
+    requests_total = Counter(
+        "drip_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "drip_http_request_duration_seconds", "HTTP request latency", ["route"],
+        registry=registry,
+    )  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.close()
+
+    app = FastAPI(
+        title="Drip",
+        version="0.1.0",
+        description="Prepaid wallets and metered billing for APIs and AI agents.",
+        lifespan=lifespan,
+    )
+    app.state.client = client
+    app.state.keys = keys
+
+    @app.exception_handler(errors.DripError)
+    async def drip_error(_: Request, exc: errors.DripError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        err = errors.InvalidRequest(str(first.get("msg", "invalid request")), param=where)
+        body = err.to_dict()
+        body["error"]["code"] = "validation_error"
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = errors.NotFound if exc.status_code == 404 else errors.InvalidRequest
+        err = kind(str(exc.detail))
+        return JSONResponse(err.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        err = errors.DripError("internal error; retry with the same Idempotency-Key")
+        body = err.to_dict()
+        body["error"]["code"] = "internal_error"
+        return JSONResponse(body, status_code=500)
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        began = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        requests_total.labels(request.method, name, str(response.status_code)).inc()
+        latency.labels(name).observe(time.perf_counter() - began)
+        return response
+
+    def need(scope: str) -> Callable[..., ApiKey]:
+        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+            token = None
+            if authorization and authorization.lower().startswith("bearer "):
+                token = authorization[7:].strip()
+            key = keys.authenticate(token)
+            if scope == "admin" and key.scope != "admin":
+                raise Forbidden("this key may only read (scope 'read')")
+            return key
+
+        return check
+
+    Reader = Annotated[ApiKey, Depends(need("read"))]
+    Admin = Annotated[ApiKey, Depends(need("admin"))]
+    IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+    async def once(
+        key: ApiKey, idem: str | None, request: Request, body: Any,
+        run: Callable[[str], Awaitable[tuple[int, Any]]],
+    ) -> JSONResponse:  # fmt: skip
+        """Run a money-moving request at most once per Idempotency-Key."""
+        idem_key = check_key(idem)
+        method, path = request.method, request.url.path
+        digest = Responses.body_digest(method, path, body)
+        found = responses.find(key.key_id, idem_key, method, path, digest)
+        if found is None:
+            status, payload = await run(f"idem:{key.key_id}:{idem_key}")
+            found = responses.save(key.key_id, idem_key, method, path, digest, status, payload)
+        status, payload = found
+        return JSONResponse(payload, status_code=status)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        client.ledger.store.query("SELECT 1")
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/wallets", tags=["wallets"], status_code=201)
+    async def create_wallet(
+        body: WalletCreate, key: Admin, request: Request, idem: IdemKey = None
+    ) -> JSONResponse:
+        """Provision a user's wallet. Idempotent by user id; the key is optional here."""
+
+        async def run(_: str) -> tuple[int, Any]:
+            user = await client.provision_user(
+                body.user_id, email=body.email, initial_balance=body.initial_balance,
+                metadata=body.metadata,
+            )  # fmt: skip
+            return 201, wallet_json(user)
+
+        if idem is None:
+            status, payload = await run("")
+            return JSONResponse(payload, status_code=status)
+        return await once(key, idem, request, body.model_dump(mode="json"), run)
+
+    @app.get("/v1/wallets", tags=["wallets"])
+    async def list_wallets(
+        _: Reader,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: Annotated[str | None, Query(max_length=150)] = None,
+    ) -> dict[str, Any]:
+        users = client.list_users(after=after, limit=limit)
+        more = len(users) == limit
+        return {
+            "data": [wallet_json(u) for u in users],
+            "next_after": users[-1]["user_id"] if more and users else None,
+        }
+
+    @app.get("/v1/wallets/{user_id}", tags=["wallets"])
+    async def get_wallet(user_id: str, _: Reader) -> dict[str, Any]:
+        return wallet_json(client.get_user_now(user_id))
+
+    @app.post("/v1/wallets/{user_id}/topup", tags=["wallets"])
+    async def topup(
+        user_id: str, body: TopUp, key: Admin, request: Request, idem: IdemKey = None
+    ) -> JSONResponse:
+        """Credit the wallet (resumes a paused user). Requires Idempotency-Key."""
+        parse_amount(body.amount, allow_zero=False)
+        wallet_id(user_id)
+
+        async def run(transfer_id: str) -> tuple[int, Any]:
+            transfer = await client.topup(user_id, body.amount, idempotency_key=transfer_id)
+            return 200, {"transfer_id": transfer.id, "amount": _money(transfer.amount),
+                         "wallet": wallet_json(client.get_user_now(user_id))}  # fmt: skip
+
+        return await once(key, idem, request, body.model_dump(mode="json"), run)
+
+    @app.post("/v1/wallets/{user_id}/adjust", tags=["wallets"])
+    async def adjust(
+        user_id: str, body: Adjust, key: Admin, request: Request, idem: IdemKey = None
+    ) -> JSONResponse:
+        """A signed correction with a reason, recorded against the funding account."""
+        amount = parse_amount(body.amount, allow_zero=False, allow_negative=True)
+        wallet = wallet_id(user_id)
+        led = client.ledger
+        funding = funding_account_id(led.asset.symbol)
+
+        async def run(transfer_id: str) -> tuple[int, Any]:
+            debit, credit = (funding, wallet) if amount > 0 else (wallet, funding)
+            with user_errors(user_id, "adjustment"):
+                if led.account(wallet).kind != AccountKind.WALLET:
+                    raise errors.UserNotFound(f"no user {user_id!r}", param="user_id")
+                transfer = await led.transfer(transfer_id, debit, credit, abs(amount),
+                                              code="adjustment",
+                                              metadata={"reason": body.reason})  # fmt: skip
+            signed = transfer.amount if amount > 0 else -transfer.amount
+            return 200, {"transfer_id": transfer.id, "amount": _money(signed),
+                         "reason": body.reason,
+                         "wallet": wallet_json(client.get_user_now(user_id))}  # fmt: skip
+
+        return await once(key, idem, request, body.model_dump(mode="json"), run)
+
+    @app.get("/v1/usage", tags=["usage"])
+    async def usage(
+        _: Reader,
+        user_id: Annotated[str | None, Query(max_length=150)] = None,
+        bucket_s: Annotated[int, Query(ge=60, le=31 * 86_400)] = 86_400,
+    ) -> dict[str, Any]:
+        rows = client.usage(user_id, bucket_s=bucket_s)
+        return {"data": [{"event": r.code, "bucket_start_us": r.bucket_start_us,
+                          "calls": r.calls, "amount": _money(r.amount)} for r in rows]}  # fmt: skip
+
+    return app

@@ -1,0 +1,95 @@
+"""``Idempotency-Key`` for money-moving POSTs: the same key and body get the same
+response; the same key with another body is a 409.
+
+The money itself is protected by the ledger: the key also names the transfer
+(``idem:<api key id>:<key>``), so two concurrent requests with one key move money once
+however they interleave. This table only makes the *response* repeat exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from drip import errors
+from drip.ledger.store import Migration, Store, wall_clock_us
+
+_V1 = """
+CREATE TABLE http_idempotency (
+    key_id TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    created_us BIGINT NOT NULL,
+    PRIMARY KEY (key_id, idem_key)
+)
+"""
+IDEMPOTENCY_MIGRATIONS = (Migration(1, _V1, _V1),)
+_KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def check_key(value: str | None) -> str:
+    if value is None:
+        raise errors.InvalidRequest(
+            "this request moves money: send an Idempotency-Key header", param="Idempotency-Key"
+        )
+    if not _KEY_RE.fullmatch(value):
+        raise errors.InvalidRequest(
+            "Idempotency-Key must be 1-100 characters of letters, digits and _.:-",
+            param="Idempotency-Key",
+        )
+    return value
+
+
+class IdempotencyConflictHttp(errors.IdempotencyConflict):
+    """The Idempotency-Key was used before with a different request."""
+
+
+class Responses:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.migrate("http_idempotency", IDEMPOTENCY_MIGRATIONS)
+
+    @staticmethod
+    def body_digest(method: str, path: str, body: Any) -> str:
+        canonical = json.dumps([method, path, body], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def find(
+        self, key_id: str, idem_key: str, method: str, path: str, digest: str
+    ) -> tuple[int, Any] | None:
+        rows = self.store.query(
+            "SELECT method, path, body_sha256, status, response FROM http_idempotency "
+            "WHERE key_id = ? AND idem_key = ?",
+            (key_id, idem_key),
+        )
+        if not rows:
+            return None
+        r_method, r_path, r_digest, status, response = rows[0]
+        if (r_method, r_path, r_digest) != (method, path, digest):
+            raise IdempotencyConflictHttp(
+                "this Idempotency-Key was already used with a different request",
+                param="Idempotency-Key",
+            )
+        return int(status), json.loads(response)
+
+    def save(
+        self, key_id: str, idem_key: str, method: str, path: str, digest: str,
+        status: int, response: Any,
+    ) -> tuple[int, Any]:  # fmt: skip
+        """Record the response; if a concurrent twin recorded first, return its response."""
+        inserted = self.store.execute(
+            "INSERT INTO http_idempotency (key_id, idem_key, method, path, body_sha256, status, "
+            "response, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (key_id, idem_key, method, path, digest, status, json.dumps(response), wall_clock_us()),
+        )
+        if inserted:
+            return status, response
+        found = self.find(key_id, idem_key, method, path, digest)
+        assert found is not None
+        return found

@@ -1,0 +1,179 @@
+"""The REST API through real HTTP: auth, wallets, idempotency, errors, ops endpoints."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+Server = Any  # the fixture in tests/server/conftest.py
+
+
+def _error(response: Any) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"type", "code", "message", "param"}
+    return dict(body["error"])
+
+
+def test_health_metrics_and_openapi(server: Server) -> None:
+    with server.client() as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/openapi.json").json()["info"]["title"] == "Drip"
+        assert http.get("/docs").status_code == 200
+        metrics = http.get("/metrics").text
+    assert "drip_http_requests_total" in metrics
+    assert 'route="/healthz"' in metrics
+    assert "user_id=" not in metrics  # no per-user labels
+
+
+def test_every_v1_route_needs_a_valid_key(server: Server) -> None:
+    with server.client() as http:
+        for token in (None, "nonsense", "drip_sk_abc_def", server.admin + "x"):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            r = http.get("/v1/wallets", headers=headers)
+            assert r.status_code == 401
+            assert _error(r)["code"] == "unauthenticated"
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_read_keys_cannot_move_money(server: Server) -> None:
+    with server.client(server.reader) as http:
+        assert http.get("/v1/wallets").status_code == 200
+        r = http.post("/v1/wallets", json={"user_id": "u1"})
+        assert r.status_code == 403 and _error(r)["code"] == "forbidden"
+        r = http.post("/v1/wallets/u1/topup", json={"amount": "1"},
+                      headers={"Idempotency-Key": "k1"})  # fmt: skip
+        assert r.status_code == 403
+    with server.client(server.admin) as http:
+        assert http.get("/v1/wallets").json()["data"] == []
+
+
+def test_revoked_keys_are_refused(server: Server, store_url: str) -> None:
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+    from drip.server.keys import KeyStore
+
+    client = DripClient(DripConfig(database_url=store_url))
+    try:
+        keys = KeyStore(client.ledger.store)
+        token, key = keys.create("admin")
+        with server.client(token) as http:
+            assert http.get("/v1/wallets").status_code == 200
+            keys.revoke(key.key_id)
+            assert http.get("/v1/wallets").status_code == 401
+        assert all(k.key_id for k in keys.list())
+        # secrets are never stored: only their digests
+        stored = client.ledger.store.query("SELECT secret_sha256 FROM api_keys")
+        assert all(token.rsplit("_", 1)[1] not in row[0] for row in stored)
+    finally:
+        client.close()
+
+
+def test_wallet_lifecycle(server: Server) -> None:
+    with server.client(server.admin) as http:
+        r = http.post("/v1/wallets", json={"user_id": "alice", "email": "a@example.com",
+                                           "initial_balance": "5.00"})  # fmt: skip
+        assert r.status_code == 201
+        assert r.json()["available"] == {"usdc": "5", "atomic": 5_000_000}
+        r = http.get("/v1/wallets/alice")
+        assert r.json()["status"] == "active" and r.json()["email"] == "a@example.com"
+        r = http.post("/v1/wallets/alice/topup", json={"amount": "2.50"},
+                      headers={"Idempotency-Key": "top-1"})  # fmt: skip
+        assert r.status_code == 200
+        assert r.json()["wallet"]["available"]["atomic"] == 7_500_000
+        r = http.post("/v1/wallets/alice/adjust", json={"amount": "-0.5", "reason": "refund"},
+                      headers={"Idempotency-Key": "adj-1"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["amount"] == {"usdc": "-0.5", "atomic": -500_000}
+        assert r.json()["wallet"]["available"]["atomic"] == 7_000_000
+        listed = http.get("/v1/wallets", params={"limit": 10}).json()
+        assert [w["user_id"] for w in listed["data"]] == ["alice"]
+
+
+def test_idempotency_key_replays_and_conflicts(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "bob"})
+        headers = {"Idempotency-Key": "same"}
+        first = http.post("/v1/wallets/bob/topup", json={"amount": "1"}, headers=headers)
+        again = http.post("/v1/wallets/bob/topup", json={"amount": "1"}, headers=headers)
+        assert first.status_code == again.status_code == 200
+        assert first.json() == again.json()
+        conflict = http.post("/v1/wallets/bob/topup", json={"amount": "2"}, headers=headers)
+        assert conflict.status_code == 409
+        assert _error(conflict)["code"] == "idempotency_conflict"
+        missing = http.post("/v1/wallets/bob/topup", json={"amount": "1"})
+        assert missing.status_code == 400 and _error(missing)["param"] == "Idempotency-Key"
+        assert http.get("/v1/wallets/bob").json()["available"]["atomic"] == 1_000_000
+
+
+def test_concurrent_duplicates_credit_once(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "carol"})
+
+    def send(_: int) -> tuple[int, Any]:
+        with server.client(server.admin) as http:
+            r = http.post("/v1/wallets/carol/topup", json={"amount": "0.25"},
+                          headers={"Idempotency-Key": "race"})  # fmt: skip
+            return r.status_code, r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, range(16)))
+    assert {status for status, _ in results} == {200}
+    assert len({body["transfer_id"] for _, body in results}) == 1
+    with server.client(server.admin) as http:
+        assert http.get("/v1/wallets/carol").json()["available"]["atomic"] == 250_000
+
+
+def test_bad_input_is_4xx_in_the_error_shape(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "dave", "initial_balance": "1"})
+        cases = [
+            ("post", "/v1/wallets", {"json": {"user_id": "x y"}}, 400, "invalid_id"),
+            ("post", "/v1/wallets", {"json": {"user_id": "e", "initial_balance": "-1"}}, 400,
+             "invalid_amount"),
+            ("post", "/v1/wallets", {"json": {}}, 422, "validation_error"),
+            ("post", "/v1/wallets", {"content": b"{not json"}, 422, "validation_error"),
+            ("get", "/v1/wallets/nobody", {}, 404, "user_not_found"),
+            ("get", "/v1/nothing-here", {}, 404, "not_found"),
+            ("post", "/v1/wallets/dave/topup", {"json": {"amount": "1e400"},
+             "headers": {"Idempotency-Key": "b1"}}, 400, "invalid_amount"),
+            ("post", "/v1/wallets/dave/topup", {"json": {"amount": "0.0000001"},
+             "headers": {"Idempotency-Key": "b2"}}, 400, "invalid_amount"),
+            ("post", "/v1/wallets/nobody/topup", {"json": {"amount": "1"},
+             "headers": {"Idempotency-Key": "b3"}}, 404, "user_not_found"),
+            ("post", "/v1/wallets/dave/adjust", {"json": {"amount": "-5", "reason": "x"},
+             "headers": {"Idempotency-Key": "b4"}}, 402, "insufficient_credits"),
+            ("post", "/v1/wallets/dave/topup", {"json": {"amount": "1"},
+             "headers": {"Idempotency-Key": "bad key!"}}, 400, "invalid_request"),
+            ("get", "/v1/wallets", {"params": {"limit": 0}}, 422, "validation_error"),
+        ]  # fmt: skip
+        for method, path, kwargs, status, code in cases:
+            r = getattr(http, method)(path, **kwargs)
+            assert r.status_code == status, (path, kwargs, r.text)
+            assert _error(r)["code"] == code, (path, kwargs, r.text)
+        # nothing moved
+        assert http.get("/v1/wallets/dave").json()["available"]["atomic"] == 1_000_000
+        assert [w["user_id"] for w in http.get("/v1/wallets").json()["data"]] == ["dave"]
+
+
+def test_usage_endpoint(server: Server, store_url: str) -> None:
+    import asyncio
+
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+
+    async def spend() -> None:
+        client = DripClient(DripConfig(database_url=store_url))
+        try:
+            await client.provision_user("erin", initial_balance="1")
+            for _ in range(3):
+                await client.debit("erin", "0.01", "search")
+        finally:
+            client.close()
+
+    asyncio.run(spend())
+    with server.client(server.reader) as http:
+        rows = http.get("/v1/usage", params={"user_id": "erin"}).json()["data"]
+    assert [(r["event"], r["calls"], r["amount"]["atomic"]) for r in rows] == [
+        ("search", 3, 30_000)
+    ]
