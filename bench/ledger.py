@@ -42,6 +42,7 @@ from drip import errors
 from drip.ledger import Ledger, TransferFlags, open_ledger
 from drip.ledger.schema import LEDGER_MIGRATIONS
 from drip.ledger.store import TRANSFER_INSERT_COLUMNS
+from drip.metering.client import new_call_id
 
 #: Concurrent tasks on the one hot wallet.
 WORKERS = 8
@@ -129,9 +130,11 @@ async def _metered_calls(
         start = clock()
         if start >= deadline:
             return n
+        # ids as @meter makes them: time-ordered and unique across processes
         hold = await led.hold(
-            f"{prefix}-{n}", wallet, revenue, HOLD_AMOUNT, code="search", timeout_s=HOLD_TIMEOUT_S
-        )
+            new_call_id(prefix), wallet, revenue, HOLD_AMOUNT, code="search",
+            timeout_s=HOLD_TIMEOUT_S,
+        )  # fmt: skip
         await led.post(hold, CAPTURE_AMOUNT)
         latencies.append(clock() - start)
         n += 1

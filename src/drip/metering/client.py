@@ -66,10 +66,20 @@ def user_view(account: Account) -> dict[str, Any]:
     }
 
 
+#: 64 id-safe characters in ASCII order, so encoded ids sort as their bytes do.
+_SORTED_ALPHABET = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+
+
 def new_call_id(prefix: str) -> str:
-    """A unique, time-ordered id: nanoseconds then 64 random bits. Ordered ids land on the
-    same index pages as their neighbours, so a batch of them dirties few pages."""
-    return f"{prefix}:{time.time_ns():016x}{secrets.token_hex(8)}"
+    """A unique, time-ordered id: 64 bits of nanoseconds then 64 random bits, in 22
+    characters. Ordered, short ids land on the same index pages as their neighbours, so a
+    batch of them dirties few pages."""
+    value = (time.time_ns() << 64) | secrets.randbits(64)
+    chars = []
+    for _ in range(22):
+        value, digit = divmod(value, 64)
+        chars.append(_SORTED_ALPHABET[digit])
+    return f"{prefix}:{''.join(reversed(chars))}"
 
 
 def _as_user_error(exc: errors.DripError, user_id: str) -> errors.DripError:
