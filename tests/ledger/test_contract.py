@@ -255,7 +255,7 @@ async def test_no_overdraft(led: Ledger) -> None:
     with pytest.raises(DripInsufficientCredits) as info:
         await led.transfer("t1", "user:a", "rev:p", 101)
     assert info.value.status == 402
-    assert info.value.details == {"available": 100, "needed": 101}
+    assert info.value.details == {"available": 100, "needed": 101, "account": "user:a"}
     with pytest.raises(DripInsufficientCredits):
         await led.charge("c1", "user:a", "rev:p", 101, code="search")
     with pytest.raises(DripInsufficientCredits):

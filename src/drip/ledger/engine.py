@@ -393,6 +393,7 @@ class Engine:
                     f"account {debit.id!r} has {available} available, {amount} needed",
                     available=available,
                     needed=amount,
+                    account=debit.id,
                 )
         if credit.flags & _MUST_NOT_EXCEED_DEBITS:
             room = credit.debits_posted - credit.credits_posted - credit.credits_pending
@@ -401,6 +402,7 @@ class Engine:
                     f"account {credit.id!r} can take {room} more credit, {amount} offered",
                     available=room,
                     needed=amount,
+                    account=credit.id,
                 )
         pending = bool(flags & _PENDING)
         if pending:

@@ -110,9 +110,31 @@ def _one(results: list[Result]) -> Any:
     return _raise_first(results)[0]
 
 
-def _charge(results: list[Result]) -> Charge:
-    records = _raise_first(results)
-    return Charge(records[0], records[1] if len(records) > 1 else None)
+def _charge_reader(with_fee: bool) -> Callable[[list[Result]], Charge]:
+    def read(results: list[Result]) -> Charge:
+        records = _raise_first(results)
+        return Charge(records[0], records[-1] if with_fee else None)
+
+    return read
+
+
+_charge = _charge_reader(False)
+_charge_with_fee = _charge_reader(True)
+
+#: A companion hold taken in the same linked chain as a charge's hold: (debit, credit)
+#: accounts, e.g. a session's budget. It holds, posts and voids with the main hold.
+Cap = tuple[str, str]
+
+
+def _cap_id(hold_id: str, index: int) -> str:
+    return f"{hold_id}{DERIVED_SEP}cap{index}"
+
+
+def _link(specs: list[TransferSpec]) -> tuple[TransferSpec, ...]:
+    """Chain the specs all-or-nothing: every one but the last is LINKED."""
+    for spec in specs[:-1]:
+        spec.flags |= _LINKED
+    return tuple(specs)
 
 
 def _caller_id(value: object, param: str = "id") -> None:
@@ -250,7 +272,8 @@ class _Plans:
         check_atomic(amount, allow_zero=False)
         spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, check_code(code),
                             0, None, 0, encode_metadata(metadata))  # fmt: skip
-        return _submit(self._with_fee(spec, revenue_id, amount), _charge)
+        specs = self._with_fee([spec], revenue_id, amount)
+        return _submit(_link(specs), _charge_reader(len(specs) > 1))
 
     def hold(
         self,
@@ -262,12 +285,16 @@ class _Plans:
         code: str,
         timeout_s: int = 0,
         metadata: Mapping[str, Any] | None = None,
+        caps: Sequence[Cap] = (),
     ) -> Plan:
+        """Reserve ``amount`` on the wallet, and on each cap account, all or nothing."""
         _caller_id(hold_id)
-        spec = TransferSpec(hold_id, wallet_id, revenue_id, amount, check_code(code),
-                            _PENDING, None, timeout_s,
-                            encode_metadata(metadata))  # fmt: skip
-        return _submit((spec,), _one)
+        code = check_code(code)
+        specs = [TransferSpec(hold_id, wallet_id, revenue_id, amount, code, _PENDING, None,
+                              timeout_s, encode_metadata(metadata))]  # fmt: skip
+        specs += [TransferSpec(_cap_id(hold_id, i), debit, credit, amount, code, _PENDING, None,
+                               timeout_s) for i, (debit, credit) in enumerate(caps)]  # fmt: skip
+        return _submit(_link(specs), _one)
 
     def post(
         self,
@@ -277,8 +304,10 @@ class _Plans:
         code: str | None = None,
         transfer_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        caps: Sequence[Cap] = (),
     ) -> Plan:
-        """Capture ``amount`` (default: all) of a hold; the rest is released."""
+        """Capture ``amount`` (default: all) of a hold (and of its caps); the rest is
+        released."""
         held = self._held(hold)
         if transfer_id is not None:
             _caller_id(transfer_id)
@@ -288,16 +317,32 @@ class _Plans:
                             code, _POST, held.id, 0,
                             encode_metadata(metadata))  # fmt: skip
         fee_base = held.amount if amount is None else check_atomic(amount)
-        return _submit(self._with_fee(spec, held.credit_account_id, fee_base), _charge)
+        specs = [spec] + [
+            TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}post", debit, credit, amount, code,
+                         _POST, _cap_id(held.id, i))
+            for i, (debit, credit) in enumerate(caps)
+        ]  # fmt: skip
+        with_fee = self._with_fee(specs, held.credit_account_id, fee_base)
+        return _submit(_link(with_fee), _charge_reader(len(with_fee) > len(specs)))
 
-    def void(self, hold: Transfer | Hold | str, *, transfer_id: str | None = None) -> Plan:
+    def void(
+        self,
+        hold: Transfer | Hold | str,
+        *,
+        transfer_id: str | None = None,
+        caps: Sequence[Cap] = (),
+    ) -> Plan:
         held = self._held(hold)
         if transfer_id is not None:
             _caller_id(transfer_id)
         void_id = f"{held.id}{DERIVED_SEP}void" if transfer_id is None else transfer_id
-        spec = TransferSpec(void_id, held.debit_account_id, held.credit_account_id, None,
-                            self._hold_code(hold), _VOID, held.id)  # fmt: skip
-        return _submit((spec,), _one)
+        code = self._hold_code(hold)
+        specs = [TransferSpec(void_id, held.debit_account_id, held.credit_account_id, None,
+                              code, _VOID, held.id)]  # fmt: skip
+        specs += [TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}void", debit, credit, None,
+                               code, _VOID, _cap_id(held.id, i))
+                  for i, (debit, credit) in enumerate(caps)]  # fmt: skip
+        return _submit(_link(specs), _one)
 
     def set_status(self, account_id: str, status: str) -> Plan:
         check_id(account_id, "account_id")
@@ -306,18 +351,16 @@ class _Plans:
     # --- helpers ----------------------------------------------------------------------
 
     def _with_fee(
-        self, spec: TransferSpec, revenue_id: str, amount: int
-    ) -> tuple[TransferSpec, ...]:
+        self, specs: list[TransferSpec], revenue_id: str, amount: int
+    ) -> list[TransferSpec]:
+        """The specs, then the platform's fee out of revenue when there is one."""
         fee = self.fee_of(amount)
         if not fee:
-            return (spec,)
-        linked = TransferSpec(spec.id, spec.debit_account_id, spec.credit_account_id,
-                              spec.amount, spec.code, spec.flags | _LINKED,
-                              spec.pending_id, spec.timeout_s, spec.metadata)  # fmt: skip
-        fee_spec = TransferSpec(f"{spec.id}{DERIVED_SEP}fee", revenue_id,
+            return specs
+        fee_spec = TransferSpec(f"{specs[0].id}{DERIVED_SEP}fee", revenue_id,
                                 fee_account_id(self.asset.symbol), fee,
                                 "platform_fee")  # fmt: skip
-        return (linked, fee_spec)
+        return [*specs, fee_spec]
 
     def _held(self, hold: Transfer | Hold | str) -> Hold:
         if isinstance(hold, Hold):
