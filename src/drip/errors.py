@@ -151,6 +151,35 @@ class AccountFrozen(Conflict):
     code = "account_frozen"
 
 
+# --- sessions and policies -------------------------------------------------------------
+
+
+class SessionNotFound(NotFound):
+    """No session has this token (or it was never issued here)."""
+
+    code = "session_not_found"
+
+
+class PolicyViolation(DripError):
+    """The call is not allowed by the session's spend policy (the policy is named)."""
+
+    code = "policy_violation"
+    type = "permission_error"
+    status = 403
+
+
+class SessionExpired(PolicyViolation):
+    """The session's expiry has passed; open a new one."""
+
+    code = "session_expired"
+
+
+class SessionClosed(PolicyViolation):
+    """The session was closed; open a new one."""
+
+    code = "session_closed"
+
+
 # --- money ----------------------------------------------------------------------------
 
 
@@ -163,6 +192,12 @@ class DripInsufficientCredits(DripError):
 
 
 InsufficientFunds = DripInsufficientCredits
+
+
+class SessionBudgetExhausted(DripInsufficientCredits):
+    """The session's budget cannot cover the call (the wallet may still have funds)."""
+
+    code = "session_budget_exhausted"
 
 
 # --- infrastructure -------------------------------------------------------------------
@@ -214,6 +249,11 @@ __all__ = [
     "InvariantViolation",
     "LinkedEventFailed",
     "NotFound",
+    "PolicyViolation",
+    "SessionBudgetExhausted",
+    "SessionClosed",
+    "SessionExpired",
+    "SessionNotFound",
     "StoreError",
     "UserNotFound",
 ]

@@ -383,7 +383,7 @@ class Engine:
                 param="credit_account_id",
             )
         if debit.status == AccountStatus.FROZEN:
-            raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)")
+            raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)", account=debit.id)
         amount = spec.amount
         assert amount is not None  # validated: only post may omit it
         if debit.flags & _MUST_NOT_EXCEED_CREDITS:

@@ -29,7 +29,18 @@ from drip.ledger import (
     funding_account_id,
     open_ledger,
 )
+from drip.ledger.ledger import Cap
 from drip.ledger.types import check_id
+from drip.metering.sessions import (
+    SESSION_CACHE_MAX,
+    Session,
+    SessionInfo,
+    budget_account_id,
+    public_account_id,
+    session_account_id,
+    session_specs,
+    session_view,
+)
 from drip.money import AmountLike, parse_amount, to_decimal
 
 if TYPE_CHECKING:
@@ -98,7 +109,9 @@ def user_errors(user_id: str, event: str = "") -> Iterator[None]:
         raise insufficient(user_id, event, exc) from None
     except errors.AccountNotFound as exc:
         raise _as_user_error(exc, user_id) from None
-    except errors.AccountFrozen:
+    except errors.AccountFrozen as exc:
+        if repr(wallet_id(user_id)) not in exc.message:
+            raise
         raise errors.AccountFrozen(
             f"user {user_id!r} is paused: top up or restore to resume", param="user_id"
         ) from None
@@ -181,10 +194,89 @@ class _Base:
         account = wallet_id(user_id) if user_id is not None else None
         return self.ledger.usage(account, since_us=since_us, until_us=until_us, bucket_s=bucket_s)
 
+    # --- sessions (shared by both twins) ------------------------------------------------
+
+    _sessions: dict[str, SessionInfo]
+
+    def session_info(self, token: str) -> SessionInfo:
+        """A session's fixed facts (cached: they never change after creation)."""
+        account_id = session_account_id(token)
+        info = self._sessions.get(account_id)
+        if info is None:
+            account = self.ledger.store.get_account(account_id)
+            if account is None or account.kind != AccountKind.SESSION:
+                raise errors.SessionNotFound("no such session", param="X-Drip-Session")
+            info = SessionInfo.from_account(account)
+            if len(self._sessions) >= SESSION_CACHE_MAX:
+                self._sessions.clear()
+            self._sessions[account_id] = info
+        return info
+
+    def session_payer(
+        self, token: str, event: str, amount: int
+    ) -> tuple[str, list[Cap], SessionInfo]:
+        """The wallet to hold on and the session cap, after the session's static checks."""
+        info = self.session_info(token)
+        if info.provider != self.config.provider:
+            raise errors.PolicyViolation(
+                f"this session is for provider {info.provider!r}", param="provider",
+                policy="provider",
+            )  # fmt: skip
+        if info.expired():
+            raise errors.SessionExpired("this session has expired", param="X-Drip-Session")
+        info.policy.check(event, amount)
+        cap = (info.account_id, budget_account_id(self.ledger.asset.symbol))
+        return wallet_id(info.user_id), [cap], info
+
+    def get_session(self, session: str) -> dict[str, Any]:
+        """A session's state, by its token or its public id."""
+        account_id = (
+            session_account_id(session) if session.startswith("ds_")
+            else public_account_id(session)
+        )  # fmt: skip
+        account = self.ledger.store.get_account(account_id)
+        if account is None or account.kind != AccountKind.SESSION:
+            raise errors.SessionNotFound("no such session", param="session")
+        return session_view(account)
+
+    def _session_plan(
+        self, user_id: str, provider: str, budget: AmountLike, expires_in: object, policy: object
+    ) -> tuple[str, SessionInfo]:
+        token, info = session_specs(user_id, provider, budget, expires_in, policy)
+        self.get_user_now(user_id)  # the payer must exist
+        return token, info
+
+    def _session(self, token: str, info: SessionInfo) -> Session:
+        return Session(token, info.account_id.removeprefix("session:"), info.user_id,
+                       info.provider, to_decimal(info.budget), info.expires_us,
+                       info.policy)  # fmt: skip
+
     def close(self) -> None:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+
+
+@contextmanager
+def session_errors(info: SessionInfo, event: str = "") -> Iterator[None]:
+    """The ledger's refusals on a session's account, in the session's words; refusals on
+    the wallet in the user's."""
+    try:
+        yield
+    except errors.DripError as exc:
+        on_session = exc.details.get("account") == info.account_id
+        if on_session and isinstance(exc, errors.DripInsufficientCredits):
+            left = max(exc.details.get("available") or 0, 0)
+            raise errors.SessionBudgetExhausted(
+                f"the session's budget cannot cover {event!r} ({to_decimal(left)} USDC left)",
+                param="X-Drip-Session",
+                available=exc.details.get("available"),
+                needed=exc.details.get("needed"),
+            ) from None
+        if on_session and isinstance(exc, errors.AccountFrozen):
+            raise errors.SessionClosed("this session is closed", param="X-Drip-Session") from None
+        with user_errors(info.user_id, event):
+            raise
 
 
 class DripClient(_Base):
@@ -194,6 +286,7 @@ class DripClient(_Base):
         self.config = config or DripConfig()
         check_id(self.config.provider, "provider", caller=True)
         self._ledger = ledger
+        self._sessions = {}
         self.sync = SyncDripClient(self)
 
     async def __aenter__(self) -> DripClient:
@@ -272,6 +365,32 @@ class DripClient(_Base):
             account = await self.ledger.set_status(wallet_id(user_id), status)
         return user_view(account)
 
+    async def create_session(
+        self,
+        user_id: str,
+        provider: str,
+        budget: AmountLike,
+        expires_in: object = None,
+        policy: Mapping[str, Any] | None = None,
+    ) -> Session:
+        """A budget for ``provider`` on ``user_id``'s wallet; its ``id`` is the token
+        callers send as ``X-Drip-Session``."""
+        token, info = self._session_plan(user_id, provider, budget, expires_in, policy)
+        led = self.ledger
+        budget_id = budget_account_id(led.asset.symbol)
+        await led.create_account(budget_id, AccountKind.FUNDING)
+        await led.create_account(info.account_id, AccountKind.SESSION, owner=user_id,
+                                 metadata=info.metadata())  # fmt: skip
+        await led.transfer(f"budget:{info.account_id}", budget_id, info.account_id,
+                           info.budget, code="session_budget")  # fmt: skip
+        return self._session(token, info)
+
+    async def close_session(self, session: str) -> dict[str, Any]:
+        """No new call may hold against the session; calls in flight still settle."""
+        state = self.get_session(session)
+        await self.ledger.set_status("session:" + state["public_id"], AccountStatus.FROZEN)
+        return self.get_session(session)
+
     def meter(
         self,
         cost: Any,
@@ -280,11 +399,17 @@ class DripClient(_Base):
         max_cost: AmountLike | None = None,
         *,
         void_on_error: bool | None = None,
+        session_param: str | None = None,
     ) -> Callable[[F], F]:
-        """Decorate a function so each call holds, runs, then captures its cost."""
+        """Decorate a function so each call holds, runs, then captures its cost.
+
+        With ``session_param``, that argument carries a session token (``X-Drip-Session``)
+        and the call is billed to the session's user within its budget and policy.
+        """
         from drip.metering.meter import make_meter
 
-        return make_meter(lambda: self, cost, event, user_id_param, max_cost, void_on_error)
+        return make_meter(lambda: self, cost, event, user_id_param, max_cost, void_on_error,
+                          session_param)  # fmt: skip
 
 
 class SyncDripClient:
@@ -370,6 +495,33 @@ class SyncDripClient:
     def _set_status(self, user_id: str, status: str) -> dict[str, Any]:
         with user_errors(user_id):
             return user_view(self._ledger.set_status(wallet_id(user_id), status))
+
+    def create_session(
+        self,
+        user_id: str,
+        provider: str,
+        budget: AmountLike,
+        expires_in: object = None,
+        policy: Mapping[str, Any] | None = None,
+    ) -> Session:
+        c = self._client
+        token, info = c._session_plan(user_id, provider, budget, expires_in, policy)
+        led = self._ledger
+        budget_id = budget_account_id(c.ledger.asset.symbol)
+        led.create_account(budget_id, AccountKind.FUNDING)
+        led.create_account(info.account_id, AccountKind.SESSION, owner=user_id,
+                           metadata=info.metadata())  # fmt: skip
+        led.transfer(f"budget:{info.account_id}", budget_id, info.account_id, info.budget,
+                     code="session_budget")  # fmt: skip
+        return c._session(token, info)
+
+    def get_session(self, session: str) -> dict[str, Any]:
+        return self._client.get_session(session)
+
+    def close_session(self, session: str) -> dict[str, Any]:
+        state = self._client.get_session(session)
+        self._ledger.set_status("session:" + state["public_id"], AccountStatus.FROZEN)
+        return self._client.get_session(session)
 
     def close(self) -> None:
         self._client.close()

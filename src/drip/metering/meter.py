@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from drip import errors
 from drip.ledger import Charge, Transfer
+from drip.ledger.ledger import Cap
 from drip.ledger.types import check_code
-from drip.metering.client import new_call_id, user_errors, wallet_id
+from drip.metering.client import new_call_id, session_errors, user_errors, wallet_id
 from drip.money import AmountLike, parse_amount
 
 if TYPE_CHECKING:
@@ -114,12 +115,20 @@ def make_meter(
     user_id_param: str = "user_id",
     max_cost: AmountLike | None = None,
     void_on_error: bool | None = None,
+    session_param: str | None = None,
 ) -> Callable[[F], F]:
     check_code(event, "event")
     pricing = _Pricing(cost, max_cost, event)
 
+    def resolve(client: DripClient, value: str) -> tuple[str, list[Cap], Any]:
+        """The wallet, the caps to hold with it, and how to word the ledger's refusals."""
+        if session_param is None:
+            return wallet_id(value), [], user_errors(value, event)
+        wallet, caps, info = client.session_payer(value, event, pricing.hold)
+        return wallet, caps, session_errors(info, event)
+
     def decorate(fn: F) -> F:
-        payer = _payer_getter(fn, user_id_param)
+        payer = _payer_getter(fn, session_param or user_id_param)
 
         def void_wanted(client: DripClient) -> bool:
             return client.config.void_on_error if void_on_error is None else void_on_error
@@ -129,23 +138,23 @@ def make_meter(
             @functools.wraps(fn)
             async def metered_async(*args: Any, **kwargs: Any) -> Any:
                 client = get_client()
-                user_id = payer(args, kwargs)
+                wallet, caps, refusals = resolve(client, payer(args, kwargs))
                 led = client.ledger
-                with user_errors(user_id, event):
+                with refusals:
                     hold = await led.hold(
-                        new_call_id("call"), wallet_id(user_id), client.revenue_account,
-                        pricing.hold, code=event, timeout_s=client.config.hold_timeout_s,
+                        new_call_id("call"), wallet, client.revenue_account, pricing.hold,
+                        code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
                     )  # fmt: skip
                 try:
                     result = await fn(*args, **kwargs)
                     amount = pricing.actual(result)
                 except BaseException:
-                    failed = _settle_failed_async(client, hold, void_wanted(client))
+                    failed = _settle_failed_async(client, hold, void_wanted(client), caps)
                     charge = await asyncio.shield(failed)
                     if charge is not None:
                         _last_charge.set(charge)
                     raise
-                charge = await asyncio.shield(led.post(hold, amount))
+                charge = await asyncio.shield(led.post(hold, amount, caps=caps))
                 _last_charge.set(charge)
                 return result
 
@@ -154,23 +163,23 @@ def make_meter(
         @functools.wraps(fn)
         def metered(*args: Any, **kwargs: Any) -> Any:
             client = get_client()
-            user_id = payer(args, kwargs)
+            wallet, caps, refusals = resolve(client, payer(args, kwargs))
             led = client.ledger.sync
-            with user_errors(user_id, event):
+            with refusals:
                 hold = led.hold(
-                    new_call_id("call"), wallet_id(user_id), client.revenue_account, pricing.hold,
-                    code=event, timeout_s=client.config.hold_timeout_s,
+                    new_call_id("call"), wallet, client.revenue_account, pricing.hold,
+                    code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
                 )  # fmt: skip
             try:
                 result = fn(*args, **kwargs)
                 amount = pricing.actual(result)
             except BaseException:
                 if void_wanted(client):
-                    led.void(hold)
+                    led.void(hold, caps=caps)
                 else:
-                    _last_charge.set(led.post(hold))
+                    _last_charge.set(led.post(hold, caps=caps))
                 raise
-            charge = led.post(hold, amount)
+            charge = led.post(hold, amount, caps=caps)
             _last_charge.set(charge)
             return result
 
@@ -179,13 +188,15 @@ def make_meter(
     return decorate
 
 
-async def _settle_failed_async(client: DripClient, hold: Transfer, void: bool) -> Charge | None:
+async def _settle_failed_async(
+    client: DripClient, hold: Transfer, void: bool, caps: list[Cap]
+) -> Charge | None:
     """Void the hold of a failed call (or capture all of it); runs shielded from cancellation,
     so the caller sets ``last_charge`` from the returned charge in its own context."""
     if void:
-        await client.ledger.void(hold)
+        await client.ledger.void(hold, caps=caps)
         return None
-    return await client.ledger.post(hold)
+    return await client.ledger.post(hold, caps=caps)
 
 
 # --- module-level configuration (the seed's ``drip.configure()`` + ``@meter``) ---------
@@ -220,6 +231,8 @@ def meter(
     max_cost: AmountLike | None = None,
     *,
     void_on_error: bool | None = None,
+    session_param: str | None = None,
 ) -> Callable[[F], F]:
     """``@client.meter`` on the client set by :func:`configure` (looked up at call time)."""
-    return make_meter(default_client, cost, event, user_id_param, max_cost, void_on_error)
+    return make_meter(default_client, cost, event, user_id_param, max_cost, void_on_error,
+                      session_param)  # fmt: skip
