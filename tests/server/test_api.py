@@ -177,3 +177,59 @@ def test_usage_endpoint(server: Server, store_url: str) -> None:
     assert [(r["event"], r["calls"], r["amount"]["atomic"]) for r in rows] == [
         ("search", 3, 30_000)
     ]
+
+
+def test_sessions_over_http(server: Server, store_url: str) -> None:
+    import httpx
+
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+    from drip.metering.http import DripSessionAuth
+
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "sam", "initial_balance": "1"})
+        r = http.post("/v1/sessions", json={"user_id": "sam", "provider": "default",
+                                            "budget": "0.02", "expires_in_s": 600,
+                                            "policy": {"max_per_call": "0.01"}})  # fmt: skip
+        assert r.status_code == 201, r.text
+        created = r.json()
+        token, public_id = created["token"], created["public_id"]
+        assert created["budget"] == {"usdc": "0.02", "atomic": 20_000}
+        assert created["status"] == "open" and token.startswith("ds_")
+    # the caller spends it through the SDK, as a provider's middleware would
+    client = DripClient(DripConfig(database_url=store_url))
+    try:
+
+        @client.meter(cost="0.01", event="search", session_param="session")
+        def search(session: str) -> int:
+            return 1
+
+        search(session=token)
+    finally:
+        client.close()
+    with httpx.Client(base_url=server.url, auth=DripSessionAuth(token)) as caller:
+        mine = caller.get("/v1/sessions/current").json()
+        assert mine["spent"]["atomic"] == 10_000 and mine["remaining"]["atomic"] == 10_000
+    with server.client(server.reader) as http:
+        assert http.get(f"/v1/sessions/{public_id}").json()["spent"]["atomic"] == 10_000
+        assert http.post(f"/v1/sessions/{public_id}/close").status_code == 403
+    with server.client(server.admin) as http:
+        closed = http.post(f"/v1/sessions/{public_id}/close").json()
+        assert closed["status"] == "closed" and closed["remaining"]["atomic"] == 0
+        bad = [
+            ({"user_id": "sam", "provider": "default", "budget": "-1"}, 400, "invalid_amount"),
+            ({"user_id": "nobody", "provider": "default", "budget": "1"}, 404,
+             "user_not_found"),
+            ({"user_id": "sam", "provider": "default", "budget": "1",
+              "policy": {"per_minute": 1}}, 400, "invalid_request"),
+            ({"user_id": "sam", "provider": "default"}, 422, "validation_error"),
+        ]  # fmt: skip
+        for body, status, code in bad:
+            r = http.post("/v1/sessions", json=body)
+            assert r.status_code == status and _error(r)["code"] == code, r.text
+        for path in ("/v1/sessions/" + "0" * 40, "/v1/sessions/not-an-id"):
+            assert _error(http.get(path))["code"] == "session_not_found"
+    with httpx.Client(base_url=server.url) as anonymous:
+        r = anonymous.get("/v1/sessions/current", headers={"X-Drip-Session": "ds_" + "x" * 43})
+        assert r.status_code == 404 and _error(r)["code"] == "session_not_found"
+        assert anonymous.get("/v1/sessions/current").status_code == 422

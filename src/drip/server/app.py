@@ -53,6 +53,14 @@ class TopUp(BaseModel):
     amount: Amount
 
 
+class SessionCreate(BaseModel):
+    user_id: str = Field(min_length=1, max_length=150)
+    provider: str = Field(min_length=1, max_length=150)
+    budget: Amount
+    expires_in_s: int | None = Field(default=None, gt=0)
+    policy: dict[str, Any] | None = None
+
+
 class Adjust(BaseModel):
     amount: Amount = Field(description="Signed: positive credits the wallet, negative debits it")
     reason: str = Field(min_length=1, max_length=200)
@@ -61,6 +69,15 @@ class Adjust(BaseModel):
 def _error_response(exc: errors.DripError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+def session_json(state: dict[str, Any]) -> dict[str, Any]:
+    money = ("budget", "spent", "pending", "remaining")
+    return {k: _money(v) if k in money else v for k, v in state.items()}
+
+
+def _no_session() -> dict[str, Any]:
+    raise errors.SessionNotFound("no such session", param="X-Drip-Session")
 
 
 def _money(units: int) -> dict[str, Any]:
@@ -263,6 +280,31 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                          "wallet": wallet_json(client.get_user_now(user_id))}  # fmt: skip
 
         return await once(key, idem, request, body.model_dump(mode="json"), run)
+
+    @app.post("/v1/sessions", tags=["sessions"], status_code=201)
+    async def create_session(body: SessionCreate, _: Admin) -> dict[str, Any]:
+        """A budget on a user's wallet for one provider. The response's ``token`` is the
+        ``X-Drip-Session`` value, shown only here; a retry opens another session."""
+        session = await client.create_session(
+            body.user_id, body.provider, body.budget, expires_in=body.expires_in_s,
+            policy=body.policy,
+        )  # fmt: skip
+        return {"token": session.id} | session_json(client.get_session(session.public_id))
+
+    @app.get("/v1/sessions/current", tags=["sessions"])
+    async def current_session(
+        token: Annotated[str, Header(alias="X-Drip-Session")],
+    ) -> dict[str, Any]:
+        """The state of the session whose token is sent (no API key needed)."""
+        return session_json(client.get_session(token) if token.startswith("ds_") else _no_session())
+
+    @app.get("/v1/sessions/{public_id}", tags=["sessions"])
+    async def get_session(public_id: str, _: Reader) -> dict[str, Any]:
+        return session_json(client.get_session(public_id))
+
+    @app.post("/v1/sessions/{public_id}/close", tags=["sessions"])
+    async def close_session(public_id: str, _: Admin) -> dict[str, Any]:
+        return session_json(await client.close_session(public_id))
 
     @app.get("/v1/usage", tags=["usage"])
     async def usage(
