@@ -30,13 +30,13 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -x
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests bench
-	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
 
 bench: $(STAMP)
 	@dsn=$$(bash scripts/postgres-up.sh); DRIP_TEST_POSTGRES_DSN=$$dsn $(BIN)/python bench/ledger.py

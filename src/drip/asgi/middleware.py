@@ -1,0 +1,280 @@
+"""``DripMeter``: pure-ASGI metering for a provider's routes.
+
+identify payer -> price -> hold -> run -> capture / void -> headers
+
+- The payer is the session in ``X-Drip-Session`` (or whatever ``payer=`` returns: a
+  user id). No payer, or a payer that cannot afford the route's maximum, gets a 402
+  with Drip's JSON error; the handler never runs.
+- A route costs ``per_call`` plus ``per_unit`` times the units the handler reports
+  (``report_units(scope, n)``, or ``request.state.drip_units = n`` in Starlette/FastAPI),
+  at most ``max_units``. The hold is the maximum; the capture is the actual cost.
+- The response's start is held back only until its first body chunk. A complete
+  response (one chunk) is captured before it is sent, so it carries ``X-Drip-Charged``,
+  ``X-Drip-Balance`` and ``X-Drip-Receipt``. A streamed response is sent as it comes
+  (with ``X-Drip-Receipt`` and ``X-Drip-Max-Charge``) and captured just before its last
+  chunk is sent; if the client goes away first, what the handler reported is charged.
+- An error status (>= 400) or an exception before the response starts voids the hold.
+Nothing here reads a body into memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from drip import errors
+from drip.ledger import Charge, Transfer
+from drip.ledger.ledger import Cap
+from drip.ledger.types import DERIVED_SEP, check_code
+from drip.metering.client import DripClient, new_call_id, session_errors, user_errors, wallet_id
+from drip.money import AmountLike, format_plain, parse_amount
+
+log = logging.getLogger("drip.asgi")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SESSION_HEADER = b"x-drip-session"
+UNITS_KEY = "drip_units"
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """What one call of a route costs, in atomic units."""
+
+    event: str
+    per_call: int = 0
+    per_unit: int = 0
+    max_units: int = 0
+
+    @property
+    def hold(self) -> int:
+        return self.per_call + self.per_unit * self.max_units
+
+    def cost(self, units: int) -> int:
+        return self.per_call + self.per_unit * max(0, min(units, self.max_units))
+
+
+def price(
+    event: str,
+    per_call: AmountLike | None = None,
+    *,
+    per_unit: AmountLike | None = None,
+    max_units: int = 0,
+) -> Price:
+    """A route's price: ``price("search", "0.007")`` or
+    ``price("tokens", per_unit="0.000002", max_units=4096)``."""
+    check_code(event, "event")
+    fixed = parse_amount(per_call, param="per_call") if per_call is not None else 0
+    unit = parse_amount(per_unit, param="per_unit") if per_unit is not None else 0
+    if unit and (not isinstance(max_units, int) or max_units <= 0):
+        raise errors.ConfigError(f"price({event!r}): per_unit needs max_units > 0")
+    result = Price(event, fixed, unit, max_units if unit else 0)
+    if result.hold <= 0:
+        raise errors.ConfigError(f"price({event!r}) must cost something")
+    return result
+
+
+def report_units(scope: Scope, units: int) -> None:
+    """Tell the middleware how many units this call used so far (call it as they accrue)."""
+    if not isinstance(units, int) or isinstance(units, bool) or units < 0:
+        raise errors.InvalidRequest("units must be a non-negative int", param="units")
+    scope.setdefault("state", {})[UNITS_KEY] = units
+
+
+class _Routes:
+    """``"METHOD /path"`` or ``"/path"`` keys; ``*`` globs; exact keys win."""
+
+    def __init__(self, table: Mapping[str, Price]) -> None:
+        self.exact: dict[tuple[str, str], Price] = {}
+        self.patterns: list[tuple[str, str, Price]] = []
+        for key, value in table.items():
+            if not isinstance(value, Price):
+                raise errors.ConfigError(f"route {key!r}: the price must be drip.asgi.price(...)")
+            method, _, path = key.partition(" ") if " " in key else ("*", "", key)
+            if not path.startswith("/"):
+                raise errors.ConfigError(f"route {key!r} must name a path starting with /")
+            if "*" in path:
+                self.patterns.append((method.upper(), path, value))
+            else:
+                self.exact[(method.upper(), path)] = value
+
+    def find(self, method: str, path: str) -> Price | None:
+        found = self.exact.get((method, path)) or self.exact.get(("*", path))
+        if found is not None:
+            return found
+        for m, pattern, value in self.patterns:
+            if m in ("*", method) and fnmatch.fnmatchcase(path, pattern):
+                return value
+        return None
+
+
+def _error_body(exc: errors.DripError) -> bytes:
+    return json.dumps(exc.to_dict()).encode()
+
+
+class DripMeter:
+    """Wrap an ASGI app: ``app = DripMeter(app, client=client, routes={...})``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        client: DripClient,
+        routes: Mapping[str, Price],
+        payer: Callable[[Scope], str | None] | None = None,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.routes = _Routes(routes)
+        self.payer = payer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self.routes.find(scope["method"], scope["path"])
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            call = await self._hold(scope, route)
+        except errors.DripError as exc:
+            await self._refuse(send, exc)
+            return
+        await call.run(self.app, scope, receive, send)
+
+    async def _hold(self, scope: Scope, route: Price) -> _MeteredCall:
+        client = self.client
+        user_id = self.payer(scope) if self.payer is not None else None
+        caps: list[Cap] = []
+        if user_id is not None:
+            wallet, refusals = wallet_id(user_id), user_errors(user_id, route.event)
+        else:
+            token = _header(scope, SESSION_HEADER)
+            if token is None:
+                raise errors.DripInsufficientCredits(
+                    "payment required: send X-Drip-Session with a session token",
+                    param="X-Drip-Session",
+                )
+            wallet, caps, info = client.session_payer(token, route.event, route.hold)
+            refusals = session_errors(info, route.event)
+        with refusals:
+            hold = await client.ledger.hold(
+                new_call_id("http"), wallet, client.revenue_account, route.hold,
+                code=route.event, timeout_s=client.config.hold_timeout_s, caps=caps,
+            )  # fmt: skip
+        return _MeteredCall(client, route, hold, caps)
+
+    @staticmethod
+    async def _refuse(send: Send, exc: errors.DripError) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if exc.status == 429 and "retry_after_s" in exc.details:
+            headers.append((b"retry-after", str(exc.details["retry_after_s"]).encode()))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": _error_body(exc)})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class _MeteredCall:
+    """One held call: runs the app, then captures or voids exactly once."""
+
+    def __init__(self, client: DripClient, route: Price, hold: Transfer, caps: list[Cap]) -> None:
+        self.client = client
+        self.route = route
+        self.hold = hold
+        self.caps = caps
+        self.settled = False
+        self.start: Message | None = None
+        self.status = 0
+        self.streaming = False
+        self.scope: Scope = {}
+
+    @property
+    def receipt(self) -> str:
+        return f"{self.hold.id}{DERIVED_SEP}post"
+
+    def units(self) -> int:
+        value = self.scope.get("state", {}).get(UNITS_KEY, 0)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    async def capture(self) -> Charge:
+        self.settled = True
+        return await self.client.ledger.post(
+            self.hold, self.route.cost(self.units()), caps=self.caps
+        )
+
+    async def void(self) -> None:
+        self.settled = True
+        await self.client.ledger.void(self.hold, caps=self.caps)
+
+    async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        scope.setdefault("state", {})
+
+        async def metered_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                self.start = message
+                self.status = int(message["status"])
+                return
+            if kind == "http.response.body":
+                more = bool(message.get("more_body", False))
+                if self.start is not None:
+                    start, self.start = self.start, None
+                    await send(await self._headers(start, more=more))
+                elif self.streaming and not more and not self.settled:
+                    # the stream's end: capture first, so the receipt exists when it arrives
+                    await self.capture()
+            await send(message)
+
+        try:
+            await app(scope, receive, metered_send)
+        except BaseException:
+            if not self.settled:
+                # nothing sent yet: the call failed, release it; mid-stream: charge what ran
+                await (self.capture() if self.streaming else self.void())
+            raise
+        if self.start is not None:  # a response with no body message at all
+            start, self.start = self.start, None
+            await send(await self._headers(start, more=False))
+            await send({"type": "http.response.body", "body": b""})
+        if not self.settled:
+            if self.streaming:
+                await self.capture()  # the stream stopped early (client gone): pay what ran
+            else:
+                await self.void()  # the app never answered
+
+    async def _headers(self, start: Message, *, more: bool) -> Message:
+        headers = list(start.get("headers", []))
+        if self.status >= 400:
+            await self.void()
+            headers.append((b"x-drip-charged", b"0"))
+        elif not more:
+            charge = await self.capture()
+            balance = self.client.ledger.balance(self.hold.debit_account_id).available
+            headers += [
+                (b"x-drip-charged", format_plain(charge.amount).encode()),
+                (b"x-drip-balance", format_plain(balance).encode()),
+                (b"x-drip-receipt", charge.id.encode()),
+            ]
+        else:
+            self.streaming = True
+            headers += [
+                (b"x-drip-receipt", self.receipt.encode()),
+                (b"x-drip-max-charge", format_plain(self.route.hold).encode()),
+            ]
+        return {**start, "headers": headers}
