@@ -1,0 +1,252 @@
+"""What DripMeter costs a provider: a trivial endpoint with and without the middleware.
+
+Two uvicorn processes on 127.0.0.1 serve the same one-line FastAPI endpoint, one bare
+and one behind ``DripMeter`` (SQLite store, a fixed price, callers paying with a
+session). A keep-alive HTTP/1.1 client measures, in the same run:
+
+- latency: one connection, requests one after another; added latency = metered - bare
+  at p50 and p99;
+- throughput: 8 connections for a few seconds, requests/s, metered vs bare.
+
+    python bench/middleware.py [--seconds 4] [--json]
+
+Targets: added p50 < 0.5 ms, added p99 < 2 ms, metered requests/s >= 70% of bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+PATH = "/ping"
+CONNECTIONS = 8
+TARGET_ADDED_P50_MS = 0.5
+TARGET_ADDED_P99_MS = 2.0
+TARGET_RPS_RATIO = 0.70
+
+
+def build_app(metered: bool, database_url: str) -> object:
+    from fastapi import FastAPI
+
+    api = FastAPI()
+
+    @api.get(PATH)
+    async def ping() -> dict[str, bool]:
+        return {"ok": True}
+
+    if not metered:
+        return api
+    from drip import DripClient, DripConfig
+    from drip.asgi import DripMeter, price
+
+    client = DripClient(DripConfig(database_url=database_url, provider="bench"))
+    return DripMeter(api, client=client, routes={f"GET {PATH}": price("ping", "0.000001")})
+
+
+def serve(port: int, metered: bool, database_url: str) -> None:
+    import uvicorn
+
+    app = build_app(metered, database_url)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Conn:
+    """A minimal keep-alive HTTP/1.1 client: GET, read headers, read Content-Length."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes):
+        self.reader, self.writer, self.request = reader, writer, req
+
+    @classmethod
+    async def open(cls, port: int, headers: dict[str, str]) -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
+        return cls(reader, writer, request)
+
+    async def get(self) -> int:
+        self.writer.write(self.request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def latency_ms(port: int, headers: dict[str, str], seconds: float) -> list[float]:
+    conn = await Conn.open(port, headers)
+    out: list[float] = []
+    deadline = time.perf_counter() + seconds
+    try:
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            if await conn.get() != 200:
+                raise SystemExit(f"port {port}: a request failed")
+            out.append((time.perf_counter() - start) * 1000)
+    finally:
+        conn.close()
+    return out
+
+
+async def throughput(port: int, headers: dict[str, str], seconds: float) -> float:
+    conns = [await Conn.open(port, headers) for _ in range(CONNECTIONS)]
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def loop(conn: Conn) -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            if await conn.get() != 200:
+                raise SystemExit(f"port {port}: a request failed")
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(loop(c) for c in conns))
+    elapsed = time.perf_counter() - start
+    for c in conns:
+        c.close()
+    return done / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Metric:
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    ratio: float | None = None
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on {port} exited early")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"server on {port} did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--metered", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve, args.metered, args.database_url)
+        return
+
+    from drip import DripClient, DripConfig
+
+    with tempfile.TemporaryDirectory(prefix="drip-mw-bench-") as tmp:
+        url = f"sqlite:///{tmp}/bench.db"
+        client = DripClient(DripConfig(database_url=url, provider="bench"))
+        client.sync.provision_user("caller", initial_balance="1000000")
+        token = client.sync.create_session("caller", "bench", "1000000").id
+        client.close()
+        ports = {"bare": free_port(), "metered": free_port()}
+        procs = {
+            name: subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(port), "--database-url", url]
+                + (["--metered"] if name == "metered" else []),
+                env=os.environ.copy(),
+            )
+            for name, port in ports.items()
+        }
+        try:
+            for name, proc in procs.items():
+                wait_listening(ports[name], proc)
+            headers = {"X-Drip-Session": token}
+            lat: dict[str, list[float]] = {}
+            rps: dict[str, float] = {}
+            for name in ("bare", "metered"):  # warm up both first
+                asyncio.run(latency_ms(ports[name], headers, 0.5))
+            for name in ("bare", "metered"):
+                lat[name] = asyncio.run(latency_ms(ports[name], headers, args.seconds))
+                rps[name] = asyncio.run(throughput(ports[name], headers, args.seconds))
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(10)
+        check = DripClient(DripConfig(database_url=url, provider="bench"))
+        report = check.ledger.check_invariants()
+        charged = check.sync.get_session(token)["spent"]
+        check.close()
+    if not report.ok:
+        raise SystemExit(f"ledger invariants failed after the run: {report.checks}")
+
+    p50 = {k: statistics.median(v) for k, v in lat.items()}
+    p99 = {k: pct(v, 0.99) for k, v in lat.items()}
+    metrics = [
+        Metric("middleware.requests_per_s", rps["metered"], "req/s", rps["bare"],
+               rps["metered"] / rps["bare"]),
+        Metric("middleware.added_latency_p50_ms", p50["metered"] - p50["bare"], "ms",
+               p50["bare"], p50["metered"] / p50["bare"]),
+        Metric("middleware.added_latency_p99_ms", p99["metered"] - p99["bare"], "ms",
+               p99["bare"], p99["metered"] / p99["bare"]),
+    ]  # fmt: skip
+    if args.json:
+        for m in metrics:
+            print(json.dumps(m.__dict__))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="DripMeter vs the bare endpoint (uvicorn, 127.0.0.1, SQLite)")
+    for column in ("metric", "value", "unit", "baseline (bare)", "ratio"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for m in metrics:
+        table.add_row(m.metric, f"{m.value:,.3f}", m.unit, f"{m.baseline:,.3f}",
+                      f"{m.ratio:.2f}")  # fmt: skip
+    console = Console()
+    console.print(table)
+    console.print(
+        f"latency: {len(lat['bare'])} bare and {len(lat['metered'])} metered sequential "
+        f"requests; throughput: {CONNECTIONS} connections, {args.seconds:g} s each; "
+        f"{charged} atomic units charged, invariants ok"
+    )
+    added50, added99 = metrics[1].value, metrics[2].value
+    ratio = metrics[0].ratio or 0.0
+    console.print(
+        "targets: added p50 < 0.5 ms: "
+        + ("met" if added50 < TARGET_ADDED_P50_MS else "NOT MET")
+        + f" ({added50:.3f}); added p99 < 2 ms: "
+        + ("met" if added99 < TARGET_ADDED_P99_MS else "NOT MET")
+        + f" ({added99:.3f}); requests/s >= 70% of bare: "
+        + ("met" if ratio >= TARGET_RPS_RATIO else "NOT MET")
+        + f" ({ratio:.0%})"
+    )
+
+
+if __name__ == "__main__":
+    main()
