@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -35,6 +35,12 @@ class DripConfig(BaseSettings):
     hold_timeout_s: int = Field(default=300, gt=0, le=_HOLD_TIMEOUT_S_MAX)
     #: Void the hold when the metered function raises (False captures the full hold).
     void_on_error: bool = True
+    #: Secret of Stripe's webhook endpoint (``whsec_...``): enables POST /v1/webhooks/stripe.
+    stripe_webhook_secret: SecretStr | None = None
+    #: Standard Webhooks secret (``whsec_<base64>``): enables POST /v1/webhooks/standard.
+    webhook_secret: SecretStr | None = None
+    #: How old a signed webhook may be before it is refused as stale.
+    webhook_tolerance_s: int = Field(default=300, gt=0, le=3600)
 
     @classmethod
     def settings_customise_sources(

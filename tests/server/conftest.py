@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
@@ -22,11 +23,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+STRIPE_SECRET = "whsec_test_stripe_secret_for_drip"
+STANDARD_SECRET = "whsec_" + base64.b64encode(b"drip standard webhook secret!!").decode()
+
+
 @dataclass
 class Server:
     url: str
     admin: str
     reader: str
+    stripe_secret: str = STRIPE_SECRET
+    standard_secret: str = STANDARD_SECRET
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -35,7 +42,13 @@ class Server:
 
 @pytest.fixture
 def server(store_url: str) -> Iterator[Server]:
-    app = create_app(DripConfig(database_url=store_url))
+    app = create_app(
+        DripConfig(
+            database_url=store_url,
+            stripe_webhook_secret=STRIPE_SECRET,
+            webhook_secret=STANDARD_SECRET,
+        )
+    )
     keys = app.state.keys
     admin, _ = keys.create("admin", "tests")
     reader, _ = keys.create("read", "tests")

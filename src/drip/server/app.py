@@ -33,9 +33,21 @@ from drip.config import DripConfig
 from drip.ledger import AccountKind, funding_account_id
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
-from drip.money import format_plain, parse_amount
+from drip.money import format_plain, parse_amount, to_decimal
 from drip.server.idempotency import Responses, check_key
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
+from drip.server.topups import (
+    Checkouts,
+    Payment,
+    PaymentMismatch,
+    standard_payment,
+    stripe_payment,
+    verify_standard,
+    verify_stripe,
+)
+
+#: Largest webhook body read.
+WEBHOOK_BYTES_MAX = 256 * 1024
 
 log = logging.getLogger("drip.server")
 
@@ -50,6 +62,11 @@ class WalletCreate(BaseModel):
 
 
 class TopUp(BaseModel):
+    amount: Amount
+
+
+class CheckoutCreate(BaseModel):
+    user_id: str = Field(min_length=1, max_length=150)
     amount: Amount
 
 
@@ -104,6 +121,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     client = DripClient(config)
     keys = KeyStore(client.ledger.store)
     responses = Responses(client.ledger.store)
+    checkouts = Checkouts(client.ledger.store)
     registry = CollectorRegistry()
     requests_total = Counter(
         "drip_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
@@ -305,6 +323,75 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     @app.post("/v1/sessions/{public_id}/close", tags=["sessions"])
     async def close_session(public_id: str, _: Admin) -> dict[str, Any]:
         return session_json(await client.close_session(public_id))
+
+    @app.post("/v1/checkout", tags=["top-ups"], status_code=201)
+    async def create_checkout(
+        body: CheckoutCreate, key: Admin, request: Request, idem: IdemKey = None
+    ) -> JSONResponse:
+        """A pending top-up; a signed payment webhook naming its id credits the wallet."""
+        amount = parse_amount(body.amount, allow_zero=False)
+        client.get_user_now(body.user_id)
+
+        async def run(_: str) -> tuple[int, Any]:
+            return 201, checkouts.create(body.user_id, amount).to_json()
+
+        if idem is None:
+            status, payload = await run("")
+            return JSONResponse(payload, status_code=status)
+        return await once(key, idem, request, body.model_dump(mode="json"), run)
+
+    @app.get("/v1/checkout/{checkout_id}", tags=["top-ups"])
+    async def get_checkout(checkout_id: str, _: Reader) -> dict[str, Any]:
+        return checkouts.get(checkout_id).to_json()
+
+    async def settle(payment: Payment, currencies: tuple[str, ...]) -> dict[str, Any]:
+        checkout = checkouts.get(payment.checkout_id)
+        if payment.currency not in currencies or payment.amount != checkout.amount:
+            log.warning("webhook %s: paid %s %s for checkout %s of %s; refused",
+                        payment.event_id, payment.amount, payment.currency, checkout.id,
+                        checkout.amount)  # fmt: skip
+            raise PaymentMismatch(
+                "the paid amount or currency does not match the checkout; nothing credited",
+                param="amount",
+            )
+        transfer = await client.topup(
+            checkout.user_id, to_decimal(checkout.amount), idempotency_key=f"checkout:{checkout.id}"
+        )
+        checkouts.mark_paid(checkout.id, payment.event_id)
+        return {"received": True, "credited": _money(transfer.amount),
+                "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip
+
+    async def webhook_body(request: Request) -> bytes:
+        body = await request.body()
+        if len(body) > WEBHOOK_BYTES_MAX:
+            raise errors.InvalidRequest("the webhook body is too large")
+        return body
+
+    @app.post("/v1/webhooks/stripe", tags=["top-ups"])
+    async def stripe_webhook(request: Request) -> dict[str, Any]:
+        """Stripe's ``checkout.session.completed`` for a Drip checkout credits it once."""
+        if config.stripe_webhook_secret is None:
+            raise errors.NotFound("the Stripe webhook is not configured")
+        event = verify_stripe(
+            await webhook_body(request), request.headers.get("stripe-signature"),
+            config.stripe_webhook_secret.get_secret_value(), config.webhook_tolerance_s,
+        )  # fmt: skip
+        payment = stripe_payment(event)
+        if payment is None:
+            return {"received": True, "ignored": str(event.get("type"))}
+        return await settle(payment, ("USD",))
+
+    @app.post("/v1/webhooks/standard", tags=["top-ups"])
+    async def standard_webhook(request: Request) -> dict[str, Any]:
+        """A Standard Webhooks ``checkout.paid`` message credits its checkout once."""
+        if config.webhook_secret is None:
+            raise errors.NotFound("the Standard Webhooks endpoint is not configured")
+        message = verify_standard(await webhook_body(request), dict(request.headers),
+                                  config.webhook_secret.get_secret_value())  # fmt: skip
+        payment = standard_payment(message, request.headers["webhook-id"])
+        if payment is None:
+            return {"received": True, "ignored": str(message.get("type"))}
+        return await settle(payment, ("USDC",))
 
     @app.get("/v1/usage", tags=["usage"])
     async def usage(

@@ -1,0 +1,190 @@
+"""Top-ups: a checkout names a wallet and an amount; a signed webhook pays it, once.
+
+- ``POST /v1/checkout`` records a pending top-up (``co_...``) for a user and amount.
+- A payment processor's webhook completes it: Stripe (``Stripe-Signature``, verified by
+  the ``stripe`` library) or any sender of Standard Webhooks (``webhook-id``,
+  ``webhook-timestamp``, ``webhook-signature``, verified by ``standardwebhooks``). Both
+  compare in constant time and refuse stale timestamps.
+- The credit's ledger id is ``checkout:<id>``: however many times, and however
+  concurrently, events for one checkout arrive, the wallet is credited once. An amount
+  or currency that differs from the checkout's is refused and nothing is credited.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from drip import errors
+from drip.ledger.store import Migration, Store, wall_clock_us
+
+_V1 = """
+CREATE TABLE checkouts (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    amount BIGINT NOT NULL CHECK (amount > 0),
+    status TEXT NOT NULL,
+    created_us BIGINT NOT NULL,
+    paid_event_id TEXT,
+    paid_us BIGINT
+)
+"""
+CHECKOUT_MIGRATIONS = (Migration(1, _V1, _V1),)
+#: Stripe reports amounts in cents; USDC atomic units are millionths.
+ATOMIC_PER_CENT = 10_000
+
+
+class InvalidSignature(errors.DripError):
+    """The webhook's signature is missing, malformed, wrong or too old."""
+
+    code = "invalid_signature"
+    type = "authentication_error"
+    status = 400
+
+
+class PaymentMismatch(errors.DripError):
+    """The paid amount or currency differs from the checkout's; nothing was credited."""
+
+    code = "payment_mismatch"
+    type = "invalid_request_error"
+    status = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Checkout:
+    id: str
+    user_id: str
+    amount: int
+    status: str
+    created_us: int
+    paid_event_id: str | None
+    paid_us: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        from drip.money import format_plain
+
+        return {
+            "id": self.id, "user_id": self.user_id,
+            "amount": {"usdc": format_plain(self.amount), "atomic": self.amount},
+            "status": self.status, "created_us": self.created_us,
+            "paid_event_id": self.paid_event_id, "paid_us": self.paid_us,
+        }  # fmt: skip
+
+
+class Checkouts:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        store.migrate("checkouts", CHECKOUT_MIGRATIONS)
+
+    def create(self, user_id: str, amount: int) -> Checkout:
+        checkout = Checkout(f"co_{secrets.token_hex(12)}", user_id, amount, "pending",
+                            wall_clock_us(), None, None)  # fmt: skip
+        self.store.execute(
+            "INSERT INTO checkouts (id, user_id, amount, status, created_us) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (checkout.id, user_id, amount, checkout.status, checkout.created_us),
+        )
+        return checkout
+
+    def get(self, checkout_id: str) -> Checkout:
+        rows = self.store.query(
+            "SELECT id, user_id, amount, status, created_us, paid_event_id, paid_us "
+            "FROM checkouts WHERE id = ?",
+            (checkout_id,),
+        )
+        if not rows:
+            raise errors.NotFound(f"no checkout {checkout_id[:40]!r}", param="checkout_id")
+        return Checkout(*rows[0])
+
+    def mark_paid(self, checkout_id: str, event_id: str) -> None:
+        self.store.execute(
+            "UPDATE checkouts SET status = 'paid', paid_event_id = ?, paid_us = ? "
+            "WHERE id = ? AND status = 'pending'",
+            (event_id, wall_clock_us(), checkout_id),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """What a verified webhook says was paid."""
+
+    event_id: str
+    checkout_id: str
+    amount: int
+    currency: str
+
+
+def verify_stripe(payload: bytes, header: str | None, secret: str, tolerance_s: int) -> Any:
+    """The verified event, or InvalidSignature. ``stripe`` compares in constant time."""
+    import stripe
+
+    if not header:
+        raise InvalidSignature("missing Stripe-Signature header", param="Stripe-Signature")
+    try:
+        stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance_s)
+    except stripe.SignatureVerificationError as exc:
+        raise InvalidSignature(
+            f"Stripe-Signature refused: {exc.user_message or 'bad signature'}",
+            param="Stripe-Signature",
+        ) from None
+    # the library refuses old timestamps only; a far-future one would stretch the replay
+    # window, so it is refused too
+    stamps = [p.removeprefix("t=") for p in header.split(",") if p.startswith("t=")]
+    if not stamps or not stamps[0].isdigit() or int(stamps[0]) > time.time() + tolerance_s:
+        raise InvalidSignature("Stripe-Signature timestamp is in the future",
+                               param="Stripe-Signature")  # fmt: skip
+    return _json(payload)
+
+
+def stripe_payment(event: Any) -> Payment | None:
+    """A paid Drip checkout from a Stripe event, or None for events Drip does not use."""
+    if not isinstance(event, dict) or event.get("type") != "checkout.session.completed":
+        return None
+    obj = event.get("data", {}).get("object", {})
+    checkout_id = (obj.get("metadata") or {}).get("drip_checkout_id")
+    if obj.get("payment_status") not in (None, "paid") or not isinstance(checkout_id, str):
+        return None
+    cents = obj.get("amount_total")
+    if not isinstance(cents, int) or isinstance(cents, bool) or cents <= 0:
+        raise PaymentMismatch("amount_total must be a positive integer of cents")
+    return Payment(str(event.get("id")), checkout_id, cents * ATOMIC_PER_CENT,
+                   str(obj.get("currency", "")).upper())  # fmt: skip
+
+
+def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> Any:
+    """The verified message, or InvalidSignature (Standard Webhooks: id, timestamp and a
+    signature over both and the body; 5-minute tolerance; constant-time comparison)."""
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    names: tuple[str, ...] = ("webhook-id", "webhook-timestamp", "webhook-signature")
+    wanted: dict[str, str] = {k: headers[k] for k in names if k in headers}
+    if len(wanted) < 3:
+        raise InvalidSignature("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        Webhook(secret).verify(payload, wanted)
+    except (WebhookVerificationError, ValueError) as exc:
+        raise InvalidSignature(f"webhook signature refused: {exc}") from None
+    return _json(payload)
+
+
+def standard_payment(message: Any, event_id: str) -> Payment | None:
+    if not isinstance(message, dict) or message.get("type") != "checkout.paid":
+        return None
+    data = message.get("data") or {}
+    checkout_id = data.get("checkout_id")
+    if not isinstance(checkout_id, str):
+        raise PaymentMismatch("data.checkout_id is required", param="checkout_id")
+    from drip.money import parse_amount
+
+    amount = parse_amount(data.get("amount"), allow_zero=False, param="data.amount")
+    return Payment(event_id, checkout_id, amount, str(data.get("currency", "")).upper())
+
+
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.InvalidRequest(f"the webhook body is not JSON: {exc}") from None

@@ -1,0 +1,185 @@
+"""The top-up webhook battery: every forged, stale, replayed or mismatched delivery is
+refused or credits exactly once; nothing else is ever credited."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import hmac
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook
+
+Server = Any  # the fixture in tests/server/conftest.py
+
+
+def _balance(server: Server, user: str) -> int:
+    with server.client(server.admin) as http:
+        return int(http.get(f"/v1/wallets/{user}").json()["available"]["atomic"])
+
+
+def _checkout(server: Server, user: str, amount: str) -> str:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": user})
+        r = http.post("/v1/checkout", json={"user_id": user, "amount": amount})
+        assert r.status_code == 201, r.text
+        assert r.json()["status"] == "pending"
+        return str(r.json()["id"])
+
+
+def stripe_event(checkout_id: str, cents: int, event_id: str = "evt_1",
+                 currency: str = "usd") -> bytes:  # fmt: skip
+    return json.dumps({
+        "id": event_id, "type": "checkout.session.completed",
+        "data": {"object": {"amount_total": cents, "currency": currency,
+                            "payment_status": "paid",
+                            "metadata": {"drip_checkout_id": checkout_id}}},
+    }).encode()  # fmt: skip
+
+
+def stripe_header(payload: bytes, secret: str, at: int | None = None) -> str:
+    at = int(time.time()) if at is None else at
+    mac = hmac.new(secret.encode(), f"{at}.".encode() + payload, hashlib.sha256).hexdigest()
+    return f"t={at},v1={mac}"
+
+
+def post_stripe(server: Server, payload: bytes, header: str | None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["Stripe-Signature"] = header
+    with server.client() as http:
+        return http.post("/v1/webhooks/stripe", content=payload, headers=headers)
+
+
+def test_a_signed_stripe_payment_credits_its_checkout_once(server: Server) -> None:
+    checkout = _checkout(server, "payer", "5.00")
+    payload = stripe_event(checkout, 500)
+    r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+    assert r.status_code == 200, r.text
+    assert r.json()["credited"]["atomic"] == 5_000_000
+    assert _balance(server, "payer") == 5_000_000
+    # the same event again, and another event for the same checkout: no second credit
+    assert (
+        post_stripe(server, payload, stripe_header(payload, server.stripe_secret)).status_code
+        == 200
+    )
+    other = stripe_event(checkout, 500, event_id="evt_2")
+    assert post_stripe(server, other, stripe_header(other, server.stripe_secret)).status_code == 200
+    assert _balance(server, "payer") == 5_000_000
+    with server.client(server.reader) as http:
+        assert http.get(f"/v1/checkout/{checkout}").json()["status"] == "paid"
+
+
+def test_forged_and_stale_stripe_deliveries_are_refused(server: Server) -> None:
+    checkout = _checkout(server, "victim", "1.00")
+    payload = stripe_event(checkout, 100)
+    good = stripe_header(payload, server.stripe_secret)
+    cases = {
+        "missing": None,
+        "malformed": "nonsense",
+        "empty": "",
+        "no v1": f"t={int(time.time())}",
+        "wrong secret": stripe_header(payload, "whsec_someone_else"),
+        "stale": stripe_header(payload, server.stripe_secret, at=int(time.time()) - 3600),
+        "future": stripe_header(payload, server.stripe_secret, at=int(time.time()) + 3600),
+        "other body": good,  # a valid header for a different body
+    }
+    for name, header in cases.items():
+        body = stripe_event(checkout, 10_000) if name == "other body" else payload
+        r = post_stripe(server, body, header)
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"]["code"] == "invalid_signature", name
+    assert _balance(server, "victim") == 0
+
+
+def test_mismatched_or_unknown_payments_credit_nothing(server: Server) -> None:
+    checkout = _checkout(server, "buyer", "2.00")
+    cases = [
+        (stripe_event(checkout, 199), 400, "payment_mismatch"),
+        (stripe_event(checkout, 200, currency="eur"), 400, "payment_mismatch"),
+        (stripe_event("co_unknown", 200), 404, "not_found"),
+    ]
+    for payload, status, code in cases:
+        r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    ignored = json.dumps({"id": "evt_x", "type": "invoice.paid", "data": {}}).encode()
+    r = post_stripe(server, ignored, stripe_header(ignored, server.stripe_secret))
+    assert r.status_code == 200 and r.json()["ignored"] == "invoice.paid"
+    assert _balance(server, "buyer") == 0
+
+
+def test_concurrent_duplicate_deliveries_credit_once(server: Server) -> None:
+    checkout = _checkout(server, "racer", "0.75")
+    payload = stripe_event(checkout, 75, event_id="evt_race")
+    header = stripe_header(payload, server.stripe_secret)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: post_stripe(server, payload, header).status_code,
+                                 range(16)))  # fmt: skip
+    assert statuses == [200] * 16
+    assert _balance(server, "racer") == 750_000
+
+
+def standard_post(server: Server, message: dict[str, Any], *, msg_id: str = "msg_1",
+                  secret: str | None = None, at: datetime | None = None) -> Any:  # fmt: skip
+    body = json.dumps(message)
+    at = at or datetime.now(tz=UTC)
+    signature = Webhook(secret or server.standard_secret).sign(msg_id, at, body)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
+               "webhook-signature": signature, "Content-Type": "application/json"}  # fmt: skip
+    with server.client() as http:
+        return http.post("/v1/webhooks/standard", content=body, headers=headers)
+
+
+def test_standard_webhooks_pay_once_and_refuse_forgeries(server: Server) -> None:
+    checkout = _checkout(server, "std", "3.50")
+    message = {"type": "checkout.paid",
+               "data": {"checkout_id": checkout, "amount": "3.50", "currency": "USDC"}}  # fmt: skip
+    other_secret = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="
+    refused = [
+        standard_post(server, message, secret=other_secret),
+        standard_post(server, message, at=datetime.fromtimestamp(time.time() - 3600, tz=UTC)),
+        standard_post(server, {**message, "data": {**message["data"], "amount": "3.49"}}),
+    ]
+    assert [r.status_code for r in refused] == [400, 400, 400]
+    assert [r.json()["error"]["code"] for r in refused] == [
+        "invalid_signature", "invalid_signature", "payment_mismatch"]  # fmt: skip
+    with server.client() as http:
+        r = http.post("/v1/webhooks/standard", content=b"{}",
+                      headers={"Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_signature"
+    assert _balance(server, "std") == 0
+    assert standard_post(server, message).status_code == 200
+    assert standard_post(server, message).status_code == 200  # replayed
+    assert standard_post(server, message, msg_id="msg_2").status_code == 200
+    assert _balance(server, "std") == 3_500_000
+
+
+def test_a_top_up_resumes_a_paused_user(server: Server, store_url: str) -> None:
+    import asyncio
+
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+
+    checkout = _checkout(server, "sleepy", "1.00")
+
+    async def pause() -> None:
+        client = DripClient(DripConfig(database_url=store_url))
+        try:
+            await client.hibernate("sleepy")
+        finally:
+            client.close()
+
+    asyncio.run(pause())
+    with server.client(server.admin) as http:
+        assert http.get("/v1/wallets/sleepy").json()["status"] == "paused"
+    payload = stripe_event(checkout, 100, event_id="evt_wake")
+    assert (
+        post_stripe(server, payload, stripe_header(payload, server.stripe_secret)).status_code
+        == 200
+    )
+    with server.client(server.admin) as http:
+        wallet = http.get("/v1/wallets/sleepy").json()
+    assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
