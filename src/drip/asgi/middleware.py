@@ -30,7 +30,7 @@ from drip import errors
 from drip.ledger import Charge, Transfer
 from drip.ledger.ledger import Cap
 from drip.ledger.types import DERIVED_SEP, check_code
-from drip.metering.client import DripClient, new_call_id, session_errors, user_errors, wallet_id
+from drip.metering.client import DripClient, new_call_id
 from drip.money import AmountLike, format_plain, parse_amount
 
 log = logging.getLogger("drip.asgi")
@@ -154,18 +154,10 @@ class DripMeter:
     async def _hold(self, scope: Scope, route: Price) -> _MeteredCall:
         client = self.client
         user_id = self.payer(scope) if self.payer is not None else None
-        caps: list[Cap] = []
-        if user_id is not None:
-            wallet, refusals = wallet_id(user_id), user_errors(user_id, route.event)
-        else:
-            token = _header(scope, SESSION_HEADER)
-            if token is None:
-                raise errors.DripInsufficientCredits(
-                    "payment required: send X-Drip-Session with a session token",
-                    param="X-Drip-Session",
-                )
-            wallet, caps, info = client.session_payer(token, route.event, route.hold)
-            refusals = session_errors(info, route.event)
+        token = None if user_id is not None else _header(scope, SESSION_HEADER)
+        wallet, caps, refusals = client.payer(
+            user_id=user_id, session=token, event=route.event, amount=route.hold
+        )
         with refusals:
             hold = await client.ledger.hold(
                 new_call_id("http"), wallet, client.revenue_account, route.hold,

@@ -266,14 +266,19 @@ class _Plans:
         *,
         code: str,
         metadata: Mapping[str, Any] | None = None,
+        caps: Sequence[Cap] = (),
     ) -> Plan:
-        """A one-step charge: wallet -> revenue, then the platform fee out of revenue."""
+        """A one-step charge: wallet -> revenue (and each cap, all or nothing), then the
+        platform fee out of revenue."""
         _caller_id(transfer_id)
         check_atomic(amount, allow_zero=False)
-        spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, check_code(code),
+        code = check_code(code)
+        spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, code,
                             0, None, 0, encode_metadata(metadata))  # fmt: skip
-        specs = self._with_fee([spec], revenue_id, amount)
-        return _submit(_link(specs), _charge_reader(len(specs) > 1))
+        capped = [spec] + [TransferSpec(_cap_id(transfer_id, i), debit, credit, amount, code)
+                           for i, (debit, credit) in enumerate(caps)]  # fmt: skip
+        specs = self._with_fee(capped, revenue_id, amount)
+        return _submit(_link(specs), _charge_reader(len(specs) > len(capped)))
 
     def hold(
         self,

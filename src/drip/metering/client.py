@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from drip import errors
@@ -227,6 +227,22 @@ class _Base:
         info.policy.check(event, amount)
         cap = (info.account_id, budget_account_id(self.ledger.asset.symbol))
         return wallet_id(info.user_id), [cap], info
+
+    def payer(
+        self, *, user_id: str | None, session: str | None, event: str, amount: int
+    ) -> tuple[str, list[Cap], AbstractContextManager[None]]:
+        """Who pays a call of ``event`` reserving ``amount``: the wallet to debit, the caps
+        to hold with it, and how to word the ledger's refusals. A session token wins over
+        a user id; neither is a 402."""
+        if session is not None:
+            wallet, caps, info = self.session_payer(session, event, amount)
+            return wallet, caps, session_errors(info, event)
+        if user_id is None:
+            raise errors.DripInsufficientCredits(
+                "payment required: send X-Drip-Session with a session token",
+                param="X-Drip-Session",
+            )
+        return wallet_id(user_id), [], user_errors(user_id, event)
 
     def get_session(self, session: str) -> dict[str, Any]:
         """A session's state, by its token or its public id."""

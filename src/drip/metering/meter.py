@@ -26,7 +26,7 @@ from drip import errors
 from drip.ledger import Charge, Transfer
 from drip.ledger.ledger import Cap
 from drip.ledger.types import check_code
-from drip.metering.client import new_call_id, session_errors, user_errors, wallet_id
+from drip.metering.client import new_call_id
 from drip.money import AmountLike, parse_amount
 
 if TYPE_CHECKING:
@@ -123,9 +123,8 @@ def make_meter(
     def resolve(client: DripClient, value: str) -> tuple[str, list[Cap], Any]:
         """The wallet, the caps to hold with it, and how to word the ledger's refusals."""
         if session_param is None:
-            return wallet_id(value), [], user_errors(value, event)
-        wallet, caps, info = client.session_payer(value, event, pricing.hold)
-        return wallet, caps, session_errors(info, event)
+            return client.payer(user_id=value, session=None, event=event, amount=pricing.hold)
+        return client.payer(user_id=None, session=value, event=event, amount=pricing.hold)
 
     def decorate(fn: F) -> F:
         payer = _payer_getter(fn, session_param or user_id_param)

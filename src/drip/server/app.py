@@ -34,6 +34,7 @@ from drip.ledger import AccountKind, funding_account_id
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
+from drip.server.charges import add_routes as add_charge_routes
 from drip.server.idempotency import Responses, check_key
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
 from drip.server.topups import (
@@ -214,6 +215,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             found = responses.save(key.key_id, idem_key, method, path, digest, status, payload)
         status, payload = found
         return JSONResponse(payload, status_code=status)
+
+    add_charge_routes(app, client, once, Admin)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

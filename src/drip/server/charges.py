@@ -1,0 +1,149 @@
+"""``/v1/charges`` and ``/v1/holds``: metering over HTTP for services that are not
+Python or not behind the middleware.
+
+The payer is a session (``X-Drip-Session``) or a user id in the body. Every call takes
+an ``Idempotency-Key``; the ledger id of the charge or hold is derived from it, so a
+retry, even one racing the original on another server process, moves money once.
+
+(No ``from __future__ import annotations``: FastAPI reads these signatures.)
+"""
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from drip import errors
+from drip.ledger import Charge, Transfer
+from drip.ledger.ledger import Cap
+from drip.ledger.types import DERIVED_SEP, TIMEOUT_S_MAX
+from drip.metering import DripClient
+from drip.money import format_plain, parse_amount
+
+Amount = Annotated[str | int | float, Field(description='USDC as a decimal string, e.g. "0.007"')]
+Once = Callable[..., Awaitable[JSONResponse]]
+
+
+class ChargeCreate(BaseModel):
+    amount: Amount
+    event: str = Field(min_length=1, max_length=64)
+    user_id: str | None = Field(default=None, max_length=150)
+    metadata: dict[str, Any] | None = None
+
+
+class HoldCreate(ChargeCreate):
+    timeout_s: int = Field(default=300, gt=0, le=TIMEOUT_S_MAX)
+
+
+class Capture(BaseModel):
+    amount: Amount | None = Field(default=None, description="Omit to capture the whole hold")
+
+
+def _money(units: int) -> dict[str, Any]:
+    return {"usdc": format_plain(units), "atomic": units}
+
+
+def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None:
+    """Mount the routes; ``admin`` is the dependency that requires an admin key."""
+    SessionHeader = Annotated[str | None, Header(alias="X-Drip-Session")]
+    IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+    led = client.ledger
+
+    def caps_of(hold_id: str) -> list[Cap]:
+        caps: list[Cap] = []
+        while (cap := led.get_hold(f"{hold_id}{DERIVED_SEP}cap{len(caps)}")) is not None:
+            caps.append((cap.debit_account_id, cap.credit_account_id))
+        return caps
+
+    def hold_json(hold: Transfer) -> dict[str, Any]:
+        state = led.get_hold(hold.id)
+        return {"hold_id": hold.id, "event": hold.code, "amount": _money(hold.amount),
+                "state": ["pending", "posted", "voided", "expired"][state.state]
+                if state is not None else "pending"}  # fmt: skip
+
+    def charge_json(charge: Charge) -> dict[str, Any]:
+        wallet = led.balance(charge.transfer.debit_account_id)
+        return {"transfer_id": charge.id, "event": charge.transfer.code,
+                "charged": _money(charge.amount),
+                "fee": _money(charge.fee.amount if charge.fee else 0),
+                "balance": _money(wallet.available)}  # fmt: skip
+
+    @app.post("/v1/charges", tags=["metering"])
+    async def create_charge(
+        body: ChargeCreate, key: admin, request: Request,
+        session: SessionHeader = None, idem: IdemKey = None,
+    ) -> JSONResponse:  # fmt: skip
+        """Charge now (no hold): 402 and nothing moved if the payer cannot afford it."""
+        amount = parse_amount(body.amount, allow_zero=False)
+        wallet, caps, refusals = client.payer(
+            user_id=body.user_id, session=session, event=body.event, amount=amount
+        )
+
+        async def run(transfer_id: str) -> tuple[int, Any]:
+            with refusals:
+                charge = await led.charge(transfer_id, wallet, client.revenue_account, amount,
+                                          code=body.event, metadata=body.metadata,
+                                          caps=caps)  # fmt: skip
+            return 200, charge_json(charge)
+
+        return await once(key, idem, request, _keyed(body, session), run)
+
+    @app.post("/v1/holds", tags=["metering"], status_code=201)
+    async def create_hold(
+        body: HoldCreate, key: admin, request: Request,
+        session: SessionHeader = None, idem: IdemKey = None,
+    ) -> JSONResponse:  # fmt: skip
+        """Reserve the call's maximum before running it; capture or void it afterwards."""
+        amount = parse_amount(body.amount, allow_zero=False)
+        wallet, caps, refusals = client.payer(
+            user_id=body.user_id, session=session, event=body.event, amount=amount
+        )
+
+        async def run(hold_id: str) -> tuple[int, Any]:
+            with refusals:
+                hold = await led.hold(hold_id, wallet, client.revenue_account, amount,
+                                      code=body.event, timeout_s=body.timeout_s,
+                                      metadata=body.metadata, caps=caps)  # fmt: skip
+            return 201, hold_json(hold)
+
+        return await once(key, idem, request, _keyed(body, session), run)
+
+    @app.post("/v1/holds/{hold_id}/capture", tags=["metering"])
+    async def capture(
+        hold_id: str, body: Capture, key: admin, request: Request, idem: IdemKey = None
+    ) -> JSONResponse:
+        """Capture up to the held amount; the rest is released at once."""
+        amount = None if body.amount is None else parse_amount(body.amount)
+
+        async def run(_: str) -> tuple[int, Any]:
+            charge = await led.post(hold_id, amount, caps=caps_of(hold_id))
+            return 200, charge_json(charge)
+
+        return await once(key, idem, request, body.model_dump(mode="json"), run)
+
+    @app.post("/v1/holds/{hold_id}/void", tags=["metering"])
+    async def void(
+        hold_id: str, key: admin, request: Request, idem: IdemKey = None
+    ) -> JSONResponse:
+        """Release the hold: nothing is charged."""
+
+        async def run(_: str) -> tuple[int, Any]:
+            await led.void(hold_id, caps=caps_of(hold_id))
+            hold = led.get_transfer(hold_id)
+            if hold is None:  # pragma: no cover - void would have raised HoldNotFound
+                raise errors.HoldNotFound(f"hold {hold_id!r} does not exist")
+            return 200, hold_json(hold)
+
+        return await once(key, idem, request, {}, run)
+
+
+def _keyed(body: BaseModel, session: str | None) -> dict[str, Any]:
+    """What an Idempotency-Key's request is compared on (the session only by digest)."""
+    import hashlib
+
+    fields = body.model_dump(mode="json")
+    if session is not None:
+        fields["session_sha256"] = hashlib.sha256(session.encode()).hexdigest()
+    return fields

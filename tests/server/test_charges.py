@@ -1,0 +1,72 @@
+"""/v1/charges and /v1/holds over HTTP, with sessions and user ids, on each store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Server = Any  # the fixture in tests/server/conftest.py
+
+
+def _setup(server: Server, budget: str = "0.05") -> str:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "ann", "initial_balance": "1"})
+        r = http.post("/v1/sessions", json={"user_id": "ann", "provider": "default",
+                                            "budget": budget})  # fmt: skip
+        return str(r.json()["token"])
+
+
+def test_charges_with_a_session_and_with_a_user(server: Server) -> None:
+    token = _setup(server)
+    with server.client(server.admin) as http:
+        r = http.post("/v1/charges", json={"amount": "0.02", "event": "search"},
+                      headers={"X-Drip-Session": token, "Idempotency-Key": "c1"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["charged"]["atomic"] == 20_000
+        assert r.json()["balance"]["atomic"] == 980_000
+        again = http.post("/v1/charges", json={"amount": "0.02", "event": "search"},
+                          headers={"X-Drip-Session": token, "Idempotency-Key": "c1"})  # fmt: skip
+        assert again.json() == r.json()
+        over = http.post("/v1/charges", json={"amount": "0.04", "event": "search"},
+                         headers={"X-Drip-Session": token, "Idempotency-Key": "c2"})  # fmt: skip
+        assert over.status_code == 402
+        assert over.json()["error"]["code"] == "session_budget_exhausted"
+        direct = http.post("/v1/charges", json={"amount": "0.5", "event": "batch",
+                                                "user_id": "ann"},
+                           headers={"Idempotency-Key": "c3"})  # fmt: skip
+        assert direct.status_code == 200 and direct.json()["balance"]["atomic"] == 480_000
+        nobody = http.post("/v1/charges", json={"amount": "0.5", "event": "x"},
+                           headers={"Idempotency-Key": "c4"})  # fmt: skip
+        assert nobody.status_code == 402
+        session = http.get("/v1/sessions/current", headers={"X-Drip-Session": token}).json()
+        assert session["spent"]["atomic"] == 20_000
+
+
+def test_holds_capture_and_void(server: Server) -> None:
+    token = _setup(server, budget="0.10")
+    with server.client(server.admin) as http:
+
+        def hold(key: str, amount: str) -> Any:
+            return http.post("/v1/holds", json={"amount": amount, "event": "llm"},
+                             headers={"X-Drip-Session": token, "Idempotency-Key": key})  # fmt: skip
+
+        first = hold("h1", "0.06")
+        assert first.status_code == 201 and first.json()["state"] == "pending"
+        assert hold("h2", "0.06").json()["error"]["code"] == "session_budget_exhausted"
+        hold_id = first.json()["hold_id"]
+        cap = http.post(f"/v1/holds/{hold_id}/capture", json={"amount": "0.0123"},
+                        headers={"Idempotency-Key": "cap1"})  # fmt: skip
+        assert cap.status_code == 200 and cap.json()["charged"]["atomic"] == 12_300
+        twice = http.post(f"/v1/holds/{hold_id}/capture", json={"amount": "0.02"},
+                          headers={"Idempotency-Key": "cap2"})  # fmt: skip
+        assert twice.status_code == 409
+        second = hold("h3", "0.08")
+        assert second.status_code == 201
+        void = http.post(f"/v1/holds/{second.json()['hold_id']}/void",
+                         headers={"Idempotency-Key": "v1"})  # fmt: skip
+        assert void.status_code == 200 and void.json()["state"] == "voided"
+        missing = http.post("/v1/holds/nope/void", headers={"Idempotency-Key": "v2"})
+        assert missing.status_code == 404
+        state = http.get("/v1/sessions/current", headers={"X-Drip-Session": token}).json()
+        assert (state["spent"]["atomic"], state["pending"]["atomic"]) == (12_300, 0)
+        wallet = http.get("/v1/wallets/ann").json()
+        assert wallet["available"]["atomic"] == 1_000_000 - 12_300
