@@ -233,3 +233,33 @@ def test_sessions_over_http(server: Server, store_url: str) -> None:
         r = anonymous.get("/v1/sessions/current", headers={"X-Drip-Session": "ds_" + "x" * 43})
         assert r.status_code == 404 and _error(r)["code"] == "session_not_found"
         assert anonymous.get("/v1/sessions/current").status_code == 422
+
+
+def test_usage_filters_csv_and_wallet_history(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "fay", "initial_balance": "1"})
+        for i, event in enumerate(["search", "search", "scrape"]):
+            r = http.post("/v1/charges", json={"amount": "0.01", "event": event,
+                                               "user_id": "fay"},
+                          headers={"Idempotency-Key": f"u{i}"})  # fmt: skip
+            assert r.status_code == 200, r.text
+    with server.client(server.reader) as http:
+        rows = http.get("/v1/usage", params={"user_id": "fay", "event": "search"}).json()
+        assert [(r["event"], r["calls"]) for r in rows["data"]] == [("search", 2)]
+        future = http.get("/v1/usage", params={"user_id": "fay", "since_us": 2**62}).json()
+        assert future["data"] == []
+        csv_text = http.get("/v1/usage", params={"user_id": "fay", "format": "csv"})
+        assert csv_text.headers["content-type"].startswith("text/csv")
+        lines = csv_text.text.strip().splitlines()
+        assert lines[0] == "bucket_start,event,calls,amount_usdc,amount_atomic"
+        assert sorted(line.split(",", 1)[1] for line in lines[1:]) == [
+            "scrape,1,0.01,10000", "search,2,0.02,20000"]  # fmt: skip
+        assert http.get("/v1/usage", params={"format": "xml"}).status_code == 422
+        page1 = http.get("/v1/wallets/fay/transfers", params={"limit": 2}).json()
+        assert len(page1["data"]) == 2 and page1["next_cursor"]
+        page2 = http.get("/v1/wallets/fay/transfers",
+                         params={"limit": 2, "cursor": page1["next_cursor"]}).json()  # fmt: skip
+        ids = [t["id"] for t in page1["data"] + page2["data"]]
+        assert len(ids) == len(set(ids)) == 4  # 3 charges + the initial top-up
+        bad = http.get("/v1/wallets/fay/transfers", params={"cursor": "garbage!"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "cursor"

@@ -441,12 +441,12 @@ class _Reads:
         since_us: int | None = None,
         until_us: int | None = None,
         bucket_s: int = 3600,
+        code: str | None = None,
     ) -> list[UsageRow]:
         if not isinstance(bucket_s, int) or bucket_s <= 0:
             raise errors.InvalidRequest("bucket_s must be a positive int", param="bucket_s")
-        return self.store.usage(
-            account_id=account_id, since_us=since_us, until_us=until_us, bucket_s=bucket_s
-        )
+        return self.store.usage(account_id=account_id, since_us=since_us, until_us=until_us,
+                                bucket_s=bucket_s, code=code)  # fmt: skip
 
     def check_invariants(self) -> InvariantReport:
         return self.store.check_invariants()

@@ -249,6 +249,7 @@ class Store(abc.ABC):
         since_us: int | None = None,
         until_us: int | None = None,
         bucket_s: int = 3600,
+        code: str | None = None,
     ) -> list[UsageRow]:
         """Posted charges out of wallets, per event code and time bucket."""
         bucket_us = bucket_s * 1_000_000
@@ -262,7 +263,8 @@ class Store(abc.ABC):
                 f"t.debit_account_id IN (SELECT id FROM accounts WHERE kind = "
                 f"'{AccountKind.WALLET.value}')"
             )
-        for clause, value in (("t.ts_us >= ?", since_us), ("t.ts_us < ?", until_us)):
+        for clause, value in (("t.ts_us >= ?", since_us), ("t.ts_us < ?", until_us),
+                              ("t.code = ?", code)):  # fmt: skip
             if value is not None:
                 where.append(clause)
                 params.append(value)

@@ -190,9 +190,11 @@ class _Base:
         since_us: int | None = None,
         until_us: int | None = None,
         bucket_s: int = 86_400,
+        event: str | None = None,
     ) -> list[UsageRow]:
         account = wallet_id(user_id) if user_id is not None else None
-        return self.ledger.usage(account, since_us=since_us, until_us=until_us, bucket_s=bucket_s)
+        return self.ledger.usage(account, since_us=since_us, until_us=until_us,
+                                 bucket_s=bucket_s, code=event)  # fmt: skip
 
     # --- sessions (shared by both twins) ------------------------------------------------
 

@@ -8,10 +8,13 @@ Every error, from Drip or from request validation, leaves as
 section 6; nothing a client sends produces a 500.
 """
 
+import csv
+import io
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -30,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drip import errors
 from drip.config import DripConfig
-from drip.ledger import AccountKind, funding_account_id
+from drip.ledger import AccountKind, Transfer, UsageRow, funding_account_id
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
@@ -92,6 +95,22 @@ def _error_response(exc: errors.DripError) -> JSONResponse:
 def session_json(state: dict[str, Any]) -> dict[str, Any]:
     money = ("budget", "spent", "pending", "remaining")
     return {k: _money(v) if k in money else v for k, v in state.items()}
+
+
+def usage_csv(rows: list[UsageRow]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["bucket_start", "event", "calls", "amount_usdc", "amount_atomic"])
+    for r in rows:
+        start = datetime.fromtimestamp(r.bucket_start_us / 1_000_000, tz=UTC).isoformat()
+        writer.writerow([start, r.code, r.calls, format_plain(r.amount), r.amount])
+    return out.getvalue()
+
+
+def transfer_json(t: Transfer) -> dict[str, Any]:
+    return {"id": t.id, "debit_account": t.debit_account_id, "credit_account": t.credit_account_id,
+            "amount": _money(t.amount), "event": t.code, "flags": t.flags,
+            "pending_id": t.pending_id, "ts_us": t.ts_us, "metadata": t.meta}  # fmt: skip
 
 
 def _no_session() -> dict[str, Any]:
@@ -396,14 +415,39 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             return {"received": True, "ignored": str(message.get("type"))}
         return await settle(payment, ("USDC",))
 
-    @app.get("/v1/usage", tags=["usage"])
+    @app.get("/v1/usage", tags=["usage"], response_model=None)
     async def usage(
         _: Reader,
         user_id: Annotated[str | None, Query(max_length=150)] = None,
+        event: Annotated[str | None, Query(max_length=64)] = None,
+        since_us: Annotated[int | None, Query(ge=0)] = None,
+        until_us: Annotated[int | None, Query(ge=0)] = None,
         bucket_s: Annotated[int, Query(ge=60, le=31 * 86_400)] = 86_400,
-    ) -> dict[str, Any]:
-        rows = client.usage(user_id, bucket_s=bucket_s)
+        format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
+    ) -> dict[str, Any] | Response:
+        """Charged calls and USDC per event and time bucket; ``format=csv`` for a file."""
+        rows = client.usage(user_id, since_us=since_us, until_us=until_us, bucket_s=bucket_s,
+                            event=event)  # fmt: skip
+        if format == "csv":
+            return Response(
+                usage_csv(rows),
+                media_type="text/csv",
+                headers={"Content-Disposition": 'attachment; filename="usage.csv"'},
+            )
         return {"data": [{"event": r.code, "bucket_start_us": r.bucket_start_us,
                           "calls": r.calls, "amount": _money(r.amount)} for r in rows]}  # fmt: skip
+
+    @app.get("/v1/wallets/{user_id}/transfers", tags=["wallets"])
+    async def wallet_transfers(
+        user_id: str,
+        _: Reader,
+        event: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> dict[str, Any]:
+        """The wallet's journal, newest first; pass ``next_cursor`` back for more."""
+        client.get_user_now(user_id)
+        page = client.ledger.history(wallet_id(user_id), code=event, limit=limit, cursor=cursor)
+        return {"data": [transfer_json(t) for t in page.items], "next_cursor": page.next_cursor}
 
     return app
