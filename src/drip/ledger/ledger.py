@@ -150,7 +150,7 @@ def encode_cursor(seq: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s"):
+        if not text.startswith("s") or not text[1:].isdigit() or len(text) > 20:
             raise ValueError(text)
         return int(text[1:])
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
@@ -425,6 +425,7 @@ class _Reads:
     ) -> Page:
         """Transfers newest first, ``limit`` per page; pass ``next_cursor`` for the next."""
         limit = _limit(limit)
+        since_us, until_us = _time_bound(since_us, "since_us"), _time_bound(until_us, "until_us")
         before = decode_cursor(cursor) if cursor else None
         rows = self.store.list_transfers(
             account_id=account_id, code=code, since_us=since_us, until_us=until_us,
@@ -443,8 +444,9 @@ class _Reads:
         bucket_s: int = 3600,
         code: str | None = None,
     ) -> list[UsageRow]:
-        if not isinstance(bucket_s, int) or bucket_s <= 0:
-            raise errors.InvalidRequest("bucket_s must be a positive int", param="bucket_s")
+        if not isinstance(bucket_s, int) or not 0 < bucket_s <= 366 * 86_400:
+            raise errors.InvalidRequest("bucket_s must be an int in 1..31622400", param="bucket_s")
+        since_us, until_us = _time_bound(since_us, "since_us"), _time_bound(until_us, "until_us")
         return self.store.usage(account_id=account_id, since_us=since_us, until_us=until_us,
                                 bucket_s=bucket_s, code=code)  # fmt: skip
 
@@ -460,6 +462,18 @@ class _Reads:
             total += n
             if n == 0:
                 return total
+
+
+#: Latest timestamp a query may name (year ~148,000: beyond any real data, within INT64).
+TS_US_MAX = 2**62
+
+
+def _time_bound(value: int | None, param: str) -> int | None:
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= TS_US_MAX
+    ):
+        raise errors.InvalidRequest(f"{param} must be microseconds in 0..2**62", param=param)
+    return value
 
 
 def _limit(limit: int) -> int:
