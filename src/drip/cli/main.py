@@ -292,9 +292,12 @@ def serve(
     import uvicorn
 
     from drip.server import create_app
+    from drip.server.logs import configure_logging
 
+    configure_logging()
     settings: dict[str, Any] = {"database_url": database_url} if database_url else {}
-    uvicorn.run(create_app(DripConfig(**settings)), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(DripConfig(**settings)), host=host, port=port, log_config=None,
+                access_log=False)  # fmt: skip
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from drip.money import format_plain, parse_amount, to_decimal
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.idempotency import Responses, check_key
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
+from drip.server.logs import request_logger
 from drip.server.topups import (
     Checkouts,
     Payment,
@@ -151,6 +152,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         registry=registry,
     )  # fmt: skip
 
+    http_log = request_logger()
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -200,8 +203,16 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
+        elapsed_s = time.perf_counter() - began
         requests_total.labels(request.method, name, str(response.status_code)).inc()
-        latency.labels(name).observe(time.perf_counter() - began)
+        latency.labels(name).observe(elapsed_s)
+        http_log.info(
+            "request",
+            method=request.method,
+            route=name,
+            status=response.status_code,
+            duration_ms=round(elapsed_s * 1000, 3),
+        )
         return response
 
     def need(scope: str) -> Callable[..., ApiKey]:
