@@ -56,5 +56,6 @@ def test_serve_logs_json_without_secrets(sqlite_url: str) -> None:
     }  # fmt: skip
     assert all({"timestamp", "level", "duration_ms", "method"} <= set(r) for r in requests)
     text = err.decode()
-    for secret in (admin, admin.split("_")[-1], token, "query-value", "drip_sk_bad_key"):
+    key_secret = admin.removeprefix("drip_sk_").partition("_")[2]
+    for secret in (admin, key_secret, token, token[3:], "query-value", "drip_sk_bad_key"):
         assert secret not in text

@@ -444,8 +444,10 @@ class _Reads:
         bucket_s: int = 3600,
         code: str | None = None,
     ) -> list[UsageRow]:
-        if not isinstance(bucket_s, int) or not 0 < bucket_s <= 366 * 86_400:
-            raise errors.InvalidRequest("bucket_s must be an int in 1..31622400", param="bucket_s")
+        if not isinstance(bucket_s, int) or not 0 < bucket_s <= BUCKET_S_MAX:
+            raise errors.InvalidRequest(
+                f"bucket_s must be an int in 1..{BUCKET_S_MAX}", param="bucket_s"
+            )
         since_us, until_us = _time_bound(since_us, "since_us"), _time_bound(until_us, "until_us")
         return self.store.usage(account_id=account_id, since_us=since_us, until_us=until_us,
                                 bucket_s=bucket_s, code=code)  # fmt: skip
@@ -466,6 +468,8 @@ class _Reads:
 
 #: Latest timestamp a query may name (year ~148,000: beyond any real data, within INT64).
 TS_US_MAX = 2**62
+#: Widest usage bucket (its width in microseconds must fit a signed 64-bit integer).
+BUCKET_S_MAX = 2**42
 
 
 def _time_bound(value: int | None, param: str) -> int | None:
