@@ -174,6 +174,14 @@ class SessionExpired(PolicyViolation):
     code = "session_expired"
 
 
+class RateLimited(PolicyViolation):
+    """A rolling window's amount or call cap is reached; retry after ``retry_after_s``."""
+
+    code = "rate_limited"
+    type = "rate_limit_error"
+    status = 429
+
+
 class SessionClosed(PolicyViolation):
     """The session was closed; open a new one."""
 
@@ -250,6 +258,7 @@ __all__ = [
     "LinkedEventFailed",
     "NotFound",
     "PolicyViolation",
+    "RateLimited",
     "SessionBudgetExhausted",
     "SessionClosed",
     "SessionExpired",

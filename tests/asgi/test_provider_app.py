@@ -137,3 +137,15 @@ def test_policies_and_free_routes(provider: Provider) -> None:
         free = http.get("/health")
     assert free.status_code == 200 and "x-drip-charged" not in free.headers
     assert provider.ran["generate"] == 0 and spent(provider, token) == 0
+
+
+def test_a_rolling_window_answers_429_with_retry_after(provider: Provider) -> None:
+    token = provider.session(policy={"windows": [{"per": "minute", "max_calls": 2}]})
+    with provider.http(token) as http:
+        assert http.get("/search", params={"q": "1"}).status_code == 200
+        assert http.get("/search", params={"q": "2"}).status_code == 200
+        r = http.get("/search", params={"q": "3"})
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert provider.ran["search"] == 2 and spent(provider, token) == 14_000

@@ -52,6 +52,11 @@ class Loader(Protocol):
 
     def load_holds(self, ids: set[str]) -> dict[str, Hold]: ...
 
+    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
+        """(amount, calls, oldest ts) of the account's debits after ``since_us``, open
+        holds included, voided and expired ones not."""
+        ...
+
     def load_all(
         self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
     ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:
@@ -382,6 +387,8 @@ class Engine:
                 f"cannot move {debit.asset} into a {credit.asset} account",
                 param="credit_account_id",
             )
+        if spec.limits:
+            self._check_limits(debit.id, spec)
         if debit.status == AccountStatus.FROZEN:
             raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)", account=debit.id)
         amount = spec.amount
@@ -424,6 +431,36 @@ class Engine:
             self._touch_account(debit).debits_posted += amount
             self._touch_account(credit).credits_posted += amount
         return self._record(spec, debit.id, credit.id, amount)
+
+    def _check_limits(self, account_id: str, spec: TransferSpec) -> None:
+        """Rolling windows on the debit account: what the journal holds in the window plus
+        what this batch already added, plus this transfer, must stay within each cap."""
+        amount = spec.amount or 0
+        batch_amount = batch_calls = 0
+        for t in self.writes.new_transfers:
+            if t.debit_account_id == account_id and not t.flags & (_POST | _VOID | _EXPIRE):
+                batch_amount += t.amount
+                batch_calls += 1
+        for limit in spec.limits:
+            since_us = self.now_us - limit.window_s * 1_000_000
+            used_amount, used_calls, oldest_us = self.loader.window_usage(account_id, since_us)
+            over_amount = (
+                limit.max_amount is not None
+                and used_amount + batch_amount + amount > limit.max_amount
+            )
+            over_calls = (
+                limit.max_calls is not None and used_calls + batch_calls + 1 > limit.max_calls
+            )
+            if over_amount or over_calls:  # fmt: skip
+                oldest_us = self.now_us if oldest_us is None else oldest_us
+                wait_us = max(oldest_us + limit.window_s * 1_000_000 - self.now_us, 1_000_000)
+                raise errors.RateLimited(
+                    f"the {limit.name} limit is reached ("
+                    + ("amount" if over_amount else "calls")
+                    + f" per {limit.window_s} s); retry later",
+                    param=limit.name, policy=limit.name,
+                    retry_after_s=-(-wait_us // 1_000_000), account=account_id,
+                )  # fmt: skip
 
     def _record(self, spec: TransferSpec, debit_id: str, credit_id: str, amount: int) -> Transfer:
         transfer = Transfer(

@@ -12,7 +12,7 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from drip import errors
@@ -39,6 +39,7 @@ from drip.ledger.types import (
     TransferFlags,
     TransferSpec,
     UsageRow,
+    WindowLimit,
     check_code,
     check_id,
     encode_metadata,
@@ -121,9 +122,14 @@ def _charge_reader(with_fee: bool) -> Callable[[list[Result]], Charge]:
 _charge = _charge_reader(False)
 _charge_with_fee = _charge_reader(True)
 
+
 #: A companion hold taken in the same linked chain as a charge's hold: (debit, credit)
 #: accounts, e.g. a session's budget. It holds, posts and voids with the main hold.
-Cap = tuple[str, str]
+class Cap(NamedTuple):
+    debit: str
+    credit: str
+    #: rolling windows checked on ``debit`` when the cap is held or charged
+    limits: tuple[WindowLimit, ...] = ()
 
 
 def _cap_id(hold_id: str, index: int) -> str:
@@ -275,8 +281,9 @@ class _Plans:
         code = check_code(code)
         spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, code,
                             0, None, 0, encode_metadata(metadata))  # fmt: skip
-        capped = [spec] + [TransferSpec(_cap_id(transfer_id, i), debit, credit, amount, code)
-                           for i, (debit, credit) in enumerate(caps)]  # fmt: skip
+        capped = [spec] + [TransferSpec(_cap_id(transfer_id, i), c.debit, c.credit, amount, code,
+                                        limits=c.limits)
+                           for i, c in enumerate(map(Cap._make, caps))]  # fmt: skip
         specs = self._with_fee(capped, revenue_id, amount)
         return _submit(_link(specs), _charge_reader(len(specs) > len(capped)))
 
@@ -297,8 +304,9 @@ class _Plans:
         code = check_code(code)
         specs = [TransferSpec(hold_id, wallet_id, revenue_id, amount, code, _PENDING, None,
                               timeout_s, encode_metadata(metadata))]  # fmt: skip
-        specs += [TransferSpec(_cap_id(hold_id, i), debit, credit, amount, code, _PENDING, None,
-                               timeout_s) for i, (debit, credit) in enumerate(caps)]  # fmt: skip
+        specs += [TransferSpec(_cap_id(hold_id, i), c.debit, c.credit, amount, code, _PENDING,
+                               None, timeout_s, limits=c.limits)
+                  for i, c in enumerate(map(Cap._make, caps))]  # fmt: skip
         return _submit(_link(specs), _one)
 
     def post(
@@ -323,9 +331,9 @@ class _Plans:
                             encode_metadata(metadata))  # fmt: skip
         fee_base = held.amount if amount is None else check_atomic(amount)
         specs = [spec] + [
-            TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}post", debit, credit, amount, code,
-                         _POST, _cap_id(held.id, i))
-            for i, (debit, credit) in enumerate(caps)
+            TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}post", c.debit, c.credit, amount,
+                         code, _POST, _cap_id(held.id, i))
+            for i, c in enumerate(map(Cap._make, caps))
         ]  # fmt: skip
         with_fee = self._with_fee(specs, held.credit_account_id, fee_base)
         return _submit(_link(with_fee), _charge_reader(len(with_fee) > len(specs)))
@@ -344,9 +352,9 @@ class _Plans:
         code = self._hold_code(hold)
         specs = [TransferSpec(void_id, held.debit_account_id, held.credit_account_id, None,
                               code, _VOID, held.id)]  # fmt: skip
-        specs += [TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}void", debit, credit, None,
-                               code, _VOID, _cap_id(held.id, i))
-                  for i, (debit, credit) in enumerate(caps)]  # fmt: skip
+        specs += [TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}void", c.debit, c.credit,
+                               None, code, _VOID, _cap_id(held.id, i))
+                  for i, c in enumerate(map(Cap._make, caps))]  # fmt: skip
         return _submit(_link(specs), _one)
 
     def set_status(self, account_id: str, status: str) -> Plan:

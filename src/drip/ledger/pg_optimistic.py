@@ -87,6 +87,9 @@ class RowCache:
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
         return {}  # assumed new; an existing id aborts on the unique index
 
+    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
+        raise _Miss  # rolling windows are summed from the journal, under the lock
+
     def load_all(
         self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
     ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:

@@ -57,10 +57,11 @@ _SELECT_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY(%s
 
 
 class _PgLoader:
-    __slots__ = ("cur",)
+    __slots__ = ("cur", "window_sql")
 
-    def __init__(self, cur: psycopg.Cursor[Any]) -> None:
+    def __init__(self, cur: psycopg.Cursor[Any], window_sql: str) -> None:
         self.cur = cur
+        self.window_sql = window_sql
 
     def load_holds(self, ids: set[str]) -> dict[str, Hold]:
         self.cur.execute(_LOCK_HOLDS, (sorted(ids),))
@@ -69,6 +70,13 @@ class _PgLoader:
     def load_accounts(self, ids: set[str]) -> dict[str, Account]:
         self.cur.execute(_LOCK_ACCOUNTS, (sorted(ids),))
         return {r[0]: Account(*r) for r in self.cur.fetchall()}
+
+    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
+        self.cur.execute(self.window_sql, (account_id, since_us))
+        row = self.cur.fetchone()
+        assert row is not None  # an aggregate always returns one row
+        calls, amount, oldest = row
+        return int(amount), int(calls), None if oldest is None else int(oldest)
 
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
         self.cur.execute(_SELECT_TRANSFERS, (list(ids),))
@@ -152,7 +160,7 @@ class PostgresStore(Store):
             yield cur
 
     def loader(self, cur: psycopg.Cursor[Any]) -> _PgLoader:
-        return _PgLoader(cur)
+        return _PgLoader(cur, self.window_usage_sql())
 
     # --- the batch --------------------------------------------------------------------
 

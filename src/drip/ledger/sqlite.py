@@ -46,10 +46,11 @@ BUSY_TIMEOUT_MS = 30_000
 
 
 class _SqliteLoader:
-    __slots__ = ("cur",)
+    __slots__ = ("cur", "window_sql")
 
-    def __init__(self, cur: sqlite3.Cursor) -> None:
+    def __init__(self, cur: sqlite3.Cursor, window_sql: str) -> None:
         self.cur = cur
+        self.window_sql = window_sql
 
     def _select(self, columns: str, table: str, ids: set[str]) -> list[Any]:
         marks = ",".join("?" * len(ids))
@@ -58,6 +59,13 @@ class _SqliteLoader:
 
     def load_accounts(self, ids: set[str]) -> dict[str, Account]:
         return {r[0]: Account(*r) for r in self._select(ACCOUNT_COLUMNS, "accounts", ids)}
+
+    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
+        self.cur.execute(self.window_sql, (account_id, since_us))
+        row = self.cur.fetchone()
+        assert row is not None  # an aggregate always returns one row
+        calls, amount, oldest = row
+        return int(amount), int(calls), None if oldest is None else int(oldest)
 
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
         return {r[0]: Transfer(*r) for r in self._select(TRANSFER_COLUMNS, "transfers", ids)}
@@ -192,7 +200,7 @@ class SqliteStore(Store):
             cur.close()
 
     def loader(self, cur: sqlite3.Cursor) -> _SqliteLoader:
-        return _SqliteLoader(cur)
+        return _SqliteLoader(cur, self.window_usage_sql())
 
     def write(self, cur: sqlite3.Cursor, writes: Writes) -> None:
         try:

@@ -48,6 +48,10 @@ HOLD_COLUMNS = (
 NOT_POSTED_FLAGS = int(
     TransferFlags.PENDING | TransferFlags.VOID_PENDING | TransferFlags.EXPIRE_PENDING
 )
+#: Transfers that resolve a hold (their amounts are on the hold's row already).
+RESOLVING_FLAGS = int(
+    TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING | TransferFlags.EXPIRE_PENDING
+)
 #: Most due holds one housekeeping pass expires.
 EXPIRE_SWEEP_MAX = 512
 
@@ -148,6 +152,14 @@ class Store(abc.ABC):
 
     def applied(self, engine: Engine) -> None:  # noqa: B027 - a hook; most stores need nothing
         """Called after a batch's writes were sent (PostgreSQL: committed)."""
+
+    def window_usage_sql(self) -> str:
+        return self.sql(
+            "SELECT count(*), coalesce(sum(CASE WHEN hold_state = 1 THEN hold_resolved_amount "
+            "ELSE amount END), 0), min(ts_us) FROM transfers WHERE debit_account_id = ? "
+            f"AND ts_us > ? AND (flags & {RESOLVING_FLAGS}) = 0 "
+            "AND (hold_state IS NULL OR hold_state IN (0, 1))"
+        )
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         """Queue ``op`` for the next batch; await its results (from a running loop)."""

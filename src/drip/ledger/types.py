@@ -215,6 +215,18 @@ class Hold:
         )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class WindowLimit:
+    """At most ``max_amount`` (atomic units) and ``max_calls`` debits of an account within
+    any ``window_s`` seconds, counting open holds; checked by the engine atomically with
+    the transfer that carries it."""
+
+    window_s: int
+    max_amount: int | None = None
+    max_calls: int | None = None
+    name: str = "window"
+
+
 @dataclass(slots=True)
 class TransferSpec:
     """A transfer as a caller asks for it (before the ledger stamps it).
@@ -232,6 +244,8 @@ class TransferSpec:
     pending_id: str | None = None
     timeout_s: int = 0
     metadata: str | None = None
+    #: rolling limits on the debit account (not stored: a rule, not a fact)
+    limits: tuple[WindowLimit, ...] = ()
 
     def validate(self) -> None:
         """Refuse a malformed transfer with a typed error (fast path first: this runs

@@ -227,8 +227,10 @@ class _Base:
         if info.expired():
             raise errors.SessionExpired("this session has expired", param="X-Drip-Session")
         info.policy.check(event, amount)
-        cap = (info.account_id, budget_account_id(self.ledger.asset.symbol))
-        return wallet_id(info.user_id), [cap], info
+        source = budget_account_id(self.ledger.asset.symbol)
+        caps = [Cap(info.account_id, source, info.policy.windows)]
+        caps += [Cap(info.route_account(i), source) for i in info.policy.route_indexes(event)]
+        return wallet_id(info.user_id), caps, info
 
     def payer(
         self, *, user_id: str | None, session: str | None, event: str, amount: int
@@ -282,11 +284,16 @@ def session_errors(info: SessionInfo, event: str = "") -> Iterator[None]:
     try:
         yield
     except errors.DripError as exc:
-        on_session = exc.details.get("account") == info.account_id
+        account = str(exc.details.get("account", ""))
+        on_session = account == info.account_id or account.startswith(info.account_id + ":")
         if on_session and isinstance(exc, errors.DripInsufficientCredits):
             left = max(exc.details.get("available") or 0, 0)
+            whose = "the session's budget"
+            if account != info.account_id:
+                route = info.policy.routes[int(account.rsplit(":r", 1)[1])][0]
+                whose = f"the session's budget for {route!r}"
             raise errors.SessionBudgetExhausted(
-                f"the session's budget cannot cover {event!r} ({to_decimal(left)} USDC left)",
+                f"{whose} cannot cover {event!r} ({to_decimal(left)} USDC left)",
                 param="X-Drip-Session",
                 available=exc.details.get("available"),
                 needed=exc.details.get("needed"),
@@ -401,6 +408,11 @@ class DripClient(_Base):
                                  metadata=info.metadata())  # fmt: skip
         await led.transfer(f"budget:{info.account_id}", budget_id, info.account_id,
                            info.budget, code="session_budget")  # fmt: skip
+        for i, (_, route_budget) in enumerate(info.policy.routes):
+            route = info.route_account(i)
+            await led.create_account(route, AccountKind.SESSION, owner=user_id)
+            await led.transfer(f"budget:{route}", budget_id, route, route_budget,
+                               code="session_budget")  # fmt: skip
         return self._session(token, info)
 
     async def close_session(self, session: str) -> dict[str, Any]:
@@ -531,6 +543,11 @@ class SyncDripClient:
                            metadata=info.metadata())  # fmt: skip
         led.transfer(f"budget:{info.account_id}", budget_id, info.account_id, info.budget,
                      code="session_budget")  # fmt: skip
+        for i, (_, route_budget) in enumerate(info.policy.routes):
+            route = info.route_account(i)
+            led.create_account(route, AccountKind.SESSION, owner=user_id)
+            led.transfer(f"budget:{route}", budget_id, route, route_budget,
+                         code="session_budget")  # fmt: skip
         return c._session(token, info)
 
     def get_session(self, session: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from drip import errors
 from drip.ledger import Account, AccountKind, AccountStatus
-from drip.ledger.types import check_id
+from drip.ledger.types import WindowLimit, check_id
 from drip.money import AmountLike, parse_amount, to_decimal
 
 TOKEN_PREFIX = "ds_"
@@ -34,7 +34,10 @@ EXPIRES_IN_S_MAX = 90 * 86_400
 #: Sessions whose facts one client keeps in memory.
 SESSION_CACHE_MAX = 10_000
 _TOKEN_RE = re.compile(r"ds_[A-Za-z0-9_-]{43}")
-_POLICY_KEYS = {"max_per_call", "allow_events", "deny_events"}
+_POLICY_KEYS = {"max_per_call", "allow_events", "deny_events", "windows", "routes"}
+_PERIODS = {"minute": 60, "hour": 3600, "day": 86_400}
+#: Most rolling windows and route budgets one session may carry.
+POLICY_RULES_MAX = 8
 
 
 def budget_account_id(asset: str) -> str:
@@ -64,6 +67,10 @@ class Policy:
     max_per_call: int | None = None
     allow_events: tuple[str, ...] | None = None
     deny_events: tuple[str, ...] = ()
+    #: rolling caps on the session: amount and/or calls per minute, hour, day or N seconds
+    windows: tuple[WindowLimit, ...] = ()
+    #: a budget of its own for the events matching each pattern (within the session's)
+    routes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | Policy | None) -> Policy:
@@ -86,16 +93,27 @@ class Policy:
             ),
             allow_events=_patterns(raw.get("allow_events"), "allow_events"),
             deny_events=_patterns(raw.get("deny_events"), "deny_events") or (),
+            windows=_windows(raw.get("windows")),
+            routes=_routes(raw.get("routes")),
         )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
+        def usdc(units: int | None) -> str | None:
+            return None if units is None else str(to_decimal(units))
+
         return {
-            "max_per_call": None if self.max_per_call is None else str(
-                to_decimal(self.max_per_call)
-            ),
+            "max_per_call": usdc(self.max_per_call),
             "allow_events": None if self.allow_events is None else list(self.allow_events),
             "deny_events": list(self.deny_events),
+            "windows": [{"per": w.window_s, "max_amount": usdc(w.max_amount),
+                         "max_calls": w.max_calls} for w in self.windows],
+            "routes": {pattern: {"budget": usdc(budget)} for pattern, budget in self.routes},
         }  # fmt: skip
+
+    def route_indexes(self, event: str) -> list[int]:
+        """Which route budgets a call of ``event`` also draws on."""
+        return [i for i, (pattern, _) in enumerate(self.routes)
+                if fnmatch.fnmatchcase(event, pattern)]  # fmt: skip
 
     def check(self, event: str, amount: int) -> None:
         """Raise PolicyViolation (naming the rule) if a call of ``event`` holding
@@ -119,6 +137,67 @@ class Policy:
                 param="max_per_call",
                 policy="max_per_call",
             )
+
+
+def _windows(raw: object) -> tuple[WindowLimit, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or len(raw) > POLICY_RULES_MAX:
+        raise errors.InvalidRequest(
+            f"policy.windows must be a list of at most {POLICY_RULES_MAX} rules",
+            param="policy.windows",
+        )
+    out = []
+    for rule in raw:
+        if not isinstance(rule, Mapping) or set(rule) - {"per", "max_amount", "max_calls"}:
+            raise errors.InvalidRequest(
+                "a window is {per, max_amount?, max_calls?}", param="policy.windows"
+            )
+        per = rule.get("per")
+        seconds = _PERIODS.get(per) if isinstance(per, str) else per
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int)
+            or not (0 < seconds <= 31 * 86_400)
+        ):
+            raise errors.InvalidRequest(
+                "window per must be minute, hour, day or seconds up to 31 days",
+                param="policy.windows",
+            )  # fmt: skip
+        max_amount = rule.get("max_amount")
+        max_calls = rule.get("max_calls")
+        if max_calls is not None and (
+            isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls <= 0
+        ):
+            raise errors.InvalidRequest("max_calls must be a positive int", param="policy.windows")
+        if max_amount is None and max_calls is None:
+            raise errors.InvalidRequest(
+                "a window needs max_amount or max_calls", param="policy.windows"
+            )
+        amount = None if max_amount is None else parse_amount(
+            max_amount, allow_zero=False, param="policy.windows.max_amount"
+        )  # fmt: skip
+        out.append(WindowLimit(seconds, amount, max_calls, f"window_{seconds}s"))
+    return tuple(out)
+
+
+def _routes(raw: object) -> tuple[tuple[str, int], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or len(raw) > POLICY_RULES_MAX:
+        raise errors.InvalidRequest(
+            f"policy.routes maps at most {POLICY_RULES_MAX} event patterns to budgets",
+            param="policy.routes",
+        )
+    out = []
+    for pattern, rule in raw.items():
+        if not isinstance(pattern, str) or not 0 < len(pattern) <= 64:
+            raise errors.InvalidRequest("route patterns are 1-64 characters", param="policy.routes")
+        if not isinstance(rule, Mapping) or set(rule) != {"budget"}:
+            raise errors.InvalidRequest("a route rule is {budget}", param="policy.routes")
+        out.append((pattern, parse_amount(rule["budget"], allow_zero=False,
+                                          param="policy.routes.budget")))  # fmt: skip
+    return tuple(out)
 
 
 def _patterns(raw: object, name: str) -> tuple[str, ...] | None:
@@ -152,6 +231,9 @@ class SessionInfo:
             account.id, meta["user_id"], meta["provider"], int(meta["budget"]),
             meta.get("expires_us"), Policy.parse(meta.get("policy")),
         )  # fmt: skip
+
+    def route_account(self, index: int) -> str:
+        return f"{self.account_id}:r{index}"
 
     def metadata(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "provider": self.provider, "budget": self.budget,

@@ -89,7 +89,9 @@ class Adjust(BaseModel):
 
 
 def _error_response(exc: errors.DripError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else {}
+    if exc.status == 429 and "retry_after_s" in exc.details:
+        headers["Retry-After"] = str(exc.details["retry_after_s"])
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
 

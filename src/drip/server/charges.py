@@ -54,7 +54,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     def caps_of(hold_id: str) -> list[Cap]:
         caps: list[Cap] = []
         while (cap := led.get_hold(f"{hold_id}{DERIVED_SEP}cap{len(caps)}")) is not None:
-            caps.append((cap.debit_account_id, cap.credit_account_id))
+            caps.append(Cap(cap.debit_account_id, cap.credit_account_id))
         return caps
 
     def hold_json(hold: Transfer) -> dict[str, Any]:

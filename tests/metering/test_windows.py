@@ -1,0 +1,134 @@
+"""Rolling windows and route budgets in session policies, checked with the hold."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from drip import DripClient, DripConfig, errors
+
+
+@pytest.fixture
+async def client(store_url: str) -> AsyncIterator[DripClient]:
+    c = DripClient(DripConfig(database_url=store_url))
+    await c.provision_user("w", initial_balance="10")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def meter(client: DripClient, event: str, cost: str = "0.01"):  # type: ignore[no-untyped-def]
+    @client.meter(cost=cost, event=event, session_param="session")
+    async def call(session: str) -> str:
+        return event
+
+    return call
+
+
+async def test_calls_per_window_are_capped_then_allowed_again(client: DripClient) -> None:
+    session = await client.create_session(
+        "w", "default", "5", policy={"windows": [{"per": 2, "max_calls": 3}]}
+    )
+    call = meter(client, "search")
+    for _ in range(3):
+        await call(session=session.id)
+    with pytest.raises(errors.RateLimited) as info:
+        await call(session=session.id)
+    assert info.value.status == 429
+    assert 1 <= info.value.details["retry_after_s"] <= 2
+    assert info.value.details["policy"] == "window_2s"
+    await asyncio.sleep(2.1)
+    await call(session=session.id)  # the window rolled
+    assert client.get_session(session.id)["spent"] == 40_000
+
+
+async def test_amount_per_window_counts_open_holds_not_voided_ones(client: DripClient) -> None:
+    session = await client.create_session(
+        "w", "default", "5", policy={"windows": [{"per": "minute", "max_amount": "0.05"}]}
+    )
+    ok = meter(client, "search", cost="0.02")
+
+    @client.meter(cost="0.02", event="flaky", session_param="session")
+    async def flaky(session: str) -> None:
+        raise RuntimeError("failed")
+
+    with pytest.raises(RuntimeError):
+        await flaky(session=session.id)  # voided: does not count
+    await ok(session=session.id)
+    await ok(session=session.id)
+    with pytest.raises(errors.RateLimited):
+        await ok(session=session.id)  # 0.06 > 0.05 in a minute
+    assert client.get_session(session.id)["spent"] == 40_000
+    # concurrent calls cannot slip past the window together
+    results = await asyncio.gather(*(meter(client, "x", "0.004")(session=session.id)
+                                     for _ in range(10)), return_exceptions=True)  # fmt: skip
+    assert sum(1 for r in results if r == "x") == 2  # 0.04 + 2 * 0.004 <= 0.05
+    assert all(isinstance(r, errors.RateLimited) for r in results if r != "x")
+    assert client.ledger.check_invariants().ok
+
+
+async def test_route_budgets_inside_the_session(client: DripClient) -> None:
+    session = await client.create_session(
+        "w", "default", "1", policy={"routes": {"llm_*": {"budget": "0.03"}}}
+    )
+    llm = meter(client, "llm_chat")
+    search = meter(client, "search")
+    for _ in range(3):
+        await llm(session=session.id)
+    with pytest.raises(errors.SessionBudgetExhausted) as info:
+        await llm(session=session.id)
+    assert "llm_*" in info.value.message
+    for _ in range(5):
+        await search(session=session.id)  # other events still have the session's budget
+    assert client.get_session(session.id)["spent"] == 80_000
+    assert client.ledger.check_invariants().ok
+
+
+async def test_bad_window_and_route_rules(client: DripClient) -> None:
+    bad = [
+        {"windows": [{"per": "fortnight", "max_calls": 1}]},
+        {"windows": [{"per": 60}]},
+        {"windows": [{"per": 60, "max_calls": 0}]},
+        {"windows": [{"per": 60, "max_amount": "-1"}]},
+        {"windows": "often"},
+        {"routes": {"llm_*": {"budget": "0"}}},
+        {"routes": {"llm_*": 5}},
+        {"routes": ["llm_*"]},
+    ]
+    for policy in bad:
+        with pytest.raises((errors.InvalidRequest, errors.InvalidAmount)):
+            await client.create_session("w", "default", "1", policy=policy)
+    assert client.ledger.list_accounts("session") == []
+
+
+def test_windows_survive_restart(store_url: str) -> None:
+    """The window is summed from the journal, not from memory: a new client sees it."""
+    first = DripClient(DripConfig(database_url=store_url))
+    first.sync.provision_user("r", initial_balance="1")
+    session = first.sync.create_session(
+        "r", "default", "1", policy={"windows": [{"per": "hour", "max_calls": 2}]}
+    )
+
+    def call_with(client: DripClient) -> None:
+        @client.meter(cost="0.01", event="e", session_param="session")
+        def call(session: str) -> None:
+            return None
+
+        call(session=session.id)
+
+    call_with(first)
+    first.close()
+    second = DripClient(DripConfig(database_url=store_url))
+    try:
+        call_with(second)
+        started = time.monotonic()
+        with pytest.raises(errors.RateLimited) as info:
+            call_with(second)
+        assert info.value.details["retry_after_s"] > 3500
+        assert time.monotonic() - started < 30
+    finally:
+        second.close()
