@@ -1,0 +1,39 @@
+"""DripConfig: keyword arguments, then DRIP_* environment variables, then drip.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from drip import DripConfig
+
+
+def test_sources_and_their_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "drip.toml").write_text(
+        'database_url = "sqlite:///from-toml.db"\nprovider = "toml-provider"\nfee_bps = 25\n'
+    )
+    config = DripConfig()
+    assert (config.database_url, config.provider, config.fee_bps) == (
+        "sqlite:///from-toml.db", "toml-provider", 25)  # fmt: skip
+    monkeypatch.setenv("DRIP_PROVIDER", "env-provider")
+    assert DripConfig().provider == "env-provider"
+    assert DripConfig(provider="kwarg").provider == "kwarg"
+
+
+def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for bad in ({"fee_bps": -1}, {"fee_bps": 10_000}, {"hold_timeout_s": 0},
+                {"locus_api_key": "x"}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            DripConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_secrets_do_not_print(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = DripConfig(stripe_webhook_secret="whsec_very_secret")
+    assert "whsec_very_secret" not in repr(config) and "whsec_very_secret" not in str(config)
+    assert config.stripe_webhook_secret is not None
+    assert config.stripe_webhook_secret.get_secret_value() == "whsec_very_secret"
