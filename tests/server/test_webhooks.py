@@ -183,3 +183,14 @@ def test_a_top_up_resumes_a_paused_user(server: Server, store_url: str) -> None:
     with server.client(server.admin) as http:
         wallet = http.get("/v1/wallets/sleepy").json()
     assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
+
+
+def test_undecodable_or_non_object_bodies_are_400(server: Server) -> None:
+    assert post_stripe(server, b"\xff\xfe{}", "t=1,v1=00").status_code == 400
+    for payload in (b"[1]", b'{"id": "e", "type": "x", "data": 5}'):
+        r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+        assert r.status_code == 400, r.text
+        assert set(r.json()["error"]) == {"type", "code", "message", "param"}
+    with server.client(server.reader) as http:
+        assert http.get("/v1/checkout/%00").status_code == 404
+        assert http.get("/v1/usage", params={"event": "\x00"}).status_code == 400

@@ -31,6 +31,7 @@ from drip.ledger import Charge, Transfer
 from drip.ledger.ledger import Cap
 from drip.ledger.types import DERIVED_SEP, check_code
 from drip.metering.client import DripClient, new_call_id
+from drip.metering.meter import capture_async, hold_or_release
 from drip.money import AmountLike, format_plain, parse_amount
 
 log = logging.getLogger("drip.asgi")
@@ -158,11 +159,12 @@ class DripMeter:
         wallet, caps, refusals = client.payer(
             user_id=user_id, session=token, event=route.event, amount=route.hold
         )
+        led = client.ledger
         with refusals:
-            hold = await client.ledger.hold(
+            hold = await hold_or_release(led, caps, led.hold(
                 new_call_id("http"), wallet, client.revenue_account, route.hold,
                 code=route.event, timeout_s=client.config.hold_timeout_s, caps=caps,
-            )  # fmt: skip
+            ))  # fmt: skip
         return _MeteredCall(client, route, hold, caps)
 
     @staticmethod
@@ -203,10 +205,10 @@ class _MeteredCall:
         value = self.scope.get("state", {}).get(UNITS_KEY, 0)
         return value if isinstance(value, int) and value >= 0 else 0
 
-    async def capture(self) -> Charge:
+    async def capture(self) -> Charge | None:
         self.settled = True
-        return await self.client.ledger.post(
-            self.hold, self.route.cost(self.units()), caps=self.caps
+        return await capture_async(
+            self.client.ledger, self.hold, self.route.cost(self.units()), self.caps
         )
 
     async def void(self) -> None:
@@ -259,10 +261,11 @@ class _MeteredCall:
             charge = await self.capture()
             balance = self.client.ledger.balance(self.hold.debit_account_id).available
             headers += [
-                (b"x-drip-charged", format_plain(charge.amount).encode()),
+                (b"x-drip-charged", format_plain(charge.amount if charge else 0).encode()),
                 (b"x-drip-balance", format_plain(balance).encode()),
-                (b"x-drip-receipt", charge.id.encode()),
             ]
+            if charge is not None:
+                headers.append((b"x-drip-receipt", charge.id.encode()))
         else:
             self.streaming = True
             headers += [

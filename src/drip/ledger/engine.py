@@ -295,7 +295,7 @@ class Engine:
         n = len(specs)
         while i < n:
             j = i
-            while j < n and specs[j].flags & _LINKED and j - i < CHAIN_TRANSFERS_MAX:
+            while j < n and specs[j].flags & _LINKED:  # find the chain's true end
                 j += 1
             if j == i:
                 results.append(self._guard(self._transfer_one, specs[i]))
@@ -309,7 +309,7 @@ class Engine:
                     f"{CHAIN_TRANSFERS_MAX} transfers",
                     param="flags",
                 )
-                results.extend(err for _ in chain[: n - i])
+                results.extend(err for _ in chain)
                 i += len(chain)
                 continue
             results.extend(self._apply_chain(chain))

@@ -156,7 +156,7 @@ def encode_cursor(seq: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not text.startswith("s") or not text[1:].isdigit() or len(text) > 20:
+        if not text.startswith("s") or not text[1:].isdigit() or len(text) > 19:
             raise ValueError(text)
         return int(text[1:])
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
@@ -434,6 +434,10 @@ class _Reads:
         """Transfers newest first, ``limit`` per page; pass ``next_cursor`` for the next."""
         limit = _limit(limit)
         since_us, until_us = _time_bound(since_us, "since_us"), _time_bound(until_us, "until_us")
+        if code is not None:
+            check_code(code, "event")
+        if account_id is not None:
+            check_id(account_id, "account_id")
         before = decode_cursor(cursor) if cursor else None
         rows = self.store.list_transfers(
             account_id=account_id, code=code, since_us=since_us, until_us=until_us,
@@ -457,6 +461,8 @@ class _Reads:
                 f"bucket_s must be an int in 1..{BUCKET_S_MAX}", param="bucket_s"
             )
         since_us, until_us = _time_bound(since_us, "since_us"), _time_bound(until_us, "until_us")
+        if code is not None:
+            check_code(code, "event")
         return self.store.usage(account_id=account_id, since_us=since_us, until_us=until_us,
                                 bucket_s=bucket_s, code=code)  # fmt: skip
 

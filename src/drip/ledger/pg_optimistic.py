@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from drip.ledger.engine import Engine, Op, Result, Writes
 from drip.ledger.store import Store
@@ -39,7 +38,6 @@ _CAS_HOLD = (
     "UPDATE transfers SET hold_state = CASE WHEN hold_state = 0 THEN %s ELSE -1 END, "
     "hold_resolved_amount = %s, hold_resolved_by = %s WHERE id = %s"
 )
-_ABORTS = (pg_errors.CheckViolation, pg_errors.UniqueViolation, pg_errors.DeadlockDetected)
 
 
 class _Miss(Exception):
@@ -114,11 +112,14 @@ def try_batch(
     writes = engine.finish()
     try:
         _send(store, conn, writes, cache)
-    except _ABORTS:
+    except Exception as exc:
+        # whatever failed, leave no aborted transaction behind for the locked path
         _reset(conn)
         cache.clear()
         cache.backoff = BACKOFF_BATCHES
-        return None
+        if isinstance(exc, psycopg.Error):  # aborts, lost races, a broken connection
+            return None  # the locked path reads current rows (and reconnects if needed)
+        raise
     cache.remember(engine)
     return results
 
@@ -146,5 +147,8 @@ def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: Ro
 
 
 def _reset(conn: psycopg.Connection[Any]) -> None:
-    if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        conn.rollback()
+    try:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+    except psycopg.Error:
+        conn.close()  # the locked path opens a fresh connection

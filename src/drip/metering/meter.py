@@ -19,11 +19,11 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drip import errors
-from drip.ledger import Charge, Transfer
+from drip.ledger import Charge, Ledger, SyncLedger, Transfer
 from drip.ledger.ledger import Cap
 from drip.ledger.types import check_code
 from drip.metering.client import new_call_id
@@ -140,10 +140,10 @@ def make_meter(
                 wallet, caps, refusals = resolve(client, payer(args, kwargs))
                 led = client.ledger
                 with refusals:
-                    hold = await led.hold(
+                    hold = await hold_or_release(led, caps, led.hold(
                         new_call_id("call"), wallet, client.revenue_account, pricing.hold,
                         code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                 try:
                     result = await fn(*args, **kwargs)
                     amount = pricing.actual(result)
@@ -153,7 +153,7 @@ def make_meter(
                     if charge is not None:
                         _last_charge.set(charge)
                     raise
-                charge = await asyncio.shield(led.post(hold, amount, caps=caps))
+                charge = await asyncio.shield(capture_async(led, hold, amount, caps))
                 _last_charge.set(charge)
                 return result
 
@@ -178,13 +178,78 @@ def make_meter(
                 else:
                     _last_charge.set(led.post(hold, caps=caps))
                 raise
-            charge = led.post(hold, amount, caps=caps)
+            charge = capture_sync(led, hold, amount, caps)
             _last_charge.set(charge)
             return result
 
         return metered  # type: ignore[return-value]
 
     return decorate
+
+
+async def hold_or_release(led: Ledger, caps: list[Cap], holding: Awaitable[Transfer]) -> Transfer:
+    """Await a hold; if the caller is cancelled meanwhile, void the hold once it lands
+    (otherwise it would reserve the funds until its timeout)."""
+    task = asyncio.ensure_future(holding)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def release(done: asyncio.Future[Transfer]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                cleanup = asyncio.ensure_future(led.void(done.result(), caps=caps))
+                _background.add(cleanup)
+                cleanup.add_done_callback(_background.discard)
+
+        task.add_done_callback(release)
+        raise
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def _late(hold: Transfer, exc: errors.DripError) -> None:
+    log.warning(
+        "hold %s expired before its capture (raise hold_timeout_s above the longest call); "
+        "charging it afresh: %s", hold.id, exc.code,
+    )  # fmt: skip
+
+
+def _late_charge_args(hold: Transfer, amount: int) -> tuple[Any, ...]:
+    return (f"{hold.id}-late", hold.debit_account_id, hold.credit_account_id, amount)
+
+
+async def capture_async(led: Ledger, hold: Transfer, amount: int, caps: list[Cap]) -> Charge | None:
+    """Capture ``amount`` of the hold. If the hold expired while the call ran, charge the
+    amount afresh (it may be refused: then the call goes unbilled, and it is logged)."""
+    try:
+        return await led.post(hold, amount, caps=caps)
+    except errors.HoldExpired as exc:
+        _late(hold, exc)
+        if not amount:
+            return None
+        try:
+            return await led.charge(*_late_charge_args(hold, amount), code=hold.code,
+                                    caps=[Cap(c[0], c[1]) for c in caps])  # fmt: skip
+        except errors.DripError as refused:
+            log.error("late charge of %s refused (%s): the call is unbilled", hold.id, refused.code)
+            return None
+
+
+def capture_sync(led: SyncLedger, hold: Transfer, amount: int, caps: list[Cap]) -> Charge | None:
+    """The blocking twin of :func:`capture_async`."""
+    try:
+        return led.post(hold, amount, caps=caps)
+    except errors.HoldExpired as exc:
+        _late(hold, exc)
+        if not amount:
+            return None
+        try:
+            return led.charge(*_late_charge_args(hold, amount), code=hold.code,
+                              caps=[Cap(c[0], c[1]) for c in caps])  # fmt: skip
+        except errors.DripError as refused:
+            log.error("late charge of %s refused (%s): the call is unbilled", hold.id, refused.code)
+            return None
 
 
 async def _settle_failed_async(

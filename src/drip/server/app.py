@@ -38,7 +38,7 @@ from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
 from drip.server.charges import add_routes as add_charge_routes
-from drip.server.idempotency import Responses, check_key
+from drip.server.idempotency import IdempotencyConflictHttp, Responses, check_key
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
 from drip.server.logs import request_logger
 from drip.server.topups import (
@@ -237,14 +237,28 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         key: ApiKey, idem: str | None, request: Request, body: Any,
         run: Callable[[str], Awaitable[tuple[int, Any]]],
     ) -> JSONResponse:  # fmt: skip
-        """Run a money-moving request at most once per Idempotency-Key."""
+        """Run a money-moving request at most once per Idempotency-Key: the key is claimed
+        first, so a concurrent twin gets a 409 instead of running too."""
         idem_key = check_key(idem)
         method, path = request.method, request.url.path
         digest = Responses.body_digest(method, path, body)
         found = responses.find(key.key_id, idem_key, method, path, digest)
         if found is None:
-            status, payload = await run(f"idem:{key.key_id}:{idem_key}")
-            found = responses.save(key.key_id, idem_key, method, path, digest, status, payload)
+            if not responses.claim(key.key_id, idem_key, method, path, digest):
+                # claimed by a twin: its response, or a 409 while it runs
+                found = responses.find(key.key_id, idem_key, method, path, digest)
+                if found is None:  # the twin failed and released the key just now
+                    raise IdempotencyConflictHttp(
+                        "a request with this Idempotency-Key just failed; retry",
+                        param="Idempotency-Key",
+                    )
+            else:
+                try:
+                    found = await run(f"idem:{key.key_id}:{idem_key}")
+                except BaseException:
+                    responses.release(key.key_id, idem_key)
+                    raise
+                responses.complete(key.key_id, idem_key, *found)
         status, payload = found
         return JSONResponse(payload, status_code=status)
 

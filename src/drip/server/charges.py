@@ -77,11 +77,13 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     ) -> JSONResponse:  # fmt: skip
         """Charge now (no hold): 402 and nothing moved if the payer cannot afford it."""
         amount = parse_amount(body.amount, allow_zero=False)
-        wallet, caps, refusals = client.payer(
-            user_id=body.user_id, session=session, event=body.event, amount=amount
-        )
 
         async def run(transfer_id: str) -> tuple[int, Any]:
+            # resolved here, after the key's stored response was looked for: a retry of a
+            # charge that went through is answered even if the session has since expired
+            wallet, caps, refusals = client.payer(
+                user_id=body.user_id, session=session, event=body.event, amount=amount
+            )
             with refusals:
                 charge = await led.charge(transfer_id, wallet, client.revenue_account, amount,
                                           code=body.event, metadata=body.metadata,
@@ -97,11 +99,11 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     ) -> JSONResponse:  # fmt: skip
         """Reserve the call's maximum before running it; capture or void it afterwards."""
         amount = parse_amount(body.amount, allow_zero=False)
-        wallet, caps, refusals = client.payer(
-            user_id=body.user_id, session=session, event=body.event, amount=amount
-        )
 
         async def run(hold_id: str) -> tuple[int, Any]:
+            wallet, caps, refusals = client.payer(
+                user_id=body.user_id, session=session, event=body.event, amount=amount
+            )
             with refusals:
                 hold = await led.hold(hold_id, wallet, client.revenue_account, amount,
                                       code=body.event, timeout_s=body.timeout_s,

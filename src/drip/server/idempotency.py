@@ -1,5 +1,6 @@
 """``Idempotency-Key`` for money-moving POSTs: the same key and body get the same
-response; the same key with another body is a 409.
+response; the same key with another body is a 409, and so is a second request arriving
+while the first with its key is still running (the key is claimed before the work).
 
 The money itself is protected by the ledger: the key also names the transfer
 (``idem:<api key id>:<key>``), so two concurrent requests with one key move money once
@@ -31,6 +32,8 @@ CREATE TABLE http_idempotency (
 """
 IDEMPOTENCY_MIGRATIONS = (Migration(1, _V1, _V1),)
 _KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+#: Status of a key whose first request is still running.
+IN_PROGRESS = 0
 
 
 def check_key(value: str | None) -> str:
@@ -63,6 +66,8 @@ class Responses:
     def find(
         self, key_id: str, idem_key: str, method: str, path: str, digest: str
     ) -> tuple[int, Any] | None:
+        """The stored response of this key, None if there is none; 409 if the key was used
+        for another request, or if its first request is still running."""
         rows = self.store.query(
             "SELECT method, path, body_sha256, status, response FROM http_idempotency "
             "WHERE key_id = ? AND idem_key = ?",
@@ -76,20 +81,31 @@ class Responses:
                 "this Idempotency-Key was already used with a different request",
                 param="Idempotency-Key",
             )
+        if status == IN_PROGRESS:
+            raise IdempotencyConflictHttp(
+                "a request with this Idempotency-Key is still being processed; retry shortly",
+                param="Idempotency-Key",
+            )
         return int(status), json.loads(response)
 
-    def save(
-        self, key_id: str, idem_key: str, method: str, path: str, digest: str,
-        status: int, response: Any,
-    ) -> tuple[int, Any]:  # fmt: skip
-        """Record the response; if a concurrent twin recorded first, return its response."""
-        inserted = self.store.execute(
+    def claim(self, key_id: str, idem_key: str, method: str, path: str, digest: str) -> bool:
+        """Reserve the key for this request; False if a row for it already exists."""
+        return bool(self.store.execute(
             "INSERT INTO http_idempotency (key_id, idem_key, method, path, body_sha256, status, "
             "response, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (key_id, idem_key, method, path, digest, status, json.dumps(response), wall_clock_us()),
+            (key_id, idem_key, method, path, digest, IN_PROGRESS, "null", wall_clock_us()),
+        ))  # fmt: skip
+
+    def complete(self, key_id: str, idem_key: str, status: int, response: Any) -> None:
+        self.store.execute(
+            "UPDATE http_idempotency SET status = ?, response = ? "
+            "WHERE key_id = ? AND idem_key = ?",
+            (status, json.dumps(response), key_id, idem_key),
         )
-        if inserted:
-            return status, response
-        found = self.find(key_id, idem_key, method, path, digest)
-        assert found is not None
-        return found
+
+    def release(self, key_id: str, idem_key: str) -> None:
+        """The request failed before it produced a response: the key may be used again."""
+        self.store.execute(
+            "DELETE FROM http_idempotency WHERE key_id = ? AND idem_key = ? AND status = ?",
+            (key_id, idem_key, IN_PROGRESS),
+        )

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ CREATE TABLE checkouts (
 )
 """
 CHECKOUT_MIGRATIONS = (Migration(1, _V1, _V1),)
+_CHECKOUT_RE = re.compile(r"co_[0-9a-f]{24}")
 #: Stripe reports amounts in cents; USDC atomic units are millionths.
 ATOMIC_PER_CENT = 10_000
 
@@ -90,6 +92,8 @@ class Checkouts:
         return checkout
 
     def get(self, checkout_id: str) -> Checkout:
+        if not isinstance(checkout_id, str) or not _CHECKOUT_RE.fullmatch(checkout_id):
+            raise errors.NotFound(f"no checkout {str(checkout_id)[:40]!r}", param="checkout_id")
         rows = self.store.query(
             "SELECT id, user_id, amount, status, created_us, paid_event_id, paid_us "
             "FROM checkouts WHERE id = ?",
@@ -117,7 +121,9 @@ class Payment:
     currency: str
 
 
-def verify_stripe(payload: bytes, header: str | None, secret: str, tolerance_s: int) -> Any:
+def verify_stripe(
+    payload: bytes, header: str | None, secret: str, tolerance_s: int
+) -> dict[str, Any]:
     """The verified event, or InvalidSignature. ``stripe`` compares in constant time."""
     import stripe
 
@@ -125,6 +131,8 @@ def verify_stripe(payload: bytes, header: str | None, secret: str, tolerance_s: 
         raise InvalidSignature("missing Stripe-Signature header", param="Stripe-Signature")
     try:
         stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=tolerance_s)
+    except UnicodeDecodeError:
+        raise InvalidSignature("the webhook body is not UTF-8", param="Stripe-Signature") from None
     except stripe.SignatureVerificationError as exc:
         raise InvalidSignature(
             f"Stripe-Signature refused: {exc.user_message or 'bad signature'}",
@@ -144,6 +152,8 @@ def stripe_payment(event: Any) -> Payment | None:
     if not isinstance(event, dict) or event.get("type") != "checkout.session.completed":
         return None
     obj = event.get("data", {}).get("object", {})
+    if not isinstance(obj, dict):
+        return None
     checkout_id = (obj.get("metadata") or {}).get("drip_checkout_id")
     if obj.get("payment_status") not in (None, "paid") or not isinstance(checkout_id, str):
         return None
@@ -154,7 +164,7 @@ def stripe_payment(event: Any) -> Payment | None:
                    str(obj.get("currency", "")).upper())  # fmt: skip
 
 
-def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> Any:
+def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> dict[str, Any]:
     """The verified message, or InvalidSignature (Standard Webhooks: id, timestamp and a
     signature over both and the body; 5-minute tolerance; constant-time comparison)."""
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -183,8 +193,12 @@ def standard_payment(message: Any, event_id: str) -> Payment | None:
     return Payment(event_id, checkout_id, amount, str(data.get("currency", "")).upper())
 
 
-def _json(payload: bytes) -> Any:
+def _json(payload: bytes) -> dict[str, Any]:
+    """The verified body as a JSON object (anything else is refused)."""
     try:
-        return json.loads(payload)
+        body = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.InvalidRequest(f"the webhook body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("data", {}), dict):
+        raise errors.InvalidRequest("the webhook body must be an object with an object data")
+    return body
