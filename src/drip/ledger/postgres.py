@@ -29,6 +29,7 @@ from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
     TRANSFER_COLUMNS,
+    LoaderBase,
     Migration,
     Store,
     wall_clock_us,
@@ -56,12 +57,8 @@ _LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) ORD
 _SELECT_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY(%s)"
 
 
-class _PgLoader:
-    __slots__ = ("cur", "window_sql")
-
-    def __init__(self, cur: psycopg.Cursor[Any], window_sql: str) -> None:
-        self.cur = cur
-        self.window_sql = window_sql
+class _PgLoader(LoaderBase):
+    __slots__ = ()
 
     def load_holds(self, ids: set[str]) -> dict[str, Hold]:
         self.cur.execute(_LOCK_HOLDS, (sorted(ids),))
@@ -70,13 +67,6 @@ class _PgLoader:
     def load_accounts(self, ids: set[str]) -> dict[str, Account]:
         self.cur.execute(_LOCK_ACCOUNTS, (sorted(ids),))
         return {r[0]: Account(*r) for r in self.cur.fetchall()}
-
-    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
-        self.cur.execute(self.window_sql, (account_id, since_us))
-        row = self.cur.fetchone()
-        assert row is not None  # an aggregate always returns one row
-        calls, amount, oldest = row
-        return int(amount), int(calls), None if oldest is None else int(oldest)
 
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
         self.cur.execute(_SELECT_TRANSFERS, (list(ids),))

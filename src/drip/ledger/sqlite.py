@@ -33,6 +33,7 @@ from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
     TRANSFER_COLUMNS,
+    LoaderBase,
     Migration,
     Store,
     wall_clock_us,
@@ -45,27 +46,16 @@ _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTR
 BUSY_TIMEOUT_MS = 30_000
 
 
-class _SqliteLoader:
-    __slots__ = ("cur", "window_sql")
-
-    def __init__(self, cur: sqlite3.Cursor, window_sql: str) -> None:
-        self.cur = cur
-        self.window_sql = window_sql
+class _SqliteLoader(LoaderBase):
+    __slots__ = ()
 
     def _select(self, columns: str, table: str, ids: set[str]) -> list[Any]:
         marks = ",".join("?" * len(ids))
         self.cur.execute(f"SELECT {columns} FROM {table} WHERE id IN ({marks})", tuple(ids))
-        return self.cur.fetchall()
+        return list(self.cur.fetchall())
 
     def load_accounts(self, ids: set[str]) -> dict[str, Account]:
         return {r[0]: Account(*r) for r in self._select(ACCOUNT_COLUMNS, "accounts", ids)}
-
-    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
-        self.cur.execute(self.window_sql, (account_id, since_us))
-        row = self.cur.fetchone()
-        assert row is not None  # an aggregate always returns one row
-        calls, amount, oldest = row
-        return int(amount), int(calls), None if oldest is None else int(oldest)
 
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
         return {r[0]: Transfer(*r) for r in self._select(TRANSFER_COLUMNS, "transfers", ids)}

@@ -65,6 +65,23 @@ class Migration:
     postgres: str
 
 
+class LoaderBase:
+    """What both stores' loaders share: the rolling-window sum, on the batch's cursor."""
+
+    __slots__ = ("cur", "window_sql")
+
+    def __init__(self, cur: Any, window_sql: str) -> None:
+        self.cur = cur
+        self.window_sql = window_sql
+
+    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
+        self.cur.execute(self.window_sql, (account_id, since_us))
+        row = self.cur.fetchone()
+        assert row is not None  # an aggregate always returns one row
+        calls, amount, oldest = row
+        return int(amount), int(calls), None if oldest is None else int(oldest)
+
+
 def wall_clock_us() -> int:
     return time.time_ns() // 1000
 

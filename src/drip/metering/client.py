@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from drip.metering.meter import F
 
 WALLET_PREFIX = "user:"
+#: One ledger call, by method name, for the async or the blocking twin to run.
+Step = tuple[str, tuple[Any, ...], dict[str, Any]]
 REVENUE_PREFIX = "revenue:"
 
 
@@ -266,6 +268,26 @@ class _Base:
         self.get_user_now(user_id)  # the payer must exist
         return token, info
 
+    def _session_steps(
+        self, info: SessionInfo
+    ) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+        """The ledger calls that open a session (each idempotent), for either twin to run:
+        the budget source, the session account and its budget, then each route budget."""
+        source = budget_account_id(self.ledger.asset.symbol)
+        steps: list[Step] = [
+            ("create_account", (source, AccountKind.FUNDING), {}),
+            ("create_account", (info.account_id, AccountKind.SESSION),
+             {"owner": info.user_id, "metadata": info.metadata()}),
+            ("transfer", (f"budget:{info.account_id}", source, info.account_id, info.budget),
+             {"code": "session_budget"}),
+        ]  # fmt: skip
+        for i, (_, route_budget) in enumerate(info.policy.routes):
+            route = info.route_account(i)
+            steps.append(("create_account", (route, AccountKind.SESSION), {"owner": info.user_id}))
+            steps.append(("transfer", (f"budget:{route}", source, route, route_budget),
+                          {"code": "session_budget"}))  # fmt: skip
+        return steps
+
     def _session(self, token: str, info: SessionInfo) -> Session:
         return Session(token, info.account_id.removeprefix("session:"), info.user_id,
                        info.provider, to_decimal(info.budget), info.expires_us,
@@ -402,17 +424,8 @@ class DripClient(_Base):
         callers send as ``X-Drip-Session``."""
         token, info = self._session_plan(user_id, provider, budget, expires_in, policy)
         led = self.ledger
-        budget_id = budget_account_id(led.asset.symbol)
-        await led.create_account(budget_id, AccountKind.FUNDING)
-        await led.create_account(info.account_id, AccountKind.SESSION, owner=user_id,
-                                 metadata=info.metadata())  # fmt: skip
-        await led.transfer(f"budget:{info.account_id}", budget_id, info.account_id,
-                           info.budget, code="session_budget")  # fmt: skip
-        for i, (_, route_budget) in enumerate(info.policy.routes):
-            route = info.route_account(i)
-            await led.create_account(route, AccountKind.SESSION, owner=user_id)
-            await led.transfer(f"budget:{route}", budget_id, route, route_budget,
-                               code="session_budget")  # fmt: skip
+        for step, args, kw in self._session_steps(info):
+            await getattr(led, step)(*args, **kw)
         return self._session(token, info)
 
     async def close_session(self, session: str) -> dict[str, Any]:
@@ -536,18 +549,8 @@ class SyncDripClient:
     ) -> Session:
         c = self._client
         token, info = c._session_plan(user_id, provider, budget, expires_in, policy)
-        led = self._ledger
-        budget_id = budget_account_id(c.ledger.asset.symbol)
-        led.create_account(budget_id, AccountKind.FUNDING)
-        led.create_account(info.account_id, AccountKind.SESSION, owner=user_id,
-                           metadata=info.metadata())  # fmt: skip
-        led.transfer(f"budget:{info.account_id}", budget_id, info.account_id, info.budget,
-                     code="session_budget")  # fmt: skip
-        for i, (_, route_budget) in enumerate(info.policy.routes):
-            route = info.route_account(i)
-            led.create_account(route, AccountKind.SESSION, owner=user_id)
-            led.transfer(f"budget:{route}", budget_id, route, route_budget,
-                         code="session_budget")  # fmt: skip
+        for step, args, kw in c._session_steps(info):
+            getattr(self._ledger, step)(*args, **kw)
         return c._session(token, info)
 
     def get_session(self, session: str) -> dict[str, Any]:
