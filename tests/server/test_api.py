@@ -268,3 +268,25 @@ def test_usage_filters_csv_and_wallet_history(server: Server) -> None:
         assert len(ids) == len(set(ids)) == 4  # 3 charges + the initial top-up
         bad = http.get("/v1/wallets/fay/transfers", params={"cursor": "garbage!"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "cursor"
+
+
+def test_webhook_endpoints(server: Server) -> None:
+    with server.client(server.reader) as http:
+        assert http.get("/v1/webhook-endpoints").status_code == 403  # admin only
+    with server.client(server.admin) as http:
+        r = http.post("/v1/webhook-endpoints", json={"url": "https://hooks.example.com/drip",
+                                                      "events": ["wallet.*"]})  # fmt: skip
+        assert r.status_code == 201, r.text
+        created = r.json()
+        assert created["secret"].startswith("whsec_") and created["events"] == ["wallet.*"]
+        listed = http.get("/v1/webhook-endpoints").json()["data"]
+        assert [e["id"] for e in listed] == [created["id"]]
+        assert "secret" not in listed[0]
+        for body in ({"url": "ftp://x.example.com/a"}, {"url": "https://u:p@x.example.com/"},
+                     {"url": "https://x.example.com/", "events": ["bad event"]}):  # fmt: skip
+            bad = http.post("/v1/webhook-endpoints", json=body)
+            assert bad.status_code == 400, bad.text
+        assert http.delete(f"/v1/webhook-endpoints/{created['id']}").status_code == 204
+        assert http.get("/v1/webhook-endpoints").json()["data"] == []
+        gone = http.delete(f"/v1/webhook-endpoints/{created['id']}")
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"

@@ -38,6 +38,7 @@ from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
 from drip.server.charges import add_routes as add_charge_routes
+from drip.server.endpoints import add_routes as add_endpoint_routes
 from drip.server.idempotency import IdempotencyConflictHttp, Responses, check_key
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
 from drip.server.logs import request_logger
@@ -263,6 +264,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         return JSONResponse(payload, status_code=status)
 
     add_charge_routes(app, client, once, Admin)
+    add_endpoint_routes(app, client.ledger.store, Admin)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
