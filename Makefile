@@ -40,6 +40,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	@dsn=$$(bash scripts/postgres-up.sh); DRIP_TEST_POSTGRES_DSN=$$dsn $(BIN)/python bench/ledger.py
+	$(BIN)/python bench/middleware.py
 
 postgres:
 	@bash scripts/postgres-up.sh
