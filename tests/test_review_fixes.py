@@ -86,3 +86,26 @@ def test_unbounded_reads_are_refused_not_500(store_url: str) -> None:
                 led.history(code=bad)
     finally:
         led.close()
+
+
+async def test_written_transfers_carry_their_sequence_number(store_url: str) -> None:
+    led = open_ledger(store_url, fee_bps=100)
+    try:
+        await led.create_account("user:s", "wallet")
+        await led.create_account("rev:s", "revenue")
+        top = await led.transfer("top-s", "funding:USDC", "user:s", 10_000, code="topup")
+        hold = await led.hold("hold-s", "user:s", "rev:s", 500, code="x")
+        charge = await led.post(hold, 400)
+        many = await asyncio.gather(*(led.charge(f"c{i}", "user:s", "rev:s", 10, code="y")
+                                      for i in range(20)))  # fmt: skip
+        written = [top, hold, charge.transfer, *(c.transfer for c in many)]
+        assert charge.fee is not None
+        written.append(charge.fee)
+        for transfer in written:
+            stored = led.get_transfer(transfer.id)
+            assert stored is not None and transfer.seq == stored.seq > 0
+        assert len({t.seq for t in written}) == len(written)
+        replay = await led.transfer("top-s", "funding:USDC", "user:s", 10_000, code="topup")
+        assert replay.seq == top.seq
+    finally:
+        led.close()

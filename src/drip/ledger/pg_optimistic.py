@@ -15,6 +15,7 @@ given on rows read under lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -125,25 +126,36 @@ def try_batch(
 
 
 def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: RowCache) -> None:
-    with conn.cursor() as cur, conn.pipeline():
-        # lock order as on the locked path: holds, then accounts (each sorted by id)
-        if writes.changed_holds:
-            cur.executemany(
-                _CAS_HOLD,
-                [Store.hold_state_row(h) for _, h in sorted(writes.changed_holds.items())],
-            )
-        if writes.changed_accounts:
-            rows = []
-            for account_id, a in sorted(writes.changed_accounts.items()):
-                old = cache.accounts[account_id]
-                rows.append((
-                    a.status, old.debits_posted, old.credits_posted, old.debits_pending,
-                    old.credits_pending, old.status, a.debits_posted, a.credits_posted,
-                    a.debits_pending, a.credits_pending, account_id,
-                ))  # fmt: skip
-            cur.executemany(_CAS_ACCOUNT, rows)
-        store.insert_rows(cur, writes)
-        conn.commit()
+    with conn.cursor() as cur:
+        with conn.pipeline():
+            read_back = _pipelined(store, conn, cur, writes, cache)
+        read_back()
+
+
+def _pipelined(
+    store: Store, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], writes: Writes,
+    cache: RowCache,
+) -> Callable[[], None]:  # fmt: skip
+    """Queue the batch's compare-and-set updates, inserts and COMMIT on the pipeline."""
+    # lock order as on the locked path: holds, then accounts (each sorted by id)
+    if writes.changed_holds:
+        cur.executemany(
+            _CAS_HOLD,
+            [Store.hold_state_row(h) for _, h in sorted(writes.changed_holds.items())],
+        )
+    if writes.changed_accounts:
+        rows = []
+        for account_id, a in sorted(writes.changed_accounts.items()):
+            old = cache.accounts[account_id]
+            rows.append((
+                a.status, old.debits_posted, old.credits_posted, old.debits_pending,
+                old.credits_pending, old.status, a.debits_posted, a.credits_posted,
+                a.debits_pending, a.credits_pending, account_id,
+            ))  # fmt: skip
+        cur.executemany(_CAS_ACCOUNT, rows)
+    read_back = store.insert_rows(cur, writes)
+    conn.commit()
+    return read_back
 
 
 def _reset(conn: psycopg.Connection[Any]) -> None:

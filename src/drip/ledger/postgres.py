@@ -29,6 +29,7 @@ from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
     TRANSFER_COLUMNS,
+    TRANSFER_INSERT_COLUMNS,
     LoaderBase,
     Migration,
     Store,
@@ -204,8 +205,37 @@ class PostgresStore(Store):
         # one round trip: the writes and the COMMIT go out together in a pipeline
         with cur.connection.pipeline():
             self.update_rows(cur, writes)
-            self.insert_rows(cur, writes)
+            read_back = self.insert_rows(cur, writes)
             cur.connection.commit()
+        read_back()
+
+    def insert_rows(self, cur: Any, writes: Writes) -> Callable[[], None]:
+        """As the base, but PostgreSQL assigns ``seq`` (an identity): read it back with
+        RETURNING, on a cursor of its own (pipelined results are per cursor)."""
+        if writes.new_accounts:
+            cur.executemany(
+                f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES ({','.join(['%s'] * 12)})",
+                [self.account_row(a) for a in writes.new_accounts],
+            )
+        if not writes.new_transfers:
+            return lambda: None
+        returning = cur.connection.cursor()
+        returning.executemany(
+            f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) "
+            f"VALUES ({','.join(['%s'] * 14)}) RETURNING seq",
+            self.transfer_rows(writes),
+            returning=True,
+        )
+        transfers = writes.new_transfers
+
+        def read_back() -> None:
+            with returning:
+                for transfer in transfers:
+                    row = returning.fetchone()
+                    transfer.seq = int(row[0]) if row else 0
+                    returning.nextset()
+
+        return read_back
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         with psycopg.connect(self.url, autocommit=False) as conn, conn.transaction():

@@ -400,20 +400,30 @@ class Store(abc.ABC):
 
     # --- writing a batch's rows (the SQL both dialects share) ---------------------------
 
-    def insert_rows(self, cur: Any, writes: Writes) -> None:
-        """INSERT the batch's new accounts and transfers (holds ride on their transfer)."""
+    def insert_rows(self, cur: Any, writes: Writes) -> Callable[[], None]:
+        """INSERT the batch's new accounts and transfers (holds ride on their transfer).
+
+        Returns what to run once the statements' results are in (PostgreSQL reads back
+        the sequence numbers it assigned); SQLite assigns them here, under its write lock.
+        """
         if writes.new_accounts:
             cur.executemany(
                 self.sql(f"INSERT INTO accounts ({ACCOUNT_COLUMNS}) VALUES ({_marks(12)})"),
                 [self.account_row(a) for a in writes.new_accounts],
             )
-        if writes.new_transfers:
-            cur.executemany(
-                self.sql(
-                    f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}) VALUES ({_marks(14)})"
-                ),
-                self.transfer_rows(writes),
-            )
+        if not writes.new_transfers:
+            return _nothing
+        cur.execute("SELECT coalesce(max(seq), 0) FROM transfers")
+        last = int(cur.fetchone()[0])
+        for offset, transfer in enumerate(writes.new_transfers, start=1):
+            transfer.seq = last + offset
+        cur.executemany(
+            self.sql(f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) "
+                     f"VALUES ({_marks(15)})"),
+            [(*row, t.seq) for row, t in zip(self.transfer_rows(writes), writes.new_transfers,
+                                             strict=True)],
+        )  # fmt: skip
+        return _nothing
 
     def update_rows(self, cur: Any, writes: Writes) -> None:
         """UPDATE the holds and accounts the batch changed (rows it read under its lock)."""
@@ -465,6 +475,10 @@ class Store(abc.ABC):
     def hold_state_row(h: Hold) -> tuple[Any, ...]:
         """For ``UPDATE transfers SET hold_state, hold_resolved_amount, hold_resolved_by``."""
         return (int(h.state), h.resolved_amount, h.resolved_by, h.id)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _marks(n: int) -> str:
