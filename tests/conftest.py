@@ -26,7 +26,7 @@ def need_postgres() -> str:
     if not POSTGRES_DSN:
         if REQUIRE_ALL:
             pytest.fail("DRIP_REQUIRE_ALL=1 but DRIP_TEST_POSTGRES_DSN is not set")
-        pytest.skip("PostgreSQL not configured (set DRIP_TEST_POSTGRES_DSN)")
+        pytest.skip("no PostgreSQL: set DRIP_TEST_POSTGRES_DSN (DRIP_REQUIRE_ALL=1 fails)")
     return POSTGRES_DSN
 
 
