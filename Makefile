@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG_TEST_DSN ?= postgresql://drip_test:drip_test@127.0.0.1:5432/drip_test
 
-.PHONY: install demo test test-fast lint format bench postgres clean
+.PHONY: install demo test test-fast lint format bench postgres clean contracts devnet
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# anvil (the local EVM node) and solc, from npm, pinned by package-lock.json
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch node_modules/.installed
+
+node_modules: node_modules/.installed
+
+# rebuild the committed ABI + bytecode artifacts from contracts/*.sol
+contracts: node_modules
+	node scripts/compile-contracts.js src/drip/chain/artifacts
+
+devnet: $(STAMP) node_modules
+	$(BIN)/drip devnet
+
 demo: $(STAMP)
 	$(BIN)/drip demo
 
 # Starts PostgreSQL (installing it if missing), then runs lint, types and every test.
-test: $(STAMP)
+test: $(STAMP) node_modules
 	@dsn=$$(bash scripts/postgres-up.sh) || { echo "PostgreSQL could not be started" >&2; exit 1; }; \
 	export DRIP_TEST_POSTGRES_DSN=$$dsn; \
 	$(MAKE) --no-print-directory lint && \
@@ -46,4 +60,4 @@ postgres:
 	@bash scripts/postgres-up.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache drip-demo.db*
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache drip-demo.db*

@@ -300,6 +300,30 @@ def serve(
                 access_log=False)  # fmt: skip
 
 
+@app.command("devnet")
+@friendly
+def devnet_command(
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8545,
+) -> None:
+    """Start anvil on 127.0.0.1 with Drip's test USDC deployed and funded (Ctrl-C stops)."""
+    import time
+
+    from drip.chain import devnet
+
+    net = devnet.start(port)
+    out.print(f"devnet: {net.rpc_url} (chain id {devnet.CHAIN_ID}, eip155:{devnet.CHAIN_ID})")
+    out.print(f"TestUSDC: {net.usdc} (6 decimals, 1,000 USDC per account)")
+    for address, key in net.accounts:
+        out.print(f"  {address}  key {key}", highlight=False)
+    try:
+        while net.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        net.stop()
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:

@@ -1,0 +1,30 @@
+"""A real anvil devnet (npm @foundry-rs/anvil) with TestUSDC deployed, per test module.
+
+Without anvil (``make node_modules``) these tests skip on a laptop; with
+``DRIP_REQUIRE_ALL=1`` (CI) a missing anvil is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from drip import errors
+from drip.chain import devnet
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[devnet.Devnet]:
+    try:
+        devnet.anvil_binary()
+    except errors.ConfigError as exc:
+        if os.environ.get("DRIP_REQUIRE_ALL") == "1":
+            pytest.fail(f"DRIP_REQUIRE_ALL=1 but {exc.message}")
+        pytest.skip(f"{exc.message} (DRIP_REQUIRE_ALL=1 fails)")
+    net = devnet.start()
+    try:
+        yield net
+    finally:
+        net.stop()
