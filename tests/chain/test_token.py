@@ -226,3 +226,18 @@ def test_artifacts_match_the_sources(tmp_path: Any) -> None:
     for built in tmp_path.glob("*.json"):
         committed = root / "src" / "drip" / "chain" / "artifacts" / built.name
         assert json.loads(built.read_text()) == json.loads(committed.read_text()), built.name
+
+
+def test_multicall3_is_where_the_x402_sdk_reads(chain: Devnet) -> None:
+    """The official SDK's multicall helper works against the devnet unchanged."""
+    from x402.mechanisms.evm.multicall import MulticallCall, multicall
+    from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
+
+    signer = FacilitatorWeb3Signer(private_key=chain.accounts[9][1], rpc_url=chain.rpc_url)
+    abi = artifact("TestUSDC")["abi"]
+    results = multicall(signer, [
+        MulticallCall(address=chain.usdc, abi=abi, function_name="name"),
+        MulticallCall(address=chain.usdc, abi=abi, function_name="balanceOf",
+                      args=[chain.accounts[9][0]]),
+    ])  # fmt: skip
+    assert [r.result for r in results] == ["USD Coin", 1_000_000_000]

@@ -15,6 +15,8 @@ from typing import Any
 from drip import errors
 from drip.chain.artifacts import artifact
 
+#: Where Multicall3 lives on every EVM chain; the x402 SDK's facilitator reads through it.
+MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"
 #: anvil's well-known development mnemonic: its first accounts and keys are public.
 MNEMONIC = "test test test test test test test test test test test junk"
 CHAIN_ID = 31337
@@ -94,6 +96,7 @@ def start(port: int | None = None, *, accounts: int = 10, fund_usdc: int = 1_000
         for i in range(accounts):
             acct = Account.from_mnemonic(MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}")
             devnet.accounts.append((acct.address, acct.key.hex()))
+        place_at(w3, "Multicall3", MULTICALL3_ADDRESS, devnet.accounts[0])
         devnet.usdc = deploy(w3, "TestUSDC", devnet.accounts[0])
         token = w3.eth.contract(address=devnet.usdc, abi=artifact("TestUSDC")["abi"])
         for address, _ in devnet.accounts:
@@ -102,6 +105,18 @@ def start(port: int | None = None, *, accounts: int = 10, fund_usdc: int = 1_000
         devnet.stop()
         raise
     return devnet
+
+
+def place_at(w3: Any, name: str, address: str, sender: tuple[str, str]) -> None:
+    """Put contract ``name`` at a fixed (canonical) address: deploy it anywhere, then copy
+    its runtime code there with ``anvil_setCode``. Constructor state is not copied, so this
+    suits stateless contracts such as Multicall3."""
+    if len(w3.eth.get_code(address)) > 0:
+        return
+    deployed = deploy(w3, name, sender)
+    w3.provider.make_request("anvil_setCode", [address, w3.eth.get_code(deployed).to_0x_hex()])
+    if len(w3.eth.get_code(address)) == 0:
+        raise errors.StoreError(f"anvil_setCode did not place {name} at {address}")
 
 
 def deploy(w3: Any, name: str, sender: tuple[str, str]) -> str:
