@@ -300,6 +300,41 @@ def serve(
                 access_log=False)  # fmt: skip
 
 
+@app.command("facilitator")
+@friendly
+def facilitator_command(
+    rpc_url: Annotated[str, typer.Option(envvar="DRIP_RPC_URL", help="JSON-RPC of the chain")],
+    private_key: Annotated[
+        str,
+        typer.Option(
+            envvar="DRIP_FACILITATOR_PRIVATE_KEY",
+            help="Key that pays settlement gas",
+            show_default=False,
+        ),
+    ],
+    network: Annotated[list[str], typer.Option(help="CAIP-2 network(s) served")] = [  # noqa: B006
+        "eip155:31337"
+    ],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8403,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run an x402 facilitator: GET /supported, POST /verify, POST /settle (x402 v2)."""
+    import uvicorn
+
+    from drip.ledger import open_store
+    from drip.server.logs import configure_logging
+    from drip.x402.facilitator import build, create_app
+
+    configure_logging()
+    store = open_store(database_url or DripConfig().database_url)
+    try:
+        app_ = create_app(build(rpc_url, private_key, list(network)), store)
+        uvicorn.run(app_, host=host, port=port, log_config=None, access_log=False)
+    finally:
+        store.close()
+
+
 @app.command("devnet")
 @friendly
 def devnet_command(
