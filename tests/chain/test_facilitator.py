@@ -124,3 +124,42 @@ def test_mismatches_are_invalid_with_a_reason(chain: Devnet, facilitator_url: st
         assert not result.is_valid and result.invalid_reason, changed
     broke = pay(chain, requirements(chain, amount=10**15), payer=5)  # more than it has
     assert not sdk.verify(broke, requirements(chain, amount=10**15)).is_valid
+
+
+def test_forged_expired_and_malformed_payments(chain: Devnet, facilitator_url: str) -> None:
+    import httpx
+
+    sdk = HTTPFacilitatorClientSync({"url": facilitator_url})
+    req = requirements(chain)
+    good = pay(chain, req)
+    auth = dict(good.payload["authorization"])
+
+    def with_auth(**changes: Any) -> Any:
+        payload = {**good.payload, "authorization": {**auth, **changes}}
+        return good.model_copy(update={"payload": payload})
+
+    now = int(time.time())
+    forged_sig = pay(chain, req, payer=4).payload["signature"]
+    cases = {
+        "expired": with_auth(validBefore=str(now - 10)),
+        "not yet valid": with_auth(validAfter=str(now + 3600)),
+        "another payer claimed": with_auth(**{"from": chain.accounts[3][0]}),
+        "other key's signature": good.model_copy(
+            update={"payload": {**good.payload, "signature": forged_sig}}),
+    }  # fmt: skip
+    for name, payload in cases.items():
+        result = sdk.verify(payload, req)
+        assert not result.is_valid and result.invalid_reason, name
+        settled = sdk.settle(payload, req)
+        assert not settled.success, name
+    with httpx.Client(base_url=facilitator_url) as http:
+        empty = b'{"x402Version": 2, "paymentPayload": {}, "paymentRequirements": {}}'
+        for body in (b"{not json", b"[]", b'{"x402Version": 1}', empty):
+            for path, flag in (("/verify", "isValid"), ("/settle", "success")):
+                r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+                assert r.status_code == 200 and r.json()[flag] is False, (path, body)
+                assert r.json().get("invalidReason") or r.json().get("errorReason")
+    # nothing moved, and the genuine payment still settles once
+    before = balance(chain, 2)
+    assert sdk.settle(good, req).success
+    assert balance(chain, 2) == before + 10_000
