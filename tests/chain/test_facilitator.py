@@ -4,14 +4,9 @@ facilitator client, settling real EIP-3009 transfers on anvil."""
 from __future__ import annotations
 
 import concurrent.futures
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-import uvicorn
 from eth_account import Account
 from x402 import x402ClientSync
 from x402.http.facilitator_client import HTTPFacilitatorClientSync
@@ -21,31 +16,8 @@ from x402.schemas import PaymentRequired, PaymentRequirements
 
 from drip.chain.artifacts import artifact
 from drip.chain.devnet import Devnet
-from drip.ledger import open_store
-from drip.x402.facilitator import build, create_app
 
 NETWORK = "eip155:31337"
-
-
-@pytest.fixture
-def facilitator_url(chain: Devnet, sqlite_url: str) -> Iterator[str]:
-    store = open_store(sqlite_url)
-    app = create_app(build(chain.rpc_url, chain.accounts[0][1], [NETWORK]), store)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        store.close()
 
 
 def requirements(chain: Devnet, amount: int = 10_000, pay_to: int = 2) -> PaymentRequirements:

@@ -1,0 +1,142 @@
+"""X402Meter on a provider route, paid by the official x402 client over its httpx
+transport, verified and settled by `drip facilitator`, on anvil."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from fastapi import FastAPI
+from x402 import x402Client
+from x402.http.clients import x402_httpx_transport
+from x402.http.facilitator_client import HTTPFacilitatorClient
+from x402.http.utils import decode_payment_response_header
+from x402.mechanisms.evm.exact import register_exact_evm_client
+from x402.mechanisms.evm.signers import EthAccountSigner
+
+from drip import DripClient, DripConfig
+from drip.chain.artifacts import artifact
+from drip.chain.devnet import Devnet
+from drip.x402.server import X402Meter, x402_price
+
+NETWORK = "eip155:31337"
+
+
+class Provider:
+    def __init__(self, url: str, client: DripClient, ran: dict[str, int]) -> None:
+        self.url, self.client, self.ran = url, client, ran
+
+
+@pytest.fixture
+def provider(
+    chain: Devnet, facilitator_url: str, tmp_path: Any, run_app: Any
+) -> Iterator[Provider]:
+    api = FastAPI()
+    ran = {"paid": 0, "effect": 0}
+
+    @api.get("/paid")
+    async def paid() -> dict[str, str]:
+        ran["paid"] += 1
+        return {"answer": "42"}
+
+    @api.post("/effect")
+    async def effect() -> dict[str, str]:
+        ran["effect"] += 1
+        return {"done": "yes"}
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/provider.db"))
+    price = {"pay_to": chain.accounts[2][0], "asset": chain.usdc, "network": NETWORK}
+    app = X402Meter(api, client=client, facilitator=HTTPFacilitatorClient({"url": facilitator_url}),
+                    routes={"GET /paid": x402_price("answer", "0.01", **price),
+                            "POST /effect": x402_price("effect", "0.02", settle_first=True,
+                                                       **price)})  # fmt: skip
+    try:
+        yield Provider(run_app(app), client, ran)
+    finally:
+        client.close()
+
+
+def payer_client(chain: Devnet, index: int = 1) -> x402Client:
+    client = x402Client()
+    register_exact_evm_client(client, EthAccountSigner(Account.from_key(chain.accounts[index][1])))
+    client.set_spend_controls({
+        "allowed_assets": [{"network": NETWORK, "asset": chain.usdc,
+                            "max_amount_per_payment": "1000000"}],
+    })  # fmt: skip
+    return client
+
+
+def balance(chain: Devnet, who: int) -> int:
+    usdc = chain.web3().eth.contract(address=chain.usdc, abi=artifact("TestUSDC")["abi"])
+    return int(usdc.functions.balanceOf(chain.accounts[who][0]).call())
+
+
+async def test_the_official_client_pays_a_drip_route(chain: Devnet, provider: Provider) -> None:
+    async with httpx.AsyncClient(base_url=provider.url) as plain:
+        unpaid = await plain.get("/paid")
+    assert unpaid.status_code == 402 and "payment-required" in unpaid.headers
+    assert unpaid.json()["accepts"][0]["extra"] == {"name": "USD Coin", "version": "2"}
+    before = balance(chain, 2)
+    transport = x402_httpx_transport(payer_client(chain))
+    async with httpx.AsyncClient(base_url=provider.url, transport=transport) as http:
+        r = await http.get("/paid")
+    assert r.status_code == 200 and r.json() == {"answer": "42"}
+    settlement = decode_payment_response_header(r.headers["payment-response"])
+    assert settlement.success and settlement.transaction
+    assert balance(chain, 2) == before + 10_000
+    assert provider.ran["paid"] == 1
+    revenue = provider.client.ledger.balance(provider.client.revenue_account)
+    assert revenue.posted == 10_000  # recorded in the ledger
+    assert provider.client.ledger.check_invariants().ok
+
+
+async def test_a_replayed_payment_is_served_once(chain: Devnet, provider: Provider) -> None:
+    captured: list[str] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        """Under the x402 transport: sees the paid retry and keeps its signature."""
+
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if "payment-signature" in request.headers:
+                captured.append(request.headers["payment-signature"])
+            return await self.inner.handle_async_request(request)
+
+    transport = x402_httpx_transport(payer_client(chain), transport=Recording())
+    async with httpx.AsyncClient(base_url=provider.url, transport=transport) as http:
+        assert (await http.get("/paid")).status_code == 200
+    async with httpx.AsyncClient(base_url=provider.url) as plain:
+        replay = await plain.get("/paid", headers={"PAYMENT-SIGNATURE": captured[-1]})
+        garbage = await plain.get("/paid", headers={"PAYMENT-SIGNATURE": "not base64!"})
+    assert replay.status_code == 402 and replay.json()["error"]
+    assert garbage.status_code == 402
+    assert provider.ran["paid"] == 1
+
+
+async def test_settle_first_routes_settle_before_running(chain: Devnet, provider: Provider) -> None:
+    before = balance(chain, 2)
+    transport = x402_httpx_transport(payer_client(chain))
+    async with httpx.AsyncClient(base_url=provider.url, transport=transport) as http:
+        r = await http.post("/effect")
+    assert r.status_code == 200 and provider.ran["effect"] == 1
+    assert decode_payment_response_header(r.headers["payment-response"]).success
+    assert balance(chain, 2) == before + 20_000
+
+
+async def test_a_payer_without_funds_never_reaches_the_handler(
+    chain: Devnet, provider: Provider
+) -> None:
+    poor = Account.create()
+    client = x402Client()
+    register_exact_evm_client(client, EthAccountSigner(poor))
+    client.set_spend_controls({"allowed_assets": [{"network": NETWORK, "asset": chain.usdc}]})
+    async with httpx.AsyncClient(base_url=provider.url,
+                                 transport=x402_httpx_transport(client)) as http:  # fmt: skip
+        r = await http.get("/paid")
+    assert r.status_code == 402
+    assert provider.ran["paid"] == 0
