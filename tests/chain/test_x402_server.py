@@ -140,3 +140,45 @@ async def test_a_payer_without_funds_never_reaches_the_handler(
         r = await http.get("/paid")
     assert r.status_code == 402
     assert provider.ran["paid"] == 0
+
+
+async def test_drips_paying_client_within_its_policy(chain: Devnet, provider: Provider) -> None:
+    from drip.x402.client import PayingTransport, SpendPolicy
+
+    payer = Account.from_key(chain.accounts[6][1])
+    policy = SpendPolicy.of(max_per_call="0.015", budget_per_hour="0.025",
+                            allowed_networks=[NETWORK], allowed_assets=[chain.usdc],
+                            allowed_recipients=[chain.accounts[2][0]])  # fmt: skip
+    transport = PayingTransport(payer, policy)
+    before = balance(chain, 6)
+    async with httpx.AsyncClient(base_url=provider.url, transport=transport) as http:
+        first = await http.get("/paid")
+        second = await http.get("/paid")
+        third = await http.get("/paid")  # 0.03 > the hourly 0.025
+        effect = await http.post("/effect")  # 0.02 > max_per_call
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert third.status_code == 402
+    assert third.headers["x-drip-payment-refused"] == "hourly budget exhausted"
+    assert effect.status_code == 402
+    assert effect.headers["x-drip-payment-refused"] == "more than max_per_call"
+    assert [p.amount for p in transport.payments] == [10_000, 10_000]
+    assert all(p.transaction for p in transport.payments)
+    assert balance(chain, 6) == before - 20_000
+    assert provider.ran == {"paid": 2, "effect": 0}
+    elsewhere = PayingTransport(payer, SpendPolicy.of(allowed_recipients=["0x" + "1" * 40]))
+    async with httpx.AsyncClient(base_url=provider.url, transport=elsewhere) as http:
+        refused = await http.get("/paid")
+    assert refused.headers["x-drip-payment-refused"] == "recipient not allowed"
+    assert elsewhere.payments == [] and balance(chain, 6) == before - 20_000
+
+
+def test_the_402_header_round_trips_through_the_sdk_codecs(chain: Devnet) -> None:
+    from x402.http.utils import decode_payment_required_header, encode_payment_required_header
+    from x402.schemas import PaymentRequired
+
+    price = x402_price("answer", "0.01", pay_to=chain.accounts[2][0], asset=chain.usdc,
+                       network=NETWORK)  # fmt: skip
+    required = PaymentRequired(accepts=[price.requirements], error="payment required")
+    decoded = decode_payment_required_header(encode_payment_required_header(required))
+    assert decoded == required
+    assert decoded.accepts[0].amount == "10000" and decoded.x402_version == 2
