@@ -182,3 +182,43 @@ def test_the_402_header_round_trips_through_the_sdk_codecs(chain: Devnet) -> Non
     decoded = decode_payment_required_header(encode_payment_required_header(required))
     assert decoded == required
     assert decoded.accepts[0].amount == "10000" and decoded.x402_version == 2
+
+
+async def test_interop_with_the_official_server_middleware(
+    chain: Devnet, facilitator_url: str, run_app: Any
+) -> None:
+    """(b) Drip's client pays a route guarded by the official x402 FastAPI middleware, and
+    (c) that official server verifies and settles through `drip facilitator`."""
+    from x402 import x402ResourceServer
+    from x402.http.middleware.fastapi import payment_middleware
+    from x402.mechanisms.evm.exact import register_exact_evm_server
+
+    from drip.x402.client import PayingTransport, SpendPolicy
+
+    server = x402ResourceServer(HTTPFacilitatorClient({"url": facilitator_url}))
+    register_exact_evm_server(server, NETWORK)
+    routes = {"GET /official": {"accepts": {
+        "scheme": "exact", "payTo": chain.accounts[2][0], "network": NETWORK,
+        "price": {"amount": "7000", "asset": chain.usdc,
+                  "extra": {"name": "USD Coin", "version": "2"}},
+    }}}  # fmt: skip
+    api = FastAPI()
+    ran: list[int] = []
+
+    @api.get("/official")
+    async def official() -> dict[str, str]:
+        ran.append(1)
+        return {"ok": "yes"}
+
+    guard = payment_middleware(routes, server)
+    api.middleware("http")(guard)
+    url = run_app(api)
+    before = balance(chain, 2)
+    transport = PayingTransport(Account.from_key(chain.accounts[7][1]),
+                                SpendPolicy.of(max_per_call="0.01"))  # fmt: skip
+    async with httpx.AsyncClient(base_url=url, transport=transport) as http:
+        r = await http.get("/official")
+    assert r.status_code == 200, (r.status_code, r.headers, r.text[:300])
+    assert ran == [1]
+    assert balance(chain, 2) == before + 7_000
+    assert [p.amount for p in transport.payments] == [7_000]
