@@ -52,9 +52,10 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench examples
 	$(BIN)/ruff check --fix src tests bench examples
 
-bench: $(STAMP)
+bench: $(STAMP) node_modules
 	@dsn=$$(bash scripts/postgres-up.sh); DRIP_TEST_POSTGRES_DSN=$$dsn $(BIN)/python bench/ledger.py
 	$(BIN)/python bench/middleware.py
+	$(BIN)/python bench/x402.py
 
 postgres:
 	@bash scripts/postgres-up.sh
