@@ -44,8 +44,8 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -x
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench examples
-	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check --no-cache src tests bench examples
+	$(BIN)/ruff format --no-cache --check src tests bench examples
 	$(BIN)/mypy
 
 format: $(STAMP)

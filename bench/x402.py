@@ -37,6 +37,7 @@ import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 from eth_account import Account  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
+from x402 import x402ClientSync  # noqa: E402
 from x402.http.facilitator_client import HTTPFacilitatorClient, HTTPFacilitatorClientSync  # noqa: E402
 from x402.mechanisms.evm.exact import register_exact_evm_client  # noqa: E402
 from x402.mechanisms.evm.signers import EthAccountSigner  # noqa: E402
@@ -48,7 +49,6 @@ from drip.ledger import open_store  # noqa: E402
 from drip.x402.client import PayingTransport, SpendPolicy  # noqa: E402
 from drip.x402.facilitator import build, create_app  # noqa: E402
 from drip.x402.server import X402Meter, x402_price  # noqa: E402
-from x402 import x402ClientSync  # noqa: E402
 
 NETWORK = "eip155:31337"
 CALLERS = 4
