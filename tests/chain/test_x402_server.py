@@ -222,3 +222,44 @@ async def test_interop_with_the_official_server_middleware(
     assert ran == [1]
     assert balance(chain, 2) == before + 7_000
     assert [p.amount for p in transport.payments] == [7_000]
+
+
+async def test_one_payment_sent_to_two_servers_at_once_is_served_once(
+    chain: Devnet, facilitator_url: str, postgres_url: str, run_app: Any
+) -> None:
+    """Two providers (own connections, like two processes) on one PostgreSQL database."""
+    import asyncio
+
+    from x402.http.utils import encode_payment_signature_header
+    from x402.schemas import PaymentRequired
+
+    ran: list[str] = []
+    clients = [DripClient(DripConfig(database_url=postgres_url)) for _ in range(2)]
+    price = x402_price("answer", "0.01", pay_to=chain.accounts[2][0], asset=chain.usdc,
+                       network=NETWORK)  # fmt: skip
+    urls = []
+    for name, client in zip("ab", clients, strict=True):
+        api = FastAPI()
+
+        @api.get("/paid")
+        async def paid(name: str = name) -> dict[str, str]:
+            ran.append(name)
+            return {"served_by": name}
+
+        facilitator = HTTPFacilitatorClient({"url": facilitator_url})
+        meter = X402Meter(api, client=client, routes={"GET /paid": price}, facilitator=facilitator)
+        urls.append(run_app(meter))
+    try:
+        payer = payer_client(chain, 8)
+        payload = await payer.create_payment_payload(PaymentRequired(accepts=[price.requirements]))
+        header = {"PAYMENT-SIGNATURE": encode_payment_signature_header(payload)}
+        before = balance(chain, 2)
+        async with httpx.AsyncClient() as http:
+            answers = await asyncio.gather(*(http.get(f"{url}/paid", headers=header)
+                                             for url in urls * 3))  # fmt: skip
+        assert sorted(r.status_code for r in answers) == [200, 402, 402, 402, 402, 402]
+        assert len(ran) == 1
+        assert balance(chain, 2) == before + 10_000
+    finally:
+        for client in clients:
+            client.close()
