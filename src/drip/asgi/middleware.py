@@ -155,7 +155,7 @@ class DripMeter:
     async def _hold(self, scope: Scope, route: Price) -> _MeteredCall:
         client = self.client
         user_id = self.payer(scope) if self.payer is not None else None
-        token = None if user_id is not None else _header(scope, SESSION_HEADER)
+        token = None if user_id is not None else header(scope, SESSION_HEADER)
         wallet, caps, refusals = client.payer(
             user_id=user_id, session=token, event=route.event, amount=route.hold
         )
@@ -176,7 +176,8 @@ class DripMeter:
         await send({"type": "http.response.body", "body": _error_body(exc)})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header's value (first occurrence), or None."""
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
             return bytes(value).decode("latin-1")

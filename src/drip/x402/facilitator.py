@@ -54,7 +54,7 @@ def build(rpc_url: str, private_key: str, networks: list[str]) -> x402Facilitato
     return facilitator
 
 
-def _authorization(payload: PaymentPayload) -> tuple[str, str] | None:
+def authorization_key(payload: PaymentPayload) -> tuple[str, str] | None:
     """(payer, nonce) of an EIP-3009 exact payload, lower-cased; None for other shapes."""
     auth = payload.payload.get("authorization") if isinstance(payload.payload, dict) else None
     if not isinstance(auth, dict):
@@ -101,7 +101,7 @@ def create_app(facilitator: x402FacilitatorSync, store: Store) -> FastAPI:
         if isinstance(parsed, str):
             return {"isValid": False, "invalidReason": parsed}
         payload, requirements = parsed
-        key = _authorization(payload)
+        key = authorization_key(payload)
         if settled_before(key):
             return {"isValid": False, "invalidReason": "nonce_already_used",
                     "payer": key[0] if key else None}  # fmt: skip
@@ -120,7 +120,7 @@ def create_app(facilitator: x402FacilitatorSync, store: Store) -> FastAPI:
             return {"success": False, "errorReason": parsed, "transaction": "", "network": ""}
         payload, requirements = parsed
         network = str(requirements.network)
-        key = _authorization(payload)
+        key = authorization_key(payload)
         if key is not None and not store.execute(
             "INSERT INTO x402_settlements (payer, nonce, network, asset, pay_to, amount, status,"
             " created_us) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",

@@ -35,11 +35,12 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 
-from drip.asgi.middleware import ASGIApp, Message, Receive, Scope, Send
+from drip.asgi.middleware import ASGIApp, Message, Receive, Scope, Send, header
 from drip.ledger import AccountKind
 from drip.ledger.store import Migration, wall_clock_us
 from drip.metering import DripClient
 from drip.money import parse_amount
+from drip.x402.facilitator import authorization_key
 
 log = logging.getLogger("drip.x402")
 
@@ -91,17 +92,6 @@ def x402_price(
     return X402Price(requirements, event, description, settle_first)
 
 
-def _authorization(payload: PaymentPayload) -> tuple[str, str] | None:
-    auth = payload.payload.get("authorization") if isinstance(payload.payload, dict) else None
-    if (
-        isinstance(auth, dict)
-        and isinstance(auth.get("from"), str)
-        and isinstance(auth.get("nonce"), str)
-    ):
-        return auth["from"].lower(), auth["nonce"].lower()
-    return None
-
-
 class X402Meter:
     """Wrap an ASGI app: ``X402Meter(app, client=..., facilitator=..., routes={...})``."""
 
@@ -135,12 +125,12 @@ class X402Meter:
             await self.app(scope, receive, send)
             return
         self._prepare()
-        header = _header(scope, b"payment-signature")
-        if header is None:
+        signature = header(scope, b"payment-signature")
+        if signature is None:
             await self._payment_required(scope, send, route, "payment required")
             return
         try:
-            payload = decode_payment_signature_header(header)
+            payload = decode_payment_signature_header(signature)
             if not isinstance(payload, PaymentPayload):
                 raise ValueError("x402 v2 payloads only")
         except Exception as exc:  # noqa: BLE001 - any undecodable header is the payer's error
@@ -158,7 +148,7 @@ class X402Meter:
             reason = verified.invalid_reason or "invalid payment"
             await self._payment_required(scope, send, route, reason)
             return
-        key = _authorization(payload) or ((verified.payer or "").lower(), header[-64:])
+        key = authorization_key(payload) or ((verified.payer or "").lower(), signature[-64:])
         store = self.client.ledger.store
         if not store.execute(
             "INSERT INTO x402_payments (payer, nonce, route, amount, status, created_us) "
@@ -280,13 +270,6 @@ class _PaidCall:
                 self.done = True
                 self._release()
             raise
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 async def _json(send: Send, status: int, body: Any,
