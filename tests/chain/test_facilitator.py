@@ -16,6 +16,7 @@ from x402.schemas import PaymentRequired, PaymentRequirements
 
 from drip.chain.artifacts import artifact
 from drip.chain.devnet import Devnet
+from drip.x402.facilitator import GAS_LIMIT, build
 
 NETWORK = "eip155:31337"
 
@@ -59,6 +60,9 @@ def test_supported_verify_settle_once(chain: Devnet, facilitator_url: str) -> No
     assert settled.success, settled
     receipt = chain.web3().eth.get_transaction_receipt(settled.transaction)
     assert receipt["status"] == 1
+    # settled with Drip's bounded gas limit, not the SDK's 500k default
+    assert chain.web3().eth.get_transaction(settled.transaction)["gas"] == GAS_LIMIT
+    assert receipt["gasUsed"] < GAS_LIMIT
     assert (balance(chain, 1), balance(chain, 2)) == (before_payer - 10_000, before_payee + 10_000)
     again = sdk.settle(payload, req)
     assert not again.success and again.error_reason == "nonce_already_used"
@@ -135,3 +139,27 @@ def test_forged_expired_and_malformed_payments(chain: Devnet, facilitator_url: s
     before = balance(chain, 2)
     assert sdk.settle(good, req).success
     assert balance(chain, 2) == before + 10_000
+
+
+def test_gas_limit_is_bounded_and_checked(chain: Devnet) -> None:
+    for bad in (0, 20_999, 1_000_001, "150000"):
+        try:
+            build(chain.rpc_url, chain.accounts[0][1], [NETWORK], gas_limit=bad)  # type: ignore[arg-type]
+        except ValueError as exc:
+            assert "gas_limit" in str(exc)
+        else:
+            raise AssertionError(f"gas_limit={bad!r} was accepted")
+
+
+def test_a_settlement_out_of_gas_fails_and_frees_the_nonce(chain: Devnet) -> None:
+    """A limit below what the transfer needs: the transaction reverts, funds stay put."""
+    fac = build(chain.rpc_url, chain.accounts[0][1], [NETWORK], gas_limit=30_000)
+    req = requirements(chain, amount=1_000)
+    payload = pay(chain, req)
+    assert fac.verify(payload, req).is_valid
+    before = balance(chain, 1), balance(chain, 2)
+    result = fac.settle(payload, req)
+    assert not result.success and result.error_reason == "transaction_failed"
+    mined = chain.web3().eth.get_transaction_receipt(result.transaction)
+    assert mined["status"] == 0 and mined["gasUsed"] <= 30_000
+    assert (balance(chain, 1), balance(chain, 2)) == before

@@ -318,6 +318,9 @@ def facilitator_command(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8403,
     database_url: DatabaseUrl = None,
+    gas_limit: Annotated[
+        int, typer.Option(min=21_000, max=1_000_000, help="Gas limit of each settlement")
+    ] = 150_000,
 ) -> None:
     """Run an x402 facilitator: GET /supported, POST /verify, POST /settle (x402 v2)."""
     import uvicorn
@@ -329,7 +332,7 @@ def facilitator_command(
     configure_logging()
     store = open_store(database_url or DripConfig().database_url)
     try:
-        app_ = create_app(build(rpc_url, private_key, list(network)), store)
+        app_ = create_app(build(rpc_url, private_key, list(network), gas_limit=gas_limit), store)
         uvicorn.run(app_, host=host, port=port, log_config=None, access_log=False)
     finally:
         store.close()

@@ -18,11 +18,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
+from web3 import Web3
+from web3.middleware import ExtraDataToPOAMiddleware
 from x402 import x402FacilitatorSync
 from x402.mechanisms.evm.exact import register_exact_evm_facilitator
 from x402.mechanisms.evm.signers import FacilitatorWeb3Signer
 from x402.schemas import PaymentPayload, PaymentRequirements
 
+from drip.chain.rpc import CoalescingHTTPProvider
 from drip.ledger.store import Migration, Store, wall_clock_us
 
 log = logging.getLogger("drip.x402.facilitator")
@@ -44,11 +47,34 @@ CREATE TABLE x402_settlements (
 """
 SETTLEMENT_MIGRATIONS = (Migration(1, _V1, _V1),)
 BODY_BYTES_MAX = 64 * 1024
+#: gas bound of one settlement: an EIP-3009 transfer uses ~66k (a fresh payee ~83k);
+#: headroom for smart-wallet signatures, far below the SDK's 500k default
+GAS_LIMIT = 150_000
+CONFIRMATION_TIMEOUT_S = 20.0
 
 
-def build(rpc_url: str, private_key: str, networks: list[str]) -> x402FacilitatorSync:
-    """The SDK's facilitator with the EVM exact scheme, signing with ``private_key``."""
-    signer = FacilitatorWeb3Signer(private_key=private_key, rpc_url=rpc_url)
+class DripFacilitatorSigner(FacilitatorWeb3Signer):
+    """The SDK's web3 signer, reading through ``CoalescingHTTPProvider``: concurrent
+    verifications share JSON-RPC round trips and the chain id is asked once."""
+
+    def __init__(self, private_key: str, rpc_url: str, *, gas_limit: int = GAS_LIMIT,
+                 confirmation_timeout_s: float = CONFIRMATION_TIMEOUT_S) -> None:  # fmt: skip
+        super().__init__(private_key, rpc_url, confirmation_timeout_seconds=confirmation_timeout_s,
+                         gas_limit=gas_limit)  # fmt: skip
+        self.provider = CoalescingHTTPProvider(rpc_url)
+        w3 = Web3(self.provider)
+        w3.middleware_onion.inject(ExtraDataToPOAMiddleware, layer=0)
+        self._w3 = w3  # the SDK signer keeps its client here (x402 2.25+)
+
+
+def build(
+    rpc_url: str, private_key: str, networks: list[str], *, gas_limit: int = GAS_LIMIT
+) -> x402FacilitatorSync:
+    """The SDK's facilitator with the EVM exact scheme, signing with ``private_key``;
+    every settlement transaction carries ``gas_limit``."""
+    if not isinstance(gas_limit, int) or not 21_000 <= gas_limit <= 1_000_000:
+        raise ValueError("gas_limit must be an int between 21,000 and 1,000,000")
+    signer = DripFacilitatorSigner(private_key, rpc_url, gas_limit=gas_limit)
     facilitator = x402FacilitatorSync()
     register_exact_evm_facilitator(facilitator, signer, networks)
     return facilitator
