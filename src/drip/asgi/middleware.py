@@ -131,11 +131,14 @@ class DripMeter:
         client: DripClient,
         routes: Mapping[str, Price],
         payer: Callable[[Scope], str | None] | None = None,
+        on_402: Callable[[Scope], list[tuple[bytes, bytes]]] | None = None,
     ) -> None:
         self.app = app
         self.client = client
         self.routes = _Routes(routes)
         self.payer = payer
+        #: extra headers for a 402 refusal (``X402Meter`` adds ``PAYMENT-REQUIRED``)
+        self.on_402 = on_402
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,12 +148,23 @@ class DripMeter:
         if route is None:
             await self.app(scope, receive, send)
             return
+        await self.metered(scope, receive, send, route)
+
+    async def metered(self, scope: Scope, receive: Receive, send: Send, route: Price) -> None:
+        """Hold, run, capture: one call of a priced route."""
         try:
             call = await self._hold(scope, route)
         except errors.DripError as exc:
-            await self._refuse(send, exc)
+            extra = self.on_402(scope) if exc.status == 402 and self.on_402 is not None else []
+            await self._refuse(send, exc, extra)
             return
         await call.run(self.app, scope, receive, send)
+
+    def has_payer(self, scope: Scope) -> bool:
+        """Whether the request names a Drip payer (a session, or the ``payer=`` resolver's)."""
+        if self.payer is not None and self.payer(scope) is not None:
+            return True
+        return header(scope, SESSION_HEADER) is not None
 
     async def _hold(self, scope: Scope, route: Price) -> _MeteredCall:
         client = self.client
@@ -168,8 +182,9 @@ class DripMeter:
         return _MeteredCall(client, route, hold, caps)
 
     @staticmethod
-    async def _refuse(send: Send, exc: errors.DripError) -> None:
-        headers = [(b"content-type", b"application/json")]
+    async def _refuse(send: Send, exc: errors.DripError,
+                      extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+        headers = [(b"content-type", b"application/json"), *(extra or [])]
         if exc.status == 429 and "retry_after_s" in exc.details:
             headers.append((b"retry-after", str(exc.details["retry_after_s"]).encode()))
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})

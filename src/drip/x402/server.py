@@ -14,7 +14,15 @@
   known, never a bare 402. An error status from the handler is not settled, and its
   reservation is released (the authorization was never used on-chain).
 - Every settled payment is recorded in the ledger: ``x402:<network>`` -> the provider's
-  revenue account, id ``x402:<payer>:<nonce>``.
+  revenue account, id ``x402:<payer>:<nonce>``, sent back as ``X-Drip-Receipt``. With a
+  ``signer`` key, the 402 carries signed offers and ``PAYMENT-RESPONSE`` a signed receipt
+  (the x402 ``offer-receipt`` extension, EIP-712); the receipt is kept with the payment.
+- One flow for both kinds of callers: with ``sessions=`` (the ``DripMeter`` price table),
+  a request carrying ``X-Drip-Session`` (or a payer the ``payer=`` resolver finds) is
+  metered against its prepaid wallet, one carrying ``PAYMENT-SIGNATURE`` pays in x402,
+  and one carrying neither gets a 402 offering both: ``accepts`` for x402 and
+  ``extensions["drip-session"]`` for a session. A session refused for credit (402)
+  also gets ``PAYMENT-REQUIRED``, so the caller can pay that call in x402 instead.
 
 (The facilitator is anything with the SDK's async ``verify``/``settle``: usually
 ``HTTPFacilitatorClient`` pointed at ``drip facilitator``.)
@@ -24,10 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
@@ -35,11 +45,21 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 
-from drip.asgi.middleware import ASGIApp, Message, Receive, Scope, Send, header
+from drip.asgi.middleware import (
+    ASGIApp,
+    DripMeter,
+    Message,
+    Price,
+    Receive,
+    Scope,
+    Send,
+    header,
+)
 from drip.ledger import AccountKind
 from drip.ledger.store import Migration, wall_clock_us
 from drip.metering import DripClient
-from drip.money import parse_amount
+from drip.money import format_plain, parse_amount
+from drip.x402 import receipts
 from drip.x402.facilitator import authorization_key
 
 log = logging.getLogger("drip.x402")
@@ -56,7 +76,13 @@ CREATE TABLE x402_payments (
     PRIMARY KEY (payer, nonce)
 )
 """
-PAYMENT_MIGRATIONS = (Migration(1, _V1, _V1),)
+_V2 = """
+ALTER TABLE x402_payments ADD COLUMN transfer_id TEXT;
+ALTER TABLE x402_payments ADD COLUMN receipt TEXT
+"""
+PAYMENT_MIGRATIONS = (Migration(1, _V1, _V1), Migration(2, _V2, _V2))
+SESSION_EXTENSION = "drip-session"
+OFFER_CACHE_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +119,9 @@ def x402_price(
 
 
 class X402Meter:
-    """Wrap an ASGI app: ``X402Meter(app, client=..., facilitator=..., routes={...})``."""
+    """Wrap an ASGI app: ``X402Meter(app, client=..., facilitator=..., routes={...})``;
+    add ``sessions={...}`` (``drip.asgi.price``) to accept Drip sessions on the same routes
+    and ``signer=`` (a key) for signed offers and receipts."""
 
     def __init__(
         self,
@@ -102,11 +130,23 @@ class X402Meter:
         client: DripClient,
         facilitator: Any,
         routes: Mapping[str, X402Price],
+        sessions: Mapping[str, Price] | None = None,
+        payer: Callable[[Scope], str | None] | None = None,
+        signer: LocalAccount | str | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.app = app
         self.client = client
         self.facilitator = facilitator
         self.routes = dict(routes)
+        self.sessions = (
+            DripMeter(app, client=client, routes=sessions, payer=payer, on_402=self._offer)
+            if sessions
+            else None
+        )
+        self.signer = Account.from_key(signer) if isinstance(signer, str) else signer
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self._offers: dict[tuple[int, str], dict[str, Any]] = {}
         self._ready = False
 
     def _prepare(self) -> None:
@@ -119,14 +159,39 @@ class X402Meter:
             scope["path"]
         )
 
+    def _session_price(self, scope: Scope) -> Price | None:
+        if self.sessions is None:
+            return None
+        return self.sessions.routes.find(scope["method"], scope["path"])
+
+    def url(self, scope: Scope) -> str:
+        """The resource's URL (no query string: it may hold secrets)."""
+        if self.public_url is not None:
+            return self.public_url + str(scope["path"])
+        host = header(scope, b"host") or "localhost"
+        return f"{scope.get('scheme', 'http')}://{host}{scope['path']}"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self._route(scope) if scope["type"] == "http" else None
-        if route is None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self._route(scope)
+        session_price = self._session_price(scope)
+        if route is None and session_price is None:
             await self.app(scope, receive, send)
             return
         self._prepare()
-        signature = header(scope, b"payment-signature")
-        if signature is None:
+        signature = header(scope, b"payment-signature") if route is not None else None
+        if signature is None or route is None:
+            assert self.sessions is not None or route is not None
+            if (
+                session_price is not None
+                and self.sessions is not None
+                and (route is None or self.sessions.has_payer(scope))
+            ):
+                await self.sessions.metered(scope, receive, send, session_price)
+                return
+            assert route is not None
             await self._payment_required(scope, send, route, "payment required")
             return
         try:
@@ -157,18 +222,59 @@ class X402Meter:
         ):
             await self._payment_required(scope, send, route, "payment already used")
             return
-        call = _PaidCall(self, route, payload, key)
+        call = _PaidCall(self, route, payload, key, self.url(scope))
         if route.settle_first and not await call.settle(send):
             return
         await call.run(scope, receive, send)
 
-    async def _payment_required(self, scope: Scope, send: Send, route: X402Price,
-                                reason: str) -> None:  # fmt: skip
-        required = PaymentRequired(
-            error=reason, accepts=[route.requirements],
-            resource=ResourceInfo(url=scope["path"], description=route.description or route.event,
+    def required(self, scope: Scope, route: X402Price, reason: str) -> PaymentRequired:
+        """The 402's offer: x402 ``accepts`` and, where they apply, a session and signed offers."""
+        url = self.url(scope)
+        extensions: dict[str, Any] = {}
+        session_price = self._session_price(scope)
+        if session_price is not None:
+            extensions[SESSION_EXTENSION] = {"info": {
+                "header": "X-Drip-Session", "event": session_price.event, "currency": "USDC",
+                "perCall": format_plain(session_price.per_call),
+                "perUnit": format_plain(session_price.per_unit),
+                "maxUnits": session_price.max_units,
+                "maxCharge": format_plain(session_price.hold),
+            }}  # fmt: skip
+        if self.signer is not None:
+            extensions.update(receipts.extension(offers=[self._signed_offer(route, url)]))
+        return PaymentRequired(
+            error=reason, accepts=[route.requirements], extensions=extensions or None,
+            resource=ResourceInfo(url=url, description=route.description or route.event,
                                   mime_type="application/json"),
         )  # fmt: skip
+
+    def _signed_offer(self, route: X402Price, url: str) -> dict[str, Any]:
+        assert self.signer is not None
+        key = (id(route), url)
+        offer = self._offers.get(key)
+        if offer is None:
+            req = route.requirements
+            offer = receipts.sign_offer(
+                self.signer, resource_url=url, scheme=req.scheme, network=str(req.network),
+                asset=req.asset, pay_to=req.pay_to, amount=req.amount,
+                max_timeout_s=req.max_timeout_seconds,
+            )  # fmt: skip
+            if len(self._offers) >= OFFER_CACHE_MAX:  # Host headers vary: stay bounded
+                self._offers.clear()
+            self._offers[key] = offer
+        return offer
+
+    def _offer(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """``PAYMENT-REQUIRED`` for a session's 402, when the route also takes x402."""
+        route = self._route(scope)
+        if route is None:
+            return []
+        required = self.required(scope, route, "insufficient credits: pay this call in x402")
+        return [(b"payment-required", encode_payment_required_header(required).encode())]
+
+    async def _payment_required(self, scope: Scope, send: Send, route: X402Price,
+                                reason: str) -> None:  # fmt: skip
+        required = self.required(scope, route, reason)
         body = json.loads(required.model_dump_json(by_alias=True, exclude_none=True))
         await _json(
             send,
@@ -182,12 +288,14 @@ class _PaidCall:
     """One verified, reserved payment: settle exactly once, or release the reservation."""
 
     def __init__(self, meter: X402Meter, route: X402Price, payload: PaymentPayload,
-                 key: tuple[str, str]) -> None:  # fmt: skip
+                 key: tuple[str, str], url: str) -> None:  # fmt: skip
         self.meter = meter
         self.route = route
         self.payload = payload
         self.key = key
+        self.url = url
         self.response_header: bytes | None = None
+        self.transfer_id: str | None = None
         self.done = False
         #: the client already got an answer from us (a failed settlement): drop the app's
         self.answered = False
@@ -215,28 +323,41 @@ class _PaidCall:
         if not result.success:
             self._release()
             await self.meter._payment_required(
-                {"path": "", "method": ""},
+                {"path": "", "method": "", "headers": []},
                 send,
                 self.route,
                 f"settlement failed: {result.error_reason or 'unknown'}",
             )
             return False
-        store.execute("UPDATE x402_payments SET status = 'settled', tx_hash = ? WHERE payer = ? "
-                      "AND nonce = ?", (result.transaction, *self.key))  # fmt: skip
-        await self._record(result.transaction, str(result.network))
+        receipt = None
+        if self.meter.signer is not None:
+            receipt = receipts.sign_receipt(
+                self.meter.signer, network=str(result.network), resource_url=self.url,
+                payer=result.payer or self.key[0], transaction=result.transaction,
+            )  # fmt: skip
+            result = result.model_copy(update={"extensions": {
+                **(result.extensions or {}), **receipts.extension(receipt=receipt)}})  # fmt: skip
+        self.transfer_id = await self._record(result.transaction, str(result.network))
+        store.execute(
+            "UPDATE x402_payments SET status = 'settled', tx_hash = ?, transfer_id = ?, "
+            "receipt = ? WHERE payer = ? AND nonce = ?",
+            (result.transaction, self.transfer_id,
+             json.dumps(receipt) if receipt is not None else None, *self.key),
+        )  # fmt: skip
         self.response_header = encode_payment_response_header(result).encode()
         return True
 
-    async def _record(self, tx_hash: str, network: str) -> None:
+    async def _record(self, tx_hash: str, network: str) -> str:
         led = self.meter.client.ledger
         source = f"x402:{network}"
         await led.create_account(source, AccountKind.FUNDING)
         payer, nonce = self.key
-        await led.transfer(
+        transfer = await led.transfer(
             f"x402:{payer}:{nonce}"[:160], source, self.meter.client.revenue_account,
             int(self.route.requirements.amount), code=self.route.event,
             metadata={"tx": tx_hash, "payer": payer, "network": network},
         )  # fmt: skip
+        return transfer.id
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         start: Message | None = None
@@ -260,6 +381,8 @@ class _PaidCall:
                 headers = list(held.get("headers", []))
                 if self.response_header is not None:
                     headers.append((b"payment-response", self.response_header))
+                if self.transfer_id is not None:
+                    headers.append((b"x-drip-receipt", self.transfer_id.encode()))
                 await send({**held, "headers": headers})
             await send(message)
 

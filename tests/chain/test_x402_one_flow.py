@@ -1,0 +1,202 @@
+"""One provider route, two kinds of callers: a prepaid Drip session or an x402 payment,
+whichever the request carries; the 402 offers both. With a signer, offers and receipts
+of the x402 ``offer-receipt`` extension are signed and check out offline."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from fastapi import FastAPI
+from x402.http.clients import x402_httpx_transport
+from x402.http.facilitator_client import HTTPFacilitatorClient
+from x402.http.utils import decode_payment_required_header, decode_payment_response_header
+
+from drip import DripClient, DripConfig, errors
+from drip.asgi import price
+from drip.chain.devnet import Devnet
+from drip.x402 import receipts
+from drip.x402.client import PayingTransport, SpendPolicy
+from drip.x402.server import X402Meter, x402_price
+
+NETWORK = "eip155:31337"
+PROVIDER = "acme"
+SIGNER = Account.create()
+
+
+class Shop:
+    def __init__(self, url: str, client: DripClient, ran: dict[str, int]) -> None:
+        self.url, self.client, self.ran = url, client, ran
+
+    def session(self, budget: str = "0.05") -> str:
+        return str(self.client.sync.create_session("buyer", PROVIDER, budget).id)
+
+
+@pytest.fixture
+def shop(chain: Devnet, facilitator_url: str, tmp_path: Any, run_app: Any) -> Iterator[Shop]:
+    api = FastAPI()
+    ran = {"answer": 0, "local": 0}
+
+    @api.get("/answer")
+    async def answer() -> dict[str, str]:
+        ran["answer"] += 1
+        return {"answer": "42"}
+
+    @api.get("/local")
+    async def local() -> dict[str, str]:
+        ran["local"] += 1
+        return {"local": "yes"}
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/shop.db",
+                                   provider=PROVIDER))  # fmt: skip
+    client.sync.provision_user("buyer", initial_balance="0.025")
+    app = X402Meter(
+        api, client=client, facilitator=HTTPFacilitatorClient({"url": facilitator_url}),
+        routes={"GET /answer": x402_price("answer", "0.01", pay_to=chain.accounts[2][0],
+                                          asset=chain.usdc, network=NETWORK)},
+        sessions={"GET /answer": price("answer", "0.01"), "GET /local": price("local", "0.001")},
+        signer=SIGNER, public_url="https://api.acme.test",
+    )  # fmt: skip
+    try:
+        yield Shop(run_app(app), client, ran)
+    finally:
+        client.close()
+
+
+def x402_payer(chain: Devnet, index: int = 1) -> httpx.AsyncBaseTransport:
+    from x402 import x402Client
+    from x402.mechanisms.evm.exact import register_exact_evm_client
+    from x402.mechanisms.evm.signers import EthAccountSigner
+
+    client = x402Client()
+    register_exact_evm_client(client, EthAccountSigner(Account.from_key(chain.accounts[index][1])))
+    allowed = {"network": NETWORK, "asset": chain.usdc, "max_amount_per_payment": "1000000"}
+    client.set_spend_controls({"allowed_assets": [allowed]})
+    return x402_httpx_transport(client)
+
+
+async def test_the_402_offers_both_a_session_and_x402(shop: Shop) -> None:
+    async with httpx.AsyncClient(base_url=shop.url) as http:
+        r = await http.get("/answer")
+    assert r.status_code == 402
+    required = decode_payment_required_header(r.headers["payment-required"])
+    assert required.accepts[0].amount == "10000" and required.accepts[0].network == NETWORK
+    session = required.extensions["drip-session"]["info"]
+    assert session == {
+        "header": "X-Drip-Session", "event": "answer", "currency": "USDC",
+        "perCall": "0.01", "perUnit": "0", "maxUnits": 0, "maxCharge": "0.01",
+    }  # fmt: skip
+    assert r.json()["extensions"]["drip-session"]["info"] == session  # the body says the same
+    assert required.resource is not None
+    assert required.resource.url == "https://api.acme.test/answer"
+    assert shop.ran["answer"] == 0
+
+
+async def test_a_session_pays_from_its_wallet_and_x402_is_not_touched(
+    chain: Devnet, shop: Shop
+) -> None:
+    token = shop.session()
+    async with httpx.AsyncClient(base_url=shop.url) as http:
+        r = await http.get("/answer", headers={"X-Drip-Session": token})
+    assert r.status_code == 200 and r.json() == {"answer": "42"}
+    assert r.headers["x-drip-charged"] == "0.01"
+    assert "payment-response" not in r.headers
+    assert shop.client.sync.get_user("buyer")["balance_usdc"] == Decimal("0.015")
+    assert shop.client.ledger.store.query("SELECT count(*) FROM x402_payments", ())[0][0] == 0
+
+
+async def test_a_session_short_of_credit_can_pay_that_call_in_x402(
+    chain: Devnet, shop: Shop
+) -> None:
+    token = shop.session()
+    async with httpx.AsyncClient(base_url=shop.url) as http:
+        for _ in range(2):
+            assert (await http.get("/answer", headers={"X-Drip-Session": token})).status_code == 200
+        short = await http.get("/answer", headers={"X-Drip-Session": token})
+    # Drip's own error shape, plus the x402 way out
+    assert short.status_code == 402
+    assert short.json()["error"]["code"] == "insufficient_credits"
+    required = decode_payment_required_header(short.headers["payment-required"])
+    assert required.accepts[0].pay_to == chain.accounts[2][0]
+    assert shop.ran["answer"] == 2
+    # the same caller pays this one call with x402 instead
+    async with httpx.AsyncClient(base_url=shop.url, transport=x402_payer(chain)) as http:
+        paid = await http.get("/answer")
+    assert paid.status_code == 200 and shop.ran["answer"] == 3
+    assert decode_payment_response_header(paid.headers["payment-response"]).success
+    assert shop.client.sync.get_user("buyer")["balance_usdc"] == Decimal("0.005")  # untouched
+
+
+async def test_a_session_only_route_refuses_without_an_x402_offer(shop: Shop) -> None:
+    async with httpx.AsyncClient(base_url=shop.url) as http:
+        r = await http.get("/local")
+        ok = await http.get("/local", headers={"X-Drip-Session": shop.session()})
+        paid_header_only = await http.get("/local", headers={"PAYMENT-SIGNATURE": "e30="})
+    assert r.status_code == 402 and "payment-required" not in r.headers
+    assert r.json()["error"]["param"] == "X-Drip-Session"
+    assert ok.status_code == 200 and ok.headers["x-drip-charged"] == "0.001"
+    assert paid_header_only.status_code == 402  # x402 is not offered here: no session, no call
+    assert shop.ran["local"] == 1
+
+
+async def test_offers_and_receipts_are_signed_and_check_out(chain: Devnet, shop: Shop) -> None:
+    async with httpx.AsyncClient(base_url=shop.url) as http:
+        unpaid = await http.get("/answer")
+    required = decode_payment_required_header(unpaid.headers["payment-required"])
+    [offer] = required.extensions["offer-receipt"]["info"]["offers"]
+    assert receipts.recover_offer(offer) == SIGNER.address
+    accepted = required.accepts[0]
+    assert offer["payload"] == {
+        "resourceUrl": "https://api.acme.test/answer", "scheme": "exact", "network": NETWORK,
+        "asset": accepted.asset, "payTo": accepted.pay_to, "amount": "10000",
+        "maxTimeoutSeconds": accepted.max_timeout_seconds, "issuedAt": 0,
+    }  # fmt: skip
+
+    async with httpx.AsyncClient(base_url=shop.url, transport=x402_payer(chain, 3)) as http:
+        paid = await http.get("/answer")
+    assert paid.status_code == 200
+    settlement = decode_payment_response_header(paid.headers["payment-response"])
+    receipt = receipts.receipt_of(settlement)
+    assert receipt is not None and receipts.recover_receipt(receipt) == SIGNER.address
+    assert receipt["payload"]["transaction"] == settlement.transaction
+    assert receipt["payload"]["payer"].lower() == chain.accounts[3][0].lower()
+    assert receipt["payload"]["resourceUrl"] == "https://api.acme.test/answer"
+    assert receipt["payload"]["network"] == NETWORK
+
+    # the ledger transfer behind X-Drip-Receipt, and the receipt kept with the payment
+    transfer_id = paid.headers["x-drip-receipt"]
+    transfer = shop.client.ledger.get_transfer(transfer_id)
+    assert transfer.amount == 10_000 and transfer.credit_account_id == shop.client.revenue_account
+    [(stored, tx)] = shop.client.ledger.store.query(
+        "SELECT receipt, tx_hash FROM x402_payments WHERE transfer_id = ?", (transfer_id,)
+    )
+    assert json.loads(stored) == receipt and tx == settlement.transaction
+
+    # a receipt edited after signing names somebody else
+    forged = {**receipt, "payload": {**receipt["payload"], "payer": chain.accounts[4][0]}}
+    assert receipts.recover_receipt(forged) != SIGNER.address
+    for bad in ({}, {"format": "jws", "signature": "x"}, {"format": "eip712", "payload": {}},
+                {**receipt, "signature": "0x1234"}, None):  # fmt: skip
+        with pytest.raises(errors.InvalidRequest):
+            receipts.recover_receipt(bad)
+
+
+async def test_drips_paying_client_gets_the_receipt_too(chain: Devnet, shop: Shop) -> None:
+    transport = PayingTransport(Account.from_key(chain.accounts[4][1]), SpendPolicy())
+    async with httpx.AsyncClient(base_url=shop.url, transport=transport) as http:
+        r = await http.get("/answer")
+    assert r.status_code == 200
+    receipt = receipts.receipt_of(decode_payment_response_header(r.headers["payment-response"]))
+    assert receipt is not None and receipts.recover_receipt(receipt) == SIGNER.address
+
+
+def test_receipt_helpers_refuse_non_evm_networks() -> None:
+    with pytest.raises(errors.InvalidRequest):
+        receipts.sign_receipt(SIGNER, network="solana:mainnet", resource_url="u", payer="p")
+    assert receipts.receipt_of({"extensions": None}) is None
+    assert receipts.receipt_of({}) is None
