@@ -263,3 +263,92 @@ async def test_one_payment_sent_to_two_servers_at_once_is_served_once(
     finally:
         for client in clients:
             client.close()
+
+
+async def test_security_battery_refused_with_a_reason_and_never_served(
+    chain: Devnet, provider: Provider
+) -> None:
+    """Each bad payment at the provider's route: a 402 with the reason, never a 5xx, the
+    handler never run, nothing moved on-chain."""
+    import base64
+    import json
+    import time
+
+    from x402 import x402ClientSync
+    from x402.http.utils import encode_payment_signature_header
+    from x402.schemas import PaymentRequired, PaymentRequirements
+
+    async with httpx.AsyncClient(base_url=provider.url) as plain:
+        offered = (await plain.get("/paid")).json()["accepts"][0]
+    req = PaymentRequirements.model_validate(offered)
+
+    def signed(requirements: PaymentRequirements, payer: int = 1) -> Any:
+        client = x402ClientSync()
+        register_exact_evm_client(
+            client, EthAccountSigner(Account.from_key(chain.accounts[payer][1]))
+        )
+        client.set_spend_controls(False)
+        return client.create_payment_payload(PaymentRequired(accepts=[requirements]))
+
+    good = signed(req)
+    auth = dict(good.payload["authorization"])
+
+    def with_auth(**changes: Any) -> Any:
+        return good.model_copy(
+            update={"payload": {**good.payload, "authorization": {**auth, **changes}}}
+        )
+
+    def claims(requirements: PaymentRequirements) -> Any:
+        """Signed for ``requirements``, presented as if for the route's own."""
+        return signed(requirements).model_copy(update={"accepted": req})
+
+    now = int(time.time())
+    poor = Account.create()
+    client = x402ClientSync()
+    register_exact_evm_client(client, EthAccountSigner(poor))
+    client.set_spend_controls(False)
+    cases: dict[str, str] = {
+        "expired": encode_payment_signature_header(with_auth(validBefore=str(now - 10))),
+        "not yet valid": encode_payment_signature_header(with_auth(validAfter=str(now + 3600))),
+        "wrong amount": encode_payment_signature_header(
+            claims(req.model_copy(update={"amount": "1"}))),
+        "wrong recipient": encode_payment_signature_header(
+            claims(req.model_copy(update={"pay_to": chain.accounts[5][0]}))),
+        "wrong asset": encode_payment_signature_header(
+            claims(req.model_copy(update={"asset": chain.accounts[4][0]}))),
+        "wrong network": encode_payment_signature_header(
+            signed(req.model_copy(update={"network": "eip155:8453"}))),
+        "wrong chain id": encode_payment_signature_header(
+            claims(req.model_copy(update={"network": "eip155:84532"}))),
+        "another key's signature": encode_payment_signature_header(good.model_copy(
+            update={"payload": {**good.payload,
+                                "signature": signed(req, payer=4).payload["signature"]}})),
+        "payer without funds": encode_payment_signature_header(
+            client.create_payment_payload(PaymentRequired(accepts=[req]))),
+        "malformed base64": "%%%not-base64%%%",
+        "malformed json": base64.b64encode(b"{not json").decode(),
+        "json, not a payload": base64.b64encode(json.dumps({"x402Version": 2}).encode()).decode(),
+    }  # fmt: skip
+    expected = {
+        "expired": "valid_before", "not yet valid": "valid_after",
+        "wrong amount": "value_mismatch", "wrong recipient": "recipient_mismatch",
+        "wrong asset": "signature", "wrong network": "network_mismatch",
+        "wrong chain id": "signature", "another key's signature": "signature",
+        "payer without funds": "insufficient_balance", "malformed base64": "invalid payment",
+        "malformed json": "invalid payment", "json, not a payload": "invalid payment",
+    }  # fmt: skip
+    before = balance(chain, 1), balance(chain, 2)
+    async with httpx.AsyncClient(base_url=provider.url) as plain:
+        for name, value in cases.items():
+            r = await plain.get("/paid", headers={"PAYMENT-SIGNATURE": value})
+            assert r.status_code == 402, (name, r.status_code, r.text[:200])
+            assert r.json()["error"], name
+            assert expected[name] in r.json()["error"], (name, r.json()["error"])
+            assert "payment-required" in r.headers, name
+    assert provider.ran["paid"] == 0
+    assert (balance(chain, 1), balance(chain, 2)) == before
+    # the genuine payment is still good, once
+    async with httpx.AsyncClient(base_url=provider.url) as plain:
+        ok = await plain.get("/paid", headers={
+            "PAYMENT-SIGNATURE": encode_payment_signature_header(good)})  # fmt: skip
+    assert ok.status_code == 200 and provider.ran["paid"] == 1
