@@ -149,8 +149,9 @@ async def _run(
     deadline = start + seconds
     counts = await asyncio.gather(
         *(
-            _metered_calls(led, wallet, revenue, f"{prefix}-{w}", deadline, latencies)
-            for w in range(tasks)
+            # one id prefix for every task, as every @meter call of a process has ("call")
+            _metered_calls(led, wallet, revenue, prefix, deadline, latencies)
+            for _ in range(tasks)
         )
     )
     return sum(counts), time.perf_counter() - start, latencies

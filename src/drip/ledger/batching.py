@@ -116,6 +116,12 @@ class GroupCommitter:
         self._push(_Item(op, None, future))
         return future.result()
 
+    def housekeep_soon(self) -> None:
+        """Run the housekeeping at the writer thread's next turn, not at its interval."""
+        with self._cond:
+            self._next_housekeeping = 0.0
+            self._cond.notify()
+
     # --- writing ----------------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -21,11 +21,9 @@ from typing import Any
 import psycopg
 
 from drip.ledger.engine import Engine, Op, Result, Writes
+from drip.ledger.rowcache import Miss, RowCache
 from drip.ledger.store import Store
-from drip.ledger.types import Account, Hold, HoldState, Transfer
 
-#: Most rows each cache keeps before it starts over (bounded memory).
-CACHE_ROWS_MAX = 100_000
 #: Batches that go straight to the locked path after a compare-and-set failed.
 BACKOFF_BATCHES = 8
 
@@ -41,60 +39,6 @@ _CAS_HOLD = (
 )
 
 
-class _Miss(Exception):
-    """The cache cannot answer: use the locked path."""
-
-
-class RowCache:
-    """Accounts and open holds as this writer last committed them."""
-
-    def __init__(self) -> None:
-        self.accounts: dict[str, Account] = {}
-        self.holds: dict[str, Hold] = {}
-        self.backoff = 0
-
-    def clear(self) -> None:
-        self.accounts.clear()
-        self.holds.clear()
-
-    def remember(self, engine: Engine) -> None:
-        if len(self.accounts) > CACHE_ROWS_MAX or len(self.holds) > CACHE_ROWS_MAX:
-            self.clear()
-        for account_id, account in engine.accounts.items():
-            if account is not None:
-                self.accounts[account_id] = account.copy()
-        for hold_id, hold in engine.holds.items():
-            if hold is not None and hold.state == HoldState.PENDING:
-                self.holds[hold_id] = hold.copy()
-            else:
-                self.holds.pop(hold_id, None)
-
-    # --- the engine's Loader, served from memory -------------------------------------
-
-    def load_accounts(self, ids: set[str]) -> dict[str, Account]:
-        try:
-            return {i: self.accounts[i].copy() for i in ids}
-        except KeyError:
-            raise _Miss from None
-
-    def load_holds(self, ids: set[str]) -> dict[str, Hold]:
-        try:
-            return {i: self.holds[i].copy() for i in ids}
-        except KeyError:
-            raise _Miss from None
-
-    def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
-        return {}  # assumed new; an existing id aborts on the unique index
-
-    def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
-        raise _Miss  # rolling windows are summed from the journal, under the lock
-
-    def load_all(
-        self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
-    ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:
-        return self.load_holds(hold_ids), self.load_accounts(account_ids), {}
-
-
 def try_batch(
     store: Store, conn: psycopg.Connection[Any], cache: RowCache, ops: list[Op]
 ) -> list[list[Result]] | None:
@@ -106,7 +50,7 @@ def try_batch(
     try:
         engine.prefetch(ops)
         results = [engine.apply(op) for op in ops]
-    except _Miss:
+    except Miss:
         return None
     if any(isinstance(r, Exception) for rs in results for r in rs):
         return None  # refusals are decided on locked rows only

@@ -24,7 +24,8 @@ from psycopg_pool import ConnectionPool
 
 from drip import errors
 from drip.ledger.engine import Engine, Op, Result, Writes
-from drip.ledger.pg_optimistic import RowCache, try_batch
+from drip.ledger.pg_optimistic import try_batch
+from drip.ledger.rowcache import RowCache
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,

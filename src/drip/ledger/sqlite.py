@@ -10,7 +10,14 @@ hand-off (a transaction here is tens of microseconds of CPU). If the write lock 
 busy (another process, or a sync caller's batch in flight) the batch is handed to the
 writer thread instead, which waits for the lock; the loop itself never blocks on it.
 
-The WAL is checkpointed by the writer thread's housekeeping, not inside commits.
+When no other connection has committed since the loop's connection last did (``PRAGMA
+data_version``), its batch is applied to the rows it remembers instead of reading them.
+
+The WAL is checkpointed by the writer thread's housekeeping, not inside commits: every
+second, and as soon as the loop has committed ``CHECKPOINT_BATCHES`` batches. The
+checkpoint holds the process's write lock (the loop hands batches to the writer thread
+meanwhile), so it completes and the next transaction starts the WAL over instead of
+growing it without bound under a steady load.
 
 ``synchronous`` defaults to ``NORMAL``: in WAL mode a commit survives a crash of the
 process, and the last transactions before a power cut may be lost (never corrupted).
@@ -28,7 +35,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.engine import Op, Result, Writes
+from drip.ledger.engine import Engine, Op, Result, Writes
+from drip.ledger.rowcache import Miss, RowCache
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
@@ -44,6 +52,12 @@ _HOLD_EXTRA = "hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 #: How long a writer waits for another process's write lock before failing the batch.
 BUSY_TIMEOUT_MS = 30_000
+#: Fast-path commits between two checkpoints (a few MB of WAL at most).
+CHECKPOINT_BATCHES = 1000
+
+
+class _Replay(Exception):
+    """The fast path met an existing transfer id: roll back, run the batch reading rows."""
 
 
 class _SqliteLoader(LoaderBase):
@@ -104,6 +118,11 @@ class SqliteStore(Store):
         # the loop's connection never waits for the lock: busy means "hand off"
         self._fast = self._connect()
         self._fast.execute("PRAGMA busy_timeout=0")
+        #: the fast connection's memory of its own commits (see try_run_batch_now)
+        self._cache = RowCache()
+        self._fast_version: int | None = None
+        self._remembered: Engine | None = None
+        self._since_checkpoint = 0
         #: one transaction at a time in this process, whichever connection runs it
         self._write_lock = threading.Lock()
         self._loop_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher]
@@ -145,21 +164,98 @@ class SqliteStore(Store):
                 yield cur
 
     def try_run_batch_now(self, ops: list[Op]) -> list[list[Result]] | None:
-        """Run ``ops`` now if the write lock is free at once; ``None`` if it is not."""
+        """Run ``ops`` now if the write lock is free at once; ``None`` if it is not.
+
+        When no other connection has committed since this one last did (``PRAGMA
+        data_version`` unchanged, read under the write lock), the rows it remembers from
+        its own last batches are exactly the database's: the batch is applied to them
+        without reading. Anything they cannot decide, a refusal, or a transfer id that
+        turns out to exist sends the batch down the reading path instead."""
         if not self._write_lock.acquire(blocking=False):
             return None
         try:
             cur = self._fast.cursor()
-            try:
-                cur.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
+            for attempt in (1, 2):
+                if not self._begin(cur):
                     return None
-                raise
-            with _rollback_on_error(cur):
-                return self.apply_batch(cur, ops)
+                committed = False
+                try:
+                    version = cur.execute("PRAGMA data_version").fetchone()[0]
+                    results = None
+                    if attempt == 1 and version == self._fast_version:
+                        results = self._from_memory(cur, ops)
+                    if results is None:
+                        self._cache.clear()
+                        engine = Engine(self.loader(cur), self.clock_us())
+                        results = self._apply(cur, engine, ops)
+                        self._remembered = engine
+                    cur.execute("COMMIT")
+                    committed = True
+                except _Replay:
+                    continue  # rolled back below; read the rows this time
+                finally:
+                    if not committed:
+                        self._forget()
+                        if self._fast.in_transaction:
+                            cur.execute("ROLLBACK")
+                if self._remembered is not None:
+                    self._cache.remember(self._remembered)
+                    self._remembered = None
+                self._fast_version = version
+                self._since_checkpoint += 1
+                if self._since_checkpoint >= CHECKPOINT_BATCHES:
+                    self._since_checkpoint = 0
+                    self.committer.housekeep_soon()
+                return results
+            raise AssertionError("unreachable: the second attempt reads every row")
+        except sqlite3.Error as exc:
+            raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
         finally:
             self._write_lock.release()
+
+    def _begin(self, cur: sqlite3.Cursor) -> bool:
+        """``BEGIN IMMEDIATE`` without waiting; False if another process holds the lock."""
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return False
+            raise
+        return True
+
+    def _forget(self) -> None:
+        self._fast_version = None
+        self._cache.clear()
+        self._remembered = None
+
+    def _apply(self, cur: sqlite3.Cursor, engine: Engine, ops: list[Op]) -> list[list[Result]]:
+        engine.prefetch(ops)
+        results = [engine.apply(op) for op in ops]
+        writes = engine.finish()
+        if not writes.empty():
+            self.write(cur, writes)
+        return results
+
+    def _from_memory(self, cur: sqlite3.Cursor, ops: list[Op]) -> list[list[Result]] | None:
+        """The batch on remembered rows, or ``None`` (nothing written) when they cannot
+        decide it alone."""
+        engine = Engine(self._cache, self.clock_us())
+        try:
+            engine.prefetch(ops)
+            results = [engine.apply(op) for op in ops]
+        except Miss:
+            return None
+        if any(isinstance(r, Exception) for rs in results for r in rs):
+            return None  # refusals and replays are decided on rows read from the file
+        writes = engine.finish()
+        if not writes.empty():
+            try:
+                self.insert_rows(cur, writes)
+                self.update_rows(cur, writes)
+            except sqlite3.IntegrityError:  # a transfer id that already exists: a replay
+                raise _Replay from None
+        self._remembered = engine
+        return results
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         loop = asyncio.get_running_loop()
@@ -169,10 +265,10 @@ class SqliteStore(Store):
         return batcher.submit(op)
 
     def checkpoint(self) -> None:
-        """Copy the WAL back into the database file without blocking writers."""
-        with self.read() as cur:
-            cur.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            cur.fetchall()
+        """Copy the WAL back into the database file. This process's writers wait (so the
+        checkpoint can finish and the WAL start over); other processes' do not."""
+        with self._write_lock:
+            self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def expire_due_holds(self) -> int:
         self.checkpoint()

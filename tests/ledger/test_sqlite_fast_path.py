@@ -1,0 +1,164 @@
+"""SQLite's loop-thread fast path applies a batch to the rows its connection remembers,
+only when ``PRAGMA data_version`` says nobody else committed since. It must never act on
+a stale memory: other stores on the file (standing for other processes) and plain SQL
+change rows behind its back here. And under a steady load the WAL must stay bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from drip import errors
+from drip.ledger import Ledger, open_ledger
+from drip.ledger import sqlite as sqlite_store
+
+
+@pytest.fixture
+def pair(tmp_path: Any) -> Iterator[tuple[Ledger, Ledger, str]]:
+    path = f"{tmp_path}/ledger.db"
+    a = open_ledger(f"sqlite:///{path}")
+    b = open_ledger(f"sqlite:///{path}")
+    try:
+        yield a, b, path
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def fast_hits(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each fast-path attempt was answered from memory."""
+    hits: list[bool] = []
+    real = sqlite_store.SqliteStore._from_memory
+
+    def spy(self: Any, cur: Any, ops: Any) -> Any:
+        try:
+            result = real(self, cur, ops)
+        except Exception:
+            hits.append(False)  # a replay met the unique index: rolled back, read again
+            raise
+        hits.append(result is not None)
+        return result
+
+    monkeypatch.setattr(sqlite_store.SqliteStore, "_from_memory", spy)
+    return hits
+
+
+async def _fund(led: Ledger, amount: int) -> None:
+    await led.create_account("user:w", "wallet")
+    await led.create_account("rev:p", "revenue")
+    await led.transfer("fund-1", "funding:USDC", "user:w", amount, code="topup")
+
+
+async def test_memory_is_used_when_nothing_changed(
+    pair: tuple[Ledger, Ledger, str], fast_hits: list[bool]
+) -> None:
+    a, _, _ = pair
+    await _fund(a, 1000)
+    for i in range(5):
+        hold = await a.hold(f"h{i}", "user:w", "rev:p", 10, code="x")
+        await a.post(hold, 7)
+    assert fast_hits.count(True) >= 9  # all but (at most) the first read from memory
+    assert a.balance("user:w").posted == 1000 - 5 * 7
+    assert a.check_invariants().ok
+
+
+async def test_a_charge_by_another_store_is_never_overspent(
+    pair: tuple[Ledger, Ledger, str], fast_hits: list[bool]
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    await a.charge("c1", "user:w", "rev:p", 100, code="x")  # a remembers 900
+    await b.charge("c2", "user:w", "rev:p", 800, code="x")  # really 100 left
+    with pytest.raises(errors.DripInsufficientCredits):
+        await a.charge("c3", "user:w", "rev:p", 500, code="x")
+    await a.charge("c4", "user:w", "rev:p", 100, code="x")
+    assert b.balance("user:w").available == 0 and a.balance("user:w").posted == 0
+    assert a.check_invariants().ok
+
+
+async def test_a_top_up_elsewhere_is_seen(pair: tuple[Ledger, Ledger, str]) -> None:
+    a, b, _ = pair
+    await _fund(a, 100)
+    await a.charge("c1", "user:w", "rev:p", 100, code="x")  # a remembers 0
+    await b.transfer("fund-2", "funding:USDC", "user:w", 500, code="topup")
+    assert (await a.charge("c2", "user:w", "rev:p", 300, code="x")).amount == 300
+    assert a.balance("user:w").available == 200
+
+
+async def test_a_hold_resolved_elsewhere_is_not_resolved_twice(
+    pair: tuple[Ledger, Ledger, str],
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    hold = await a.hold("h1", "user:w", "rev:p", 400, code="x")  # a remembers it open
+    await b.void("h1")
+    with pytest.raises(errors.HoldAlreadyResolved):
+        await a.post(hold, 300)
+    assert a.balance("user:w").available == 1000
+    assert a.check_invariants().ok
+
+
+async def test_plain_sql_from_another_connection_is_seen(pair: tuple[Ledger, Ledger, str]) -> None:
+    a, _, path = pair
+    await _fund(a, 1000)
+    await a.charge("c1", "user:w", "rev:p", 1, code="x")  # a remembers the wallet open
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute("UPDATE accounts SET status = 'frozen' WHERE id = 'user:w'")
+    with pytest.raises(errors.DripError) as refused:
+        await a.charge("c2", "user:w", "rev:p", 1, code="x")
+    assert "frozen" in refused.value.message.lower()
+
+
+async def test_a_replayed_id_is_answered_from_the_file(
+    pair: tuple[Ledger, Ledger, str], fast_hits: list[bool]
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    first = await a.charge("same-id", "user:w", "rev:p", 250, code="x")
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")  # memory is current again
+    fast_hits.clear()
+    again = await a.charge("same-id", "user:w", "rev:p", 250, code="x")  # looks new to memory
+    assert again.transfer.id == first.transfer.id and again.transfer.seq == first.transfer.seq
+    assert fast_hits == [False]  # the unique index sent it down the reading path
+    with pytest.raises(errors.IdempotencyConflict):
+        await a.charge("same-id", "user:w", "rev:p", 251, code="x")
+    assert a.balance("user:w").posted == 749
+    # a replay in the same batch as new work: the new work still lands, once
+    results = await asyncio.gather(
+        a.charge("same-id", "user:w", "rev:p", 250, code="x"),
+        a.charge("new-1", "user:w", "rev:p", 9, code="x"),
+    )
+    assert [r.amount for r in results] == [250, 9]
+    assert b.balance("user:w").posted == 740
+    assert a.check_invariants().ok
+
+
+async def test_the_wal_stays_bounded_under_a_steady_load(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_BATCHES", 50)
+    path = f"{tmp_path}/wal.db"
+    led = open_ledger(f"sqlite:///{path}")
+    try:
+        await _fund(led, 10**12)
+
+        async def caller(n: int) -> None:
+            for i in range(n):
+                hold = await led.hold(f"{n}-{id(asyncio.current_task())}-{i}", "user:w",
+                                      "rev:p", 10, code="x")  # fmt: skip
+                await led.post(hold, 5)
+
+        await asyncio.gather(*(caller(250) for _ in range(8)))  # ~1,000 batches
+        wal = os.path.getsize(f"{path}-wal")
+        # without checkpoints these batches append ~30 MB of frames
+        assert wal < 12 * 2**20, wal
+        assert led.balance("user:w").posted == 10**12 - 8 * 250 * 5
+        assert led.check_invariants().ok
+    finally:
+        led.close()
