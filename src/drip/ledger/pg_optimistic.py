@@ -20,8 +20,8 @@ from typing import Any
 
 import psycopg
 
-from drip.ledger.engine import Engine, Op, Result, Writes
-from drip.ledger.rowcache import Miss, RowCache
+from drip.ledger.engine import Op, Result, Writes
+from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import Store
 
 #: Batches that go straight to the locked path after a compare-and-set failed.
@@ -46,14 +46,10 @@ def try_batch(
     if cache.backoff:
         cache.backoff -= 1
         return None
-    engine = Engine(cache, store.clock_us())
-    try:
-        engine.prefetch(ops)
-        results = [engine.apply(op) for op in ops]
-    except Miss:
-        return None
-    if any(isinstance(r, Exception) for rs in results for r in rs):
-        return None  # refusals are decided on locked rows only
+    applied = apply_remembered(cache, store.clock_us(), ops)
+    if applied is None:
+        return None  # the locked path reads (and locks) the rows
+    engine, results = applied
     writes = engine.finish()
     try:
         _send(store, conn, writes, cache)

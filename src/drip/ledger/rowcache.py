@@ -8,7 +8,7 @@ exact.
 
 from __future__ import annotations
 
-from drip.ledger.engine import Engine
+from drip.ledger.engine import Engine, Op, Result
 from drip.ledger.types import Account, Hold, HoldState, Transfer
 
 #: Most rows each cache keeps before it starts over (bounded memory).
@@ -69,4 +69,21 @@ class RowCache:
         return self.load_holds(hold_ids), self.load_accounts(account_ids), {}
 
 
-__all__ = ["CACHE_ROWS_MAX", "Miss", "RowCache"]
+def apply_remembered(
+    cache: RowCache, now_us: int, ops: list[Op]
+) -> tuple[Engine, list[list[Result]]] | None:
+    """``ops`` applied to the remembered rows, or ``None`` when memory cannot decide them
+    alone: a row it lacks, or any refusal (refusals are decided on rows read from the
+    database, never on memory)."""
+    engine = Engine(cache, now_us)
+    try:
+        engine.prefetch(ops)
+        results = [engine.apply(op) for op in ops]
+    except Miss:
+        return None
+    if any(isinstance(r, Exception) for rs in results for r in rs):
+        return None
+    return engine, results
+
+
+__all__ = ["CACHE_ROWS_MAX", "Miss", "RowCache", "apply_remembered"]

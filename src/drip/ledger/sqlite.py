@@ -36,7 +36,7 @@ from typing import Any
 
 from drip import errors
 from drip.ledger.engine import Engine, Op, Result, Writes
-from drip.ledger.rowcache import Miss, RowCache
+from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
@@ -239,14 +239,10 @@ class SqliteStore(Store):
     def _from_memory(self, cur: sqlite3.Cursor, ops: list[Op]) -> list[list[Result]] | None:
         """The batch on remembered rows, or ``None`` (nothing written) when they cannot
         decide it alone."""
-        engine = Engine(self._cache, self.clock_us())
-        try:
-            engine.prefetch(ops)
-            results = [engine.apply(op) for op in ops]
-        except Miss:
+        applied = apply_remembered(self._cache, self.clock_us(), ops)
+        if applied is None:
             return None
-        if any(isinstance(r, Exception) for rs in results for r in rs):
-            return None  # refusals and replays are decided on rows read from the file
+        engine, results = applied
         writes = engine.finish()
         if not writes.empty():
             try:
