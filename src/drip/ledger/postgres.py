@@ -117,6 +117,11 @@ class PostgresStore(Store):
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
             conn = psycopg.connect(self.url, autocommit=False)
+            # every statement a writer runs finds its rows by id or through an index, and
+            # psycopg prepares them: a plan made while a table is young (a sequential scan
+            # is cheapest on a few pages) would be kept as the journal grows past millions
+            conn.execute("SET enable_seqscan = off")
+            conn.commit()
             self._local.conn = conn
             with self._writers_lock:
                 self._writers.append(conn)
