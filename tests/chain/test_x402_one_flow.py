@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
 from eth_account import Account
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from x402.http.clients import x402_httpx_transport
 from x402.http.facilitator_client import HTTPFacilitatorClient
 from x402.http.utils import decode_payment_required_header, decode_payment_response_header
@@ -22,9 +22,10 @@ from drip.asgi import price
 from drip.chain.devnet import Devnet
 from drip.x402 import receipts
 from drip.x402.client import PayingTransport, SpendPolicy
-from drip.x402.server import X402Meter, x402_price
+from drip.x402.server import X402Meter, X402Payment, add_x402, x402_payment, x402_price
 
 NETWORK = "eip155:31337"
+Paid = Annotated[X402Payment | None, Depends(x402_payment)]
 PROVIDER = "acme"
 SIGNER = Account.create()
 
@@ -200,3 +201,40 @@ def test_receipt_helpers_refuse_non_evm_networks() -> None:
         receipts.sign_receipt(SIGNER, network="solana:mainnet", resource_url="u", payer="p")
     assert receipts.receipt_of({"extensions": None}) is None
     assert receipts.receipt_of({}) is None
+
+
+async def test_the_fastapi_helper_and_dependency(
+    chain: Devnet, facilitator_url: str, tmp_path: Any, run_app: Any
+) -> None:
+    api = FastAPI()
+
+    @api.post("/report")
+    async def report(payment: Paid) -> dict[str, Any]:
+        assert payment is not None
+        return {"payer": payment.payer, "amount": payment.amount, "tx": payment.transaction}
+
+    @api.get("/free")
+    async def free(payment: Paid) -> dict[str, Any]:
+        return {"paid": payment is not None}
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/helper.db"))
+    add_x402(api, client=client, facilitator=HTTPFacilitatorClient({"url": facilitator_url}),
+             routes={"POST /report": x402_price("report", "0.002", pay_to=chain.accounts[2][0],
+                                                asset=chain.usdc, network=NETWORK,
+                                                settle_first=True)})  # fmt: skip
+    try:
+        url = run_app(api)
+        async with httpx.AsyncClient(base_url=url) as plain:
+            assert (await plain.post("/report")).status_code == 402
+            assert (await plain.get("/free")).json() == {"paid": False}
+        async with httpx.AsyncClient(base_url=url, transport=x402_payer(chain, 5)) as http:
+            r = await http.post("/report")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["payer"] == chain.accounts[5][0].lower() and body["amount"] == 2_000
+        # settle-first: the handler already knows the transaction it was paid by
+        assert (
+            body["tx"] == decode_payment_response_header(r.headers["payment-response"]).transaction
+        )
+    finally:
+        client.close()

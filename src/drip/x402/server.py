@@ -38,6 +38,7 @@ from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from starlette.requests import Request
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
@@ -82,6 +83,7 @@ ALTER TABLE x402_payments ADD COLUMN receipt TEXT
 """
 PAYMENT_MIGRATIONS = (Migration(1, _V1, _V1), Migration(2, _V2, _V2))
 SESSION_EXTENSION = "drip-session"
+STATE_KEY = "x402"
 OFFER_CACHE_MAX = 1024
 
 
@@ -116,6 +118,34 @@ def x402_price(
         extra={"name": asset_name, "version": asset_version},
     )  # fmt: skip
     return X402Price(requirements, event, description, settle_first)
+
+
+@dataclass(frozen=True, slots=True)
+class X402Payment:
+    """The verified payment a request carries, as its handler sees it. ``transaction``
+    is set when the route settles first (otherwise settlement follows the response)."""
+
+    payer: str
+    nonce: str
+    amount: int
+    asset: str
+    network: str
+    pay_to: str
+    event: str
+    transaction: str | None = None
+
+
+def x402_payment(request: Request) -> X402Payment | None:
+    """FastAPI dependency: ``payment: X402Payment | None = Depends(x402_payment)``; None
+    when the request was not paid in x402 (a Drip session, or an unpriced route)."""
+    found = request.scope.get("state", {}).get(STATE_KEY)
+    return found if isinstance(found, X402Payment) else None
+
+
+def add_x402(app: Any, **options: Any) -> None:
+    """FastAPI/Starlette helper: ``add_x402(app, client=..., facilitator=..., routes=...)``
+    is ``app.add_middleware(X402Meter, ...)`` (the same options as :class:`X402Meter`)."""
+    app.add_middleware(X402Meter, **options)
 
 
 class X402Meter:
@@ -296,6 +326,7 @@ class _PaidCall:
         self.url = url
         self.response_header: bytes | None = None
         self.transfer_id: str | None = None
+        self.transaction: str | None = None
         self.done = False
         #: the client already got an answer from us (a failed settlement): drop the app's
         self.answered = False
@@ -337,6 +368,7 @@ class _PaidCall:
             )  # fmt: skip
             result = result.model_copy(update={"extensions": {
                 **(result.extensions or {}), **receipts.extension(receipt=receipt)}})  # fmt: skip
+        self.transaction = result.transaction
         self.transfer_id = await self._record(result.transaction, str(result.network))
         store.execute(
             "UPDATE x402_payments SET status = 'settled', tx_hash = ?, transfer_id = ?, "
@@ -361,6 +393,14 @@ class _PaidCall:
 
     async def run(self, scope: Scope, receive: Receive, send: Send) -> None:
         start: Message | None = None
+        payer, nonce = self.key
+        req = self.route.requirements
+        # what the handler may read: ``request.state.x402`` (or ``Depends(x402_payment)``)
+        scope.setdefault("state", {})[STATE_KEY] = X402Payment(
+            payer=payer, nonce=nonce, amount=int(req.amount), asset=req.asset,
+            network=str(req.network), pay_to=req.pay_to, event=self.route.event,
+            transaction=self.transaction,
+        )  # fmt: skip
 
         async def paid_send(message: Message) -> None:
             nonlocal start
@@ -407,4 +447,4 @@ async def _json(send: Send, status: int, body: Any,
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
-__all__ = ["X402Meter", "X402Price", "x402_price"]
+__all__ = ["X402Meter", "X402Payment", "X402Price", "add_x402", "x402_payment", "x402_price"]
