@@ -101,3 +101,106 @@ def test_the_fast_path_is_taken_when_nothing_changed(
     assert taken and all(taken)
     assert a.balance("user:w").posted == 1000 - 1 - 5 * 7
     assert a.check_invariants().ok
+
+
+# --- the same, for asyncio callers: their batches run on the loop (pg_async) -----------
+
+
+async def _afund(led: Ledger, amount: int) -> None:
+    await led.create_account("user:w", "wallet")
+    await led.create_account("rev:p", "revenue")
+    await led.transfer("fund-1", "funding:USDC", "user:w", amount, code="topup")
+
+
+@pytest.fixture
+def loop_fast(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each batch on the loop was written by the fast path."""
+    from drip.ledger import pg_async
+
+    taken: list[bool] = []
+    real = pg_async.LoopBatcher._fast
+
+    async def spy(self: object, ops: object) -> object:
+        result = await real(self, ops)  # type: ignore[arg-type]
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(pg_async.LoopBatcher, "_fast", spy)
+    return taken
+
+
+async def test_async_batches_take_the_fast_path(
+    pair: tuple[Ledger, Ledger], loop_fast: list[bool]
+) -> None:
+    a, _ = pair
+    await _afund(a, 1000)
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")
+    loop_fast.clear()
+    for i in range(5):
+        hold = await a.hold(f"h{i}", "user:w", "rev:p", 10, code="x")
+        charge = await a.post(hold, 7)
+        assert charge.transfer.seq > hold.seq > 0
+    assert loop_fast and all(loop_fast)
+    assert a.balance("user:w").posted == 1000 - 1 - 5 * 7
+    assert a.check_invariants().ok
+
+
+async def test_async_charge_elsewhere_is_never_overspent(
+    pair: tuple[Ledger, Ledger], loop_fast: list[bool]
+) -> None:
+    a, b = pair
+    await _afund(a, 1000)
+    await a.charge("c1", "user:w", "rev:p", 100, code="x")  # a remembers 900
+    b.sync.charge("c2", "user:w", "rev:p", 800, code="x")  # really 100 left
+    with pytest.raises(errors.DripInsufficientCredits):
+        await a.charge("c3", "user:w", "rev:p", 500, code="x")
+    await a.charge("c4", "user:w", "rev:p", 100, code="x")
+    assert b.balance("user:w").available == 0
+    assert a.check_invariants().ok
+
+
+async def test_async_hold_resolved_elsewhere_is_not_resolved_twice(
+    pair: tuple[Ledger, Ledger],
+) -> None:
+    a, b = pair
+    await _afund(a, 1000)
+    hold = await a.hold("h1", "user:w", "rev:p", 400, code="x")
+    b.sync.void("h1")
+    with pytest.raises(errors.HoldAlreadyResolved):
+        await a.post(hold, 300)
+    assert a.balance("user:w").available == 1000
+    assert a.check_invariants().ok
+
+
+async def test_async_replay_and_new_work_in_one_batch(pair: tuple[Ledger, Ledger]) -> None:
+    import asyncio
+
+    a, b = pair
+    await _afund(a, 1000)
+    first = b.sync.charge("same-id", "user:w", "rev:p", 250, code="x")
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")
+    again, new = await asyncio.gather(
+        a.charge("same-id", "user:w", "rev:p", 250, code="x"),
+        a.charge("new-1", "user:w", "rev:p", 9, code="x"),
+    )
+    assert again.transfer.seq == first.transfer.seq and new.amount == 9
+    with pytest.raises(errors.IdempotencyConflict):
+        await a.charge("same-id", "user:w", "rev:p", 251, code="x")
+    assert a.balance("user:w").posted == 1000 - 250 - 1 - 9
+    assert a.check_invariants().ok
+
+
+async def test_async_path_survives_a_broken_connection(pair: tuple[Ledger, Ledger]) -> None:
+    import asyncio
+
+    a, _ = pair
+    await _afund(a, 1000)
+    await a.charge("c1", "user:w", "rev:p", 1, code="x")
+    batcher = a.store._loop_batchers[asyncio.get_running_loop()]  # type: ignore[attr-defined]
+    assert batcher.conn is not None
+    batcher.conn.pgconn.finish()  # the server went away under it
+    charge = await a.charge("c2", "user:w", "rev:p", 2, code="x")  # locked path, then back
+    assert charge.amount == 2
+    await a.charge("c3", "user:w", "rev:p", 3, code="x")
+    assert a.balance("user:w").posted == 1000 - 6
+    assert a.check_invariants().ok

@@ -185,3 +185,18 @@ class GroupCommitter:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout_s)
+
+
+def chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    """Settle ``target`` as ``source`` settles (unless something settled it first)."""
+
+    def copy(done: asyncio.Future[Any]) -> None:
+        if target.done():
+            return
+        exc = done.exception()
+        if exc is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(copy)

@@ -77,12 +77,17 @@ def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: Ro
                 read_back = _pipelined(store, conn, cur, writes, cache)
             read_back()
         return
-    query, params = _one_statement(writes, cache)
+    query, params = one_statement(writes, cache)
     conn.autocommit = True
     try:
         rows = conn.execute(query, params).fetchall()
     finally:
         conn.autocommit = False
+    take_seqs(writes, rows)
+
+
+def take_seqs(writes: Writes, rows: list[Any]) -> None:
+    """Check what the batch statement reports it wrote; give each new transfer its seq."""
     seqs = {row[1]: int(row[2]) for row in rows if row[0] == "i"}
     counts = (sum(row[0] == "h" for row in rows), sum(row[0] == "a" for row in rows))
     if len(seqs) != len(writes.new_transfers) or counts != (
@@ -123,7 +128,7 @@ _ACCOUNT_KEYS = ("id", "status", "odp", "ocp", "odpe", "ocpe", "ostatus", "dp", 
                  "cpe")  # fmt: skip
 
 
-def _one_statement(writes: Writes, cache: RowCache) -> tuple[str, list[Any]]:
+def one_statement(writes: Writes, cache: RowCache) -> tuple[str, list[Any]]:
     """The batch as one statement: ``WITH h, a, i ... SELECT`` what was written. Rows
     travel as JSON (one parameter per kind; PostgreSQL parses it in C)."""
     ctes: list[str] = []

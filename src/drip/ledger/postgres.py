@@ -12,9 +12,11 @@ id, so a retry, even after an ambiguous commit, never applies anything twice.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from drip import errors
 from drip.ledger.engine import Engine, Op, Result, Writes
+from drip.ledger.pg_async import LoopBatcher
 from drip.ledger.pg_optimistic import try_batch
 from drip.ledger.rowcache import RowCache
 from drip.ledger.store import (
@@ -103,6 +106,11 @@ class PostgresStore(Store):
         self._local = threading.local()
         self._writers: list[psycopg.Connection[Any]] = []
         self._writers_lock = threading.Lock()
+        #: the rows this process's batches last committed, for the fast paths (a hint:
+        #: every row it vouches for is checked by compare-and-set as it is written)
+        self.shared_cache = RowCache()
+        self._loop_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBatcher]
+        self._loop_batchers = weakref.WeakKeyDictionary()
         try:
             self._pool = ConnectionPool(
                 url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True, timeout=30
@@ -128,6 +136,8 @@ class PostgresStore(Store):
         return conn
 
     def _close_connections(self) -> None:
+        for batcher in list(self._loop_batchers.values()):
+            batcher.close()
         with self._writers_lock:
             for conn in self._writers:
                 conn.close()
@@ -173,10 +183,15 @@ class PostgresStore(Store):
         return self._run_locked(ops)
 
     def _cache(self) -> RowCache:
-        cache: RowCache | None = getattr(self._local, "cache", None)
-        if cache is None:
-            cache = self._local.cache = RowCache()
-        return cache
+        return self.shared_cache
+
+    def submit_async(self, op: Op) -> Awaitable[list[Result]]:
+        """Asyncio callers' batches run on their loop (``pg_async``)."""
+        loop = asyncio.get_running_loop()
+        batcher = self._loop_batchers.get(loop)
+        if batcher is None:
+            batcher = self._loop_batchers[loop] = LoopBatcher(self, loop)
+        return batcher.submit(op)
 
     def applied(self, engine: Engine) -> None:
         self._cache().remember(engine)

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
+from drip.ledger.batching import chain_future
 from drip.ledger.engine import Engine, Op, Result, Writes
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -380,20 +381,8 @@ class _LoopBatcher:
         if results is None:  # the lock is busy: let the writer thread wait for it
             committer = self.store.committer
             for op, future in batch:
-                _chain(committer.submit_async(op), future)
+                chain_future(committer.submit_async(op), future)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-
-
-def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
-    def copy(done: asyncio.Future[Any]) -> None:
-        if target.done():
-            return
-        if done.exception() is not None:
-            target.set_exception(done.exception())  # type: ignore[arg-type]
-        else:
-            target.set_result(done.result())
-
-    source.add_done_callback(copy)

@@ -1,0 +1,133 @@
+"""PostgreSQL's fast path for asyncio callers, on the event loop itself.
+
+The operations one turn of the loop submits form a batch; it is applied to the rows the
+store remembers (``RowCache``, shared with the writer thread) and sent as the fast
+path's one statement over an ``AsyncConnection`` that belongs to this loop, so no
+thread is woken and none wakes the loop back. One batch is in flight per loop;
+operations that arrive meanwhile form the next. Whatever the fast path cannot take (a
+row it does not remember, a refusal, a lost compare-and-set, a broken connection) goes
+to the writer thread's locked path, which reads and locks current rows, exactly as
+blocking callers' batches do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from drip import errors
+from drip.ledger.batching import chain_future
+from drip.ledger.engine import Op, Result
+from drip.ledger.pg_optimistic import BACKOFF_BATCHES, one_statement, take_seqs
+from drip.ledger.rowcache import apply_remembered
+from drip.ledger.types import BATCH_OPS_MAX
+
+if TYPE_CHECKING:
+    from drip.ledger.postgres import PostgresStore
+
+
+class LoopBatcher:
+    """One event loop's batches: applied on the loop, sent on its own connection."""
+
+    def __init__(self, store: PostgresStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
+        self.running = False
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    def submit(self, op: Op) -> asyncio.Future[list[Result]]:
+        future: asyncio.Future[list[Result]] = self.loop.create_future()
+        self.pending.append((op, future))
+        if not self.running:
+            self.running = True
+            self.loop.call_soon(self._start)
+        return future
+
+    def _start(self) -> None:
+        self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch = self.pending[:BATCH_OPS_MAX]
+                del self.pending[:BATCH_OPS_MAX]
+                await self._run(batch)
+        finally:
+            self.running = False
+            if self.pending:  # a failure above left work behind: start over
+                self.running = True
+                self.loop.call_soon(self._start)
+
+    async def _run(self, batch: list[tuple[Op, asyncio.Future[list[Result]]]]) -> None:
+        ops = [op for op, _ in batch]
+        try:
+            results = await self._fast(ops)
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+            error = exc if isinstance(exc, errors.DripError) else errors.StoreError(
+                f"the ledger store failed: {type(exc).__name__}: {exc}")  # fmt: skip
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        if results is None:  # the locked path, on the writer thread
+            committer = self.store.committer
+            for op, future in batch:
+                chain_future(committer.submit_async(op), future)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _fast(self, ops: list[Op]) -> list[list[Result]] | None:
+        cache = self.store.shared_cache
+        if cache.backoff:
+            cache.backoff -= 1
+            return None
+        applied = apply_remembered(cache, self.store.clock_us(), ops)
+        if applied is None:
+            return None
+        engine, results = applied
+        writes = engine.finish()
+        if writes.new_accounts:
+            return None  # never met on this path (an unknown account misses); stay simple
+        if writes.empty():
+            return results
+        query, params = one_statement(writes, cache)
+        try:
+            conn = await self._connection()
+            cursor = await conn.execute(query, params)
+            rows = await cursor.fetchall()
+        except psycopg.Error:
+            # a lost compare-and-set, a replayed id, a broken connection: nothing was
+            # committed (one statement, autocommit); the locked path decides
+            cache.clear()
+            cache.backoff = BACKOFF_BATCHES
+            await self._reset()
+            return None
+        take_seqs(writes, rows)
+        cache.remember(engine)
+        return results
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        if self.conn is None or self.conn.closed:
+            conn = await psycopg.AsyncConnection.connect(self.store.url, autocommit=True)
+            await conn.execute("SET enable_seqscan = off")  # see PostgresStore._writer
+            self.conn = conn
+        return self.conn
+
+    async def _reset(self) -> None:
+        conn = self.conn
+        if conn is not None and (conn.closed or conn.broken):
+            self.conn = None
+
+    def close(self) -> None:
+        """Close the connection from any thread (the loop may be gone)."""
+        conn, self.conn = self.conn, None
+        if conn is not None and not conn.closed:
+            conn.pgconn.finish()
+
+
+__all__ = ["LoopBatcher"]
