@@ -204,3 +204,34 @@ async def test_async_path_survives_a_broken_connection(pair: tuple[Ledger, Ledge
     await a.charge("c3", "user:w", "rev:p", 3, code="x")
     assert a.balance("user:w").posted == 1000 - 6
     assert a.check_invariants().ok
+
+
+def test_a_status_memory_believes_is_set_is_checked(pair: tuple[Ledger, Ledger]) -> None:
+    """An operation that reads a remembered row and writes nothing (a no-op status)
+    must not be answered from memory another process made stale."""
+    a, b = pair
+    _fund(a, 1000)
+    a.sync.set_status("user:w", "frozen")  # a remembers it frozen
+    b.sync.set_status("user:w", "open")  # really open now
+    a.sync.set_status("user:w", "frozen")  # looks like a no-op to a's memory
+    assert b.balance("user:w").available == 1000
+    with pytest.raises(errors.DripError):
+        b.sync.charge("after", "user:w", "rev:p", 5, code="x")  # the freeze holds
+    assert a.store.get_account("user:w").status == "frozen"  # type: ignore[union-attr]
+
+
+async def test_async_status_memory_believes_is_set_is_checked(
+    pair: tuple[Ledger, Ledger],
+) -> None:
+    import asyncio
+
+    a, b = pair
+    await _afund(a, 1000)
+    await a.set_status("user:w", "frozen")  # a remembers it frozen
+    b.sync.set_status("user:w", "open")  # really open now
+    # the status is the only read of user:w; the transfer's rows are written (and checked)
+    await asyncio.gather(a.set_status("user:w", "frozen"),
+                         a.transfer("t-x", "funding:USDC", "rev:p", 1, code="topup"))  # fmt: skip
+    assert a.store.get_account("user:w").status == "frozen"  # type: ignore[union-attr]
+    with pytest.raises(errors.DripError):
+        b.sync.charge("after", "user:w", "rev:p", 5, code="x")

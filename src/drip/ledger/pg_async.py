@@ -20,7 +20,7 @@ import psycopg
 from drip import errors
 from drip.ledger.batching import chain_future
 from drip.ledger.engine import Op, Result
-from drip.ledger.pg_optimistic import BACKOFF_BATCHES, one_statement, take_seqs
+from drip.ledger.pg_optimistic import BACKOFF_BATCHES, checked_writes, one_statement, take_seqs
 from drip.ledger.rowcache import apply_remembered
 from drip.ledger.types import BATCH_OPS_MAX
 
@@ -90,10 +90,10 @@ class LoopBatcher:
         if applied is None:
             return None
         engine, results = applied
-        writes = engine.finish()
-        if writes.new_accounts:
-            return None  # never met on this path (an unknown account misses); stay simple
-        if writes.empty():
+        writes = checked_writes(engine)
+        if writes is None:
+            return None
+        if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
             return results
         query, params = one_statement(writes, cache)
         try:

@@ -19,29 +19,17 @@ given on rows read under lock.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
 from drip import errors
-from drip.ledger.engine import Op, Result, Writes
+from drip.ledger.engine import Engine, Op, Result, Writes
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import TRANSFER_INSERT_COLUMNS, Store
 
 #: Batches that go straight to the locked path after a compare-and-set failed.
 BACKOFF_BATCHES = 8
-
-_CAS_ACCOUNT = (
-    "UPDATE accounts SET status = %s, "
-    "debits_posted = CASE WHEN debits_posted = %s AND credits_posted = %s "
-    "AND debits_pending = %s AND credits_pending = %s AND status = %s THEN %s ELSE -1 END, "
-    "credits_posted = %s, debits_pending = %s, credits_pending = %s WHERE id = %s"
-)
-_CAS_HOLD = (
-    "UPDATE transfers SET hold_state = CASE WHEN hold_state = 0 THEN %s ELSE -1 END, "
-    "hold_resolved_amount = %s, hold_resolved_by = %s WHERE id = %s"
-)
 
 
 def try_batch(
@@ -55,7 +43,11 @@ def try_batch(
     if applied is None:
         return None  # the locked path reads (and locks) the rows
     engine, results = applied
-    writes = engine.finish()
+    writes = checked_writes(engine)
+    if writes is None:
+        return None
+    if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
+        return results
     try:
         _send(store, conn, writes, cache)
     except Exception as exc:
@@ -70,13 +62,25 @@ def try_batch(
     return results
 
 
+def checked_writes(engine: Engine) -> Writes | None:
+    """The batch's writes, if every remembered row it relied on is among them, so a
+    compare-and-set checks it; else ``None``. (An operation that reads a row and writes
+    nothing, such as setting a status it believes is already set, would otherwise be
+    answered from memory that another process may have made stale.)"""
+    writes = engine.finish()
+    if writes.new_accounts:
+        return None  # not met here (an unknown account misses); the locked path inserts
+    for account_id, account in engine.accounts.items():
+        if account is not None and account_id not in writes.changed_accounts:
+            return None
+    created = {h.id for h in writes.new_holds}
+    for hold_id, hold in engine.holds.items():
+        if hold is not None and hold_id not in writes.changed_holds and hold_id not in created:
+            return None
+    return writes
+
+
 def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: RowCache) -> None:
-    if writes.new_accounts:  # not seen on this path (an unknown account misses), but safe
-        with conn.cursor() as cur:
-            with conn.pipeline():
-                read_back = _pipelined(store, conn, cur, writes, cache)
-            read_back()
-        return
     query, params = one_statement(writes, cache)
     conn.autocommit = True
     try:
@@ -165,32 +169,6 @@ def one_statement(writes: Writes, cache: RowCache) -> tuple[str, list[Any]]:
         ctes.append(_INSERT_CTE.format(columns=TRANSFER_INSERT_COLUMNS))
         selects.append("SELECT 'i', id, seq FROM i")
     return "WITH " + ", ".join(ctes) + " " + " UNION ALL ".join(selects), params
-
-
-def _pipelined(
-    store: Store, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], writes: Writes,
-    cache: RowCache,
-) -> Callable[[], None]:  # fmt: skip
-    """Queue the batch's compare-and-set updates, inserts and COMMIT on the pipeline."""
-    # lock order as on the locked path: holds, then accounts (each sorted by id)
-    if writes.changed_holds:
-        cur.executemany(
-            _CAS_HOLD,
-            [Store.hold_state_row(h) for _, h in sorted(writes.changed_holds.items())],
-        )
-    if writes.changed_accounts:
-        rows = []
-        for account_id, a in sorted(writes.changed_accounts.items()):
-            old = cache.accounts[account_id]
-            rows.append((
-                a.status, old.debits_posted, old.credits_posted, old.debits_pending,
-                old.credits_pending, old.status, a.debits_posted, a.credits_posted,
-                a.debits_pending, a.credits_pending, account_id,
-            ))  # fmt: skip
-        cur.executemany(_CAS_ACCOUNT, rows)
-    read_back = store.insert_rows(cur, writes)
-    conn.commit()
-    return read_back
 
 
 def _reset(conn: psycopg.Connection[Any]) -> None:
