@@ -238,3 +238,85 @@ async def test_the_fastapi_helper_and_dependency(
         )
     finally:
         client.close()
+
+
+def test_prices_and_signers_are_checked_at_configuration(chain: Devnet, tmp_path: Any) -> None:
+    from drip import errors as drip_errors
+
+    base = {"pay_to": chain.accounts[2][0], "asset": chain.usdc}
+    with pytest.raises(drip_errors.DripError):
+        x402_price("no spaces allowed", "0.01", network=NETWORK, **base)
+    with pytest.raises(drip_errors.ConfigError):
+        x402_price("ok", "0.01", network="base-sepolia", **base)  # v1 names are not CAIP-2
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/cfg.db"))
+    try:
+        with pytest.raises(drip_errors.ConfigError, match="public_url"):
+            X402Meter(FastAPI(), client=client, facilitator=None, signer=SIGNER,
+                      routes={"/x": x402_price("x", "0.01", network=NETWORK, **base)})  # fmt: skip
+        solana = x402_price("x", "0.01", network="solana:devnet", **base)
+        with pytest.raises(drip_errors.ConfigError, match="eip155"):
+            X402Meter(FastAPI(), client=client, facilitator=None, signer=SIGNER,
+                      public_url="https://p.test", routes={"/x": solana})  # fmt: skip
+    finally:
+        client.close()
+
+
+async def test_a_settlement_that_fails_after_serving_answers_402_for_the_real_resource(
+    chain: Devnet, shop: Shop, run_app: Any, facilitator_url: str, tmp_path: Any
+) -> None:
+    """The payer empties its wallet while the handler runs: settlement fails, the client
+    gets 402 naming this resource, the reservation is released, nothing is booked."""
+    from drip.chain.artifacts import artifact
+    from drip.chain.devnet import send
+
+    payer = chain.accounts[6]
+    api = FastAPI()
+
+    @api.get("/drain")
+    async def drain() -> dict[str, str]:
+        w3 = chain.web3()
+        usdc = w3.eth.contract(address=chain.usdc, abi=artifact("TestUSDC")["abi"])
+        everything = usdc.functions.balanceOf(payer[0]).call()
+        send(w3, usdc.functions.transfer(chain.accounts[7][0], everything), payer)
+        return {"drained": "yes"}
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/drain.db"))
+    app = X402Meter(api, client=client, facilitator=HTTPFacilitatorClient({"url": facilitator_url}),
+                    routes={"GET /drain": x402_price("drain", "0.01", pay_to=chain.accounts[2][0],
+                                                     asset=chain.usdc, network=NETWORK)},
+                    signer=SIGNER, public_url="https://api.acme.test")  # fmt: skip
+    try:
+        url = run_app(app)
+        async with httpx.AsyncClient(base_url=url, transport=x402_payer(chain, 6)) as http:
+            r = await http.get("/drain")
+        assert r.status_code == 402
+        assert "settlement failed" in r.json()["error"]
+        assert r.json()["resource"]["url"] == "https://api.acme.test/drain"
+        assert client.ledger.store.query("SELECT count(*) FROM x402_payments", ())[0][0] == 0
+        assert client.ledger.balance(client.revenue_account).posted == 0
+    finally:
+        client.close()
+        # give the payer its funds back for the other tests
+        w3 = chain.web3()
+        usdc = w3.eth.contract(address=chain.usdc, abi=artifact("TestUSDC")["abi"])
+        back = usdc.functions.balanceOf(chain.accounts[7][0]).call()
+        send(w3, usdc.functions.transfer(payer[0], back), chain.accounts[7])
+
+
+async def test_a_booking_failure_after_settlement_still_serves_the_payer(
+    chain: Devnet, shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from drip.x402 import server as x402_server
+
+    async def broken(self: object, tx_hash: str, network: str) -> str:
+        raise RuntimeError("the ledger is down")
+
+    monkeypatch.setattr(x402_server._PaidCall, "_record", broken)
+    async with httpx.AsyncClient(base_url=shop.url, transport=x402_payer(chain, 8)) as http:
+        r = await http.get("/answer")
+    assert r.status_code == 200 and r.json() == {"answer": "42"}
+    settlement = decode_payment_response_header(r.headers["payment-response"])
+    assert settlement.success and "x-drip-receipt" not in r.headers
+    # the row says the money moved, for reconciliation
+    [(status, tx)] = shop.client.ledger.store.query("SELECT status, tx_hash FROM x402_payments", ())
+    assert status == "settled" and tx == settlement.transaction

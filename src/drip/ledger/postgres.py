@@ -56,13 +56,12 @@ _RETRYABLE = (
 
 _LOCK_HOLDS = (
     f"SELECT {HOLD_COLUMNS} FROM transfers WHERE id = ANY(%s) "
-    "AND hold_state IS NOT NULL ORDER BY id COLLATE \"C\" FOR UPDATE"
+    'AND hold_state IS NOT NULL ORDER BY id COLLATE "C" FOR UPDATE'
 )
 # locks are taken in code-point order (COLLATE "C"), the order Python sorts ids in for the
 # fast path's statements, whatever the database's collation: the two paths never deadlock
 _LOCK_ACCOUNTS = (
-    f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) "
-    'ORDER BY id COLLATE "C" FOR UPDATE'
+    f'SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) ORDER BY id COLLATE "C" FOR UPDATE'
 )
 _SELECT_TRANSFERS = f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ANY(%s)"
 

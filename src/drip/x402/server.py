@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from x402.http.utils import (
 )
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
 
+from drip import errors
 from drip.asgi.middleware import (
     ASGIApp,
     DripMeter,
@@ -58,6 +60,7 @@ from drip.asgi.middleware import (
 )
 from drip.ledger import AccountKind
 from drip.ledger.store import Migration, wall_clock_us
+from drip.ledger.types import check_code
 from drip.metering import DripClient
 from drip.money import format_plain, parse_amount
 from drip.x402 import receipts
@@ -111,6 +114,10 @@ def x402_price(
     description: str = "",
 ) -> X402Price:
     """A route's x402 price, e.g. ``x402_price("search", "0.01", pay_to=, asset=, network=)``."""
+    check_code(event, "event")
+    if not isinstance(network, str) or not re.fullmatch(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}",
+                                                        network):  # fmt: skip
+        raise errors.ConfigError(f"x402_price({event!r}): network must be CAIP-2, e.g. eip155:8453")
     atomic = parse_amount(amount, allow_zero=False)
     requirements = PaymentRequirements(
         scheme="exact", network=network, asset=asset, amount=str(atomic), pay_to=pay_to,
@@ -176,6 +183,14 @@ class X402Meter:
         )
         self.signer = Account.from_key(signer) if isinstance(signer, str) else signer
         self.public_url = public_url.rstrip("/") if public_url else None
+        if self.signer is not None:
+            if self.public_url is None:
+                # signed offers and receipts name the resource: never let a request's
+                # Host header choose what the provider's key signs
+                raise errors.ConfigError("X402Meter(signer=...) needs public_url=")
+            for key, route in self.routes.items():
+                if not str(route.requirements.network).startswith("eip155:"):
+                    raise errors.ConfigError(f"route {key!r}: signed receipts need eip155")
         self._offers: dict[tuple[int, str], dict[str, Any]] = {}
         self._ready = False
 
@@ -188,6 +203,13 @@ class X402Meter:
         return self.routes.get(f"{scope['method']} {scope['path']}") or self.routes.get(
             scope["path"]
         )
+
+    def _names_payer(self, scope: Scope) -> bool:
+        assert self.sessions is not None
+        try:
+            return self.sessions.has_payer(scope)
+        except errors.DripError:
+            return True  # the resolver refused: metering answers with its error
 
     def _session_price(self, scope: Scope) -> Price | None:
         if self.sessions is None:
@@ -252,7 +274,7 @@ class X402Meter:
         ):
             await self._payment_required(scope, send, route, "payment already used")
             return
-        call = _PaidCall(self, route, payload, key, self.url(scope))
+        call = _PaidCall(self, route, payload, key, scope)
         if route.settle_first and not await call.settle(send):
             return
         await call.run(scope, receive, send)
@@ -318,8 +340,10 @@ class _PaidCall:
     """One verified, reserved payment: settle exactly once, or release the reservation."""
 
     def __init__(self, meter: X402Meter, route: X402Price, payload: PaymentPayload,
-                 key: tuple[str, str], url: str) -> None:  # fmt: skip
+                 key: tuple[str, str], scope: Scope) -> None:  # fmt: skip
         self.meter = meter
+        self.scope = scope
+        url = meter.url(scope)
         self.route = route
         self.payload = payload
         self.key = key
@@ -354,28 +378,32 @@ class _PaidCall:
         if not result.success:
             self._release()
             await self.meter._payment_required(
-                {"path": "", "method": "", "headers": []},
-                send,
-                self.route,
+                self.scope, send, self.route,
                 f"settlement failed: {result.error_reason or 'unknown'}",
-            )
-            return False
-        receipt = None
-        if self.meter.signer is not None:
-            receipt = receipts.sign_receipt(
-                self.meter.signer, network=str(result.network), resource_url=self.url,
-                payer=result.payer or self.key[0], transaction=result.transaction,
             )  # fmt: skip
-            result = result.model_copy(update={"extensions": {
-                **(result.extensions or {}), **receipts.extension(receipt=receipt)}})  # fmt: skip
+            return False
+        # the money moved: say so first, then book it (a booking failure is logged and
+        # left for reconciliation from this row; the payer is still served)
         self.transaction = result.transaction
-        self.transfer_id = await self._record(result.transaction, str(result.network))
-        store.execute(
-            "UPDATE x402_payments SET status = 'settled', tx_hash = ?, transfer_id = ?, "
-            "receipt = ? WHERE payer = ? AND nonce = ?",
-            (result.transaction, self.transfer_id,
-             json.dumps(receipt) if receipt is not None else None, *self.key),
-        )  # fmt: skip
+        store.execute("UPDATE x402_payments SET status = 'settled', tx_hash = ? WHERE payer = ? "
+                      "AND nonce = ?", (result.transaction, *self.key))  # fmt: skip
+        receipt = None
+        try:
+            if self.meter.signer is not None:
+                receipt = receipts.sign_receipt(
+                    self.meter.signer, network=str(result.network), resource_url=self.url,
+                    payer=result.payer or self.key[0], transaction=result.transaction,
+                )  # fmt: skip
+                extensions = {**(result.extensions or {}), **receipts.extension(receipt=receipt)}
+                result = result.model_copy(update={"extensions": extensions})
+            self.transfer_id = await self._record(result.transaction, str(result.network))
+            store.execute(
+                "UPDATE x402_payments SET transfer_id = ?, receipt = ? WHERE payer = ? "
+                "AND nonce = ?",
+                (self.transfer_id, json.dumps(receipt) if receipt else None, *self.key),
+            )
+        except Exception:
+            log.exception("x402 payment settled (tx %s) but not booked", result.transaction)
         self.response_header = encode_payment_response_header(result).encode()
         return True
 
