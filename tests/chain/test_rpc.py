@@ -86,3 +86,82 @@ def test_a_reverting_call_fails_only_its_caller(chain: Devnet) -> None:
         outcomes = list(pool.map(call, range(8)))
     assert outcomes[1::2] == ["reverted"] * 4
     assert all(isinstance(x, int) for x in outcomes[0::2])
+
+
+class _Proxy:
+    """A JSON-RPC endpoint in front of anvil that behaves like some hosted providers:
+    ``refuse`` answers any batch with one error object; ``reverse`` answers batches with
+    their responses in reverse order (JSON-RPC does not promise an order)."""
+
+    def __init__(self, upstream: str, mode: str) -> None:
+        import http.server
+        import json as json_module
+        import urllib.request
+
+        proxy = self
+        self.batches = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                parsed = json_module.loads(body)
+                if isinstance(parsed, list):
+                    proxy.batches += 1
+                if isinstance(parsed, list) and mode == "refuse":
+                    answer = json_module.dumps(
+                        {
+                            "jsonrpc": "2.0",
+                            "id": None,
+                            "error": {
+                                "code": -32600,
+                                "message": "batch requests are not supported",
+                            },
+                        }
+                    ).encode()
+                else:
+                    req = urllib.request.Request(
+                        upstream, data=body, headers={"Content-Type": "application/json"}
+                    )
+                    with urllib.request.urlopen(req, timeout=10) as up:
+                        answer = up.read()
+                    if isinstance(parsed, list) and mode == "reverse":
+                        answer = json_module.dumps(json_module.loads(answer)[::-1]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["refuse", "reverse"])
+def test_batches_refused_or_reordered_still_answer_each_caller(chain: Devnet, mode: str) -> None:
+    proxy = _Proxy(chain.rpc_url, mode)
+    try:
+        provider = CoalescingHTTPProvider(proxy.url)
+        w3 = Web3(provider)
+        owners = [a for a, _ in chain.accounts] * 4
+        reference = Web3(Web3.HTTPProvider(chain.rpc_url))
+        expected = [reference.eth.get_balance(a) for a in owners]
+        go = threading.Event()
+
+        def read(i: int) -> int:
+            go.wait()
+            return int(w3.eth.get_balance(owners[i]))
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = pool.map(read, range(len(owners)))
+            go.set()
+            assert list(results) == expected
+        assert proxy.batches > 0  # the batching was exercised
+    finally:
+        proxy.close()
