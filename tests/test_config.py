@@ -37,3 +37,19 @@ def test_secrets_do_not_print(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert "whsec_very_secret" not in repr(config) and "whsec_very_secret" not in str(config)
     assert config.stripe_webhook_secret is not None
     assert config.stripe_webhook_secret.get_secret_value() == "whsec_very_secret"
+
+
+def test_nested_sections_from_env_and_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert (DripConfig().serve.host, DripConfig().serve.port) == ("127.0.0.1", 8402)
+    (tmp_path / "drip.toml").write_text('[serve]\nhost = "0.0.0.0"\nport = 9000\n')
+    assert (DripConfig().serve.host, DripConfig().serve.port) == ("0.0.0.0", 9000)
+    monkeypatch.setenv("DRIP_SERVE__PORT", "9100")  # "__" nests; the environment wins
+    assert (DripConfig().serve.host, DripConfig().serve.port) == ("0.0.0.0", 9100)
+    monkeypatch.setenv("DRIP_SERVE__PORT", "70000")
+    with pytest.raises(ValidationError):
+        DripConfig()
+    monkeypatch.delenv("DRIP_SERVE__PORT")
+    (tmp_path / "drip.toml").write_text('[serve]\nhots = "typo"\n')
+    with pytest.raises(ValidationError):
+        DripConfig()  # an unknown key in a section is an error, not silently ignored

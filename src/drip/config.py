@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -13,6 +13,16 @@ from pydantic_settings import (
 
 #: A hold may live at most 30 days (the ledger's own limit).
 _HOLD_TIMEOUT_S_MAX = 30 * 24 * 3600
+
+
+class ServeConfig(BaseModel):
+    """Where ``drip serve`` listens: ``[serve]`` in drip.toml, ``DRIP_SERVE__HOST`` /
+    ``DRIP_SERVE__PORT`` in the environment (``__`` nests)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
+    port: int = Field(default=8402, ge=1, le=65535)
 
 
 class DripConfig(BaseSettings):
@@ -41,6 +51,8 @@ class DripConfig(BaseSettings):
     webhook_secret: SecretStr | None = None
     #: How old a signed webhook may be before it is refused as stale.
     webhook_tolerance_s: int = Field(default=300, gt=0, le=3600)
+    #: ``drip serve``'s address (a nested section).
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -284,8 +284,13 @@ def keys_revoke(key_id: str, database_url: DatabaseUrl = None) -> None:
 @app.command("serve")
 @friendly
 def serve(
-    host: Annotated[str, typer.Option(envvar="DRIP_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="DRIP_PORT", min=1, max=65535)] = 8402,
+    host: Annotated[
+        str | None, typer.Option(help="Default: [serve] host, DRIP_SERVE__HOST, 127.0.0.1")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Default: [serve] port, DRIP_SERVE__PORT, 8402"),
+    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the REST API (OpenAPI at /docs, Prometheus at /metrics)."""
@@ -296,8 +301,9 @@ def serve(
 
     configure_logging()
     settings: dict[str, Any] = {"database_url": database_url} if database_url else {}
-    uvicorn.run(create_app(DripConfig(**settings)), host=host, port=port, log_config=None,
-                access_log=False)  # fmt: skip
+    config = DripConfig(**settings)
+    uvicorn.run(create_app(config), host=host or config.serve.host,
+                port=port or config.serve.port, log_config=None, access_log=False)  # fmt: skip
 
 
 @app.command("facilitator")
