@@ -235,3 +235,18 @@ async def test_async_status_memory_believes_is_set_is_checked(
     assert a.store.get_account("user:w").status == "frozen"  # type: ignore[union-attr]
     with pytest.raises(errors.DripError):
         b.sync.charge("after", "user:w", "rev:p", 5, code="x")
+
+
+async def test_async_calls_on_a_closed_store_fail_instead_of_hanging(
+    postgres_url: str,
+) -> None:
+    import asyncio
+
+    led = open_ledger(postgres_url)
+    await _afund(led, 100)
+    await led.charge("c1", "user:w", "rev:p", 1, code="x")
+    led.close()
+    with pytest.raises(errors.DripError):
+        await asyncio.wait_for(led.charge("c2", "user:w", "rev:p", 1, code="x"), 10)
+    with pytest.raises(errors.DripError):  # a batch the fast path cannot take
+        await asyncio.wait_for(led.create_account("user:new", "wallet"), 10)

@@ -162,3 +162,11 @@ async def test_the_wal_stays_bounded_under_a_steady_load(
         assert led.check_invariants().ok
     finally:
         led.close()
+
+
+async def test_async_calls_on_a_closed_store_fail(tmp_path: Any) -> None:
+    led = open_ledger(f"sqlite:///{tmp_path}/closed.db")
+    await _fund(led, 100)
+    led.close()
+    with pytest.raises(errors.DripError):
+        await asyncio.wait_for(led.charge("c2", "user:w", "rev:p", 1, code="x"), 10)

@@ -73,15 +73,22 @@ class LoopBatcher:
                     future.set_exception(error)
             return
         if results is None:  # the locked path, on the writer thread
-            committer = self.store.committer
-            for op, future in batch:
-                chain_future(committer.submit_async(op), future)
+            try:
+                committer = self.store.committer
+                for op, future in batch:
+                    chain_future(committer.submit_async(op), future)
+            except errors.DripError as exc:  # the store was closed under us
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
     async def _fast(self, ops: list[Op]) -> list[list[Result]] | None:
+        if not self.store.is_open:
+            raise errors.StoreError("the ledger store is not open")
         cache = self.store.shared_cache
         if cache.backoff:
             cache.backoff -= 1

@@ -191,6 +191,8 @@ class PostgresStore(Store):
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         """Asyncio callers' batches run on their loop (``pg_async``)."""
+        if not self.is_open:
+            raise errors.StoreError("the ledger store is not open")
         loop = asyncio.get_running_loop()
         batcher = self._loop_batchers.get(loop)
         if batcher is None:

@@ -118,6 +118,10 @@ class Store(abc.ABC):
         self._close_connections()
 
     @property
+    def is_open(self) -> bool:
+        return self._committer is not None
+
+    @property
     def committer(self) -> GroupCommitter:
         if self._committer is None:
             raise errors.StoreError("the ledger store is not open")
