@@ -170,3 +170,18 @@ async def test_async_calls_on_a_closed_store_fail(tmp_path: Any) -> None:
     led.close()
     with pytest.raises(errors.DripError):
         await asyncio.wait_for(led.charge("c2", "user:w", "rev:p", 1, code="x"), 10)
+
+
+async def test_account_reads_from_memory_are_never_stale(
+    pair: tuple[Ledger, Ledger, str],
+) -> None:
+    a, b, path = pair
+    await _fund(a, 1000)
+    await a.charge("c1", "user:w", "rev:p", 100, code="x")
+    assert a.balance("user:w").available == 900  # memory, provably current
+    await b.charge("c2", "user:w", "rev:p", 50, code="x")  # another connection
+    assert a.balance("user:w").available == 850  # memory is not trusted: the file answers
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute("UPDATE accounts SET status = 'frozen' WHERE id = 'user:w'")
+    assert a.store.get_account("user:w").status == "frozen"  # type: ignore[union-attr]
+    assert a.check_invariants().ok

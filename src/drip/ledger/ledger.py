@@ -132,6 +132,11 @@ class Cap(NamedTuple):
     limits: tuple[WindowLimit, ...] = ()
 
 
+def _as_caps(caps: Sequence[Any]) -> list[Cap]:
+    """Caps as ``Cap``s (callers may pass plain ``(debit, credit)`` tuples)."""
+    return [c if type(c) is Cap else Cap._make(c) for c in caps]
+
+
 def _cap_id(hold_id: str, index: int) -> str:
     return f"{hold_id}{DERIVED_SEP}cap{index}"
 
@@ -283,7 +288,7 @@ class _Plans:
                             0, None, 0, encode_metadata(metadata))  # fmt: skip
         capped = [spec] + [TransferSpec(_cap_id(transfer_id, i), c.debit, c.credit, amount, code,
                                         limits=c.limits)
-                           for i, c in enumerate(map(Cap._make, caps))]  # fmt: skip
+                           for i, c in enumerate(_as_caps(caps))]  # fmt: skip
         specs = self._with_fee(capped, revenue_id, amount)
         return _submit(_link(specs), _charge_reader(len(specs) > len(capped)))
 
@@ -306,7 +311,7 @@ class _Plans:
                               timeout_s, encode_metadata(metadata))]  # fmt: skip
         specs += [TransferSpec(_cap_id(hold_id, i), c.debit, c.credit, amount, code, _PENDING,
                                None, timeout_s, limits=c.limits)
-                  for i, c in enumerate(map(Cap._make, caps))]  # fmt: skip
+                  for i, c in enumerate(_as_caps(caps))]  # fmt: skip
         return _submit(_link(specs), _one)
 
     def post(
@@ -333,7 +338,7 @@ class _Plans:
         specs = [spec] + [
             TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}post", c.debit, c.credit, amount,
                          code, _POST, _cap_id(held.id, i))
-            for i, c in enumerate(map(Cap._make, caps))
+            for i, c in enumerate(_as_caps(caps))
         ]  # fmt: skip
         with_fee = self._with_fee(specs, held.credit_account_id, fee_base)
         return _submit(_link(with_fee), _charge_reader(len(with_fee) > len(specs)))
@@ -354,7 +359,7 @@ class _Plans:
                               code, _VOID, held.id)]  # fmt: skip
         specs += [TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}void", c.debit, c.credit,
                                None, code, _VOID, _cap_id(held.id, i))
-                  for i, c in enumerate(map(Cap._make, caps))]  # fmt: skip
+                  for i, c in enumerate(_as_caps(caps))]  # fmt: skip
         return _submit(_link(specs), _one)
 
     def set_status(self, account_id: str, status: str) -> Plan:

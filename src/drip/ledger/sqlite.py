@@ -214,6 +214,22 @@ class SqliteStore(Store):
         finally:
             self._write_lock.release()
 
+    def get_account(self, account_id: str) -> Account | None:
+        """From the loop connection's memory when it is provably the file's (nobody else
+        committed since its last batch, checked now), else from the file."""
+        if account_id in self._cache.accounts and self._write_lock.acquire(blocking=False):
+            try:
+                remembered = self._cache.accounts.get(account_id)
+                if remembered is not None and self._fast_version is not None:
+                    version = self._fast.execute("PRAGMA data_version").fetchone()[0]
+                    if version == self._fast_version:
+                        return remembered.copy()
+            except sqlite3.Error:
+                pass  # the file answers below
+            finally:
+                self._write_lock.release()
+        return super().get_account(account_id)
+
     def _begin(self, cur: sqlite3.Cursor) -> bool:
         """``BEGIN IMMEDIATE`` without waiting; False if another process holds the lock."""
         try:
