@@ -185,3 +185,24 @@ async def test_account_reads_from_memory_are_never_stale(
         conn.execute("UPDATE accounts SET status = 'frozen' WHERE id = 'user:w'")
     assert a.store.get_account("user:w").status == "frozen"  # type: ignore[union-attr]
     assert a.check_invariants().ok
+
+
+async def test_side_table_writes_keep_the_memory_current(
+    pair: tuple[Ledger, Ledger, str], fast_hits: list[bool]
+) -> None:
+    """Idempotency records, API keys, x402 reservations are written with ``execute``
+    between batches; on the loop's connection they do not make the next batch read."""
+    a, _, _ = pair
+    await _fund(a, 1000)
+    a.store.execute("CREATE TABLE IF NOT EXISTS side_records (k TEXT PRIMARY KEY)")
+    await a.charge("c0", "user:w", "rev:p", 1, code="x")
+    fast_hits.clear()
+    for i in range(5):
+        assert a.store.execute("INSERT INTO side_records VALUES (?) ON CONFLICT DO NOTHING",
+                               (f"k{i}",)) == 1  # fmt: skip
+        assert a.store.execute("INSERT INTO side_records VALUES (?) ON CONFLICT DO NOTHING",
+                               (f"k{i}",)) == 0  # fmt: skip
+        await a.charge(f"c{i + 1}", "user:w", "rev:p", 1, code="x")
+    assert fast_hits == [True] * 5
+    assert a.store.query("SELECT count(*) FROM side_records", ())[0][0] == 5
+    assert a.balance("user:w").posted == 1000 - 6
