@@ -20,8 +20,7 @@ import psycopg
 from drip import errors
 from drip.ledger.batching import chain_future
 from drip.ledger.engine import Op, Result
-from drip.ledger.pg_optimistic import BACKOFF_BATCHES, checked_writes, one_statement, take_seqs
-from drip.ledger.rowcache import apply_remembered
+from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
 
 if TYPE_CHECKING:
@@ -90,16 +89,10 @@ class LoopBatcher:
         if not self.store.is_open:
             raise errors.StoreError("the ledger store is not open")
         cache = self.store.shared_cache
-        if cache.backoff:
-            cache.backoff -= 1
+        prepared = prepare(self.store, cache, ops)
+        if prepared is None:
             return None
-        applied = apply_remembered(cache, self.store.clock_us(), ops)
-        if applied is None:
-            return None
-        engine, results = applied
-        writes = checked_writes(engine)
-        if writes is None:
-            return None
+        engine, results, writes = prepared
         if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
             return results
         query, params = one_statement(writes, cache)
@@ -110,8 +103,7 @@ class LoopBatcher:
         except psycopg.Error:
             # a lost compare-and-set, a replayed id, a broken connection: nothing was
             # committed (one statement, autocommit); the locked path decides
-            cache.clear()
-            cache.backoff = BACKOFF_BATCHES
+            lost_race(cache)
             await self._reset()
             return None
         take_seqs(writes, rows)

@@ -36,16 +36,10 @@ def try_batch(
     store: Store, conn: psycopg.Connection[Any], cache: RowCache, ops: list[Op]
 ) -> list[list[Result]] | None:
     """Apply ``ops`` in one round trip, or return ``None`` for the locked path."""
-    if cache.backoff:
-        cache.backoff -= 1
-        return None
-    applied = apply_remembered(cache, store.clock_us(), ops)
-    if applied is None:
+    prepared = prepare(store, cache, ops)
+    if prepared is None:
         return None  # the locked path reads (and locks) the rows
-    engine, results = applied
-    writes = checked_writes(engine)
-    if writes is None:
-        return None
+    engine, results, writes = prepared
     if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
         return results
     try:
@@ -53,13 +47,34 @@ def try_batch(
     except Exception as exc:
         # whatever failed, leave no aborted transaction behind for the locked path
         _reset(conn)
-        cache.clear()
-        cache.backoff = BACKOFF_BATCHES
+        lost_race(cache)
         if isinstance(exc, psycopg.Error):  # aborts, lost races, a broken connection
             return None  # the locked path reads current rows (and reconnects if needed)
         raise
     cache.remember(engine)
     return results
+
+
+def prepare(
+    store: Store, cache: RowCache, ops: list[Op]
+) -> tuple[Engine, list[list[Result]], Writes] | None:
+    """``ops`` applied to the remembered rows, with writes that compare-and-set checks
+    entirely; ``None`` sends the batch to the locked path (so does a recent lost race)."""
+    if cache.backoff:
+        cache.backoff -= 1
+        return None
+    applied = apply_remembered(cache, store.clock_us(), ops)
+    if applied is None:
+        return None
+    engine, results = applied
+    writes = checked_writes(engine)
+    return None if writes is None else (engine, results, writes)
+
+
+def lost_race(cache: RowCache) -> None:
+    """The fast path failed: forget the rows, and let the next batches read them."""
+    cache.clear()
+    cache.backoff = BACKOFF_BATCHES
 
 
 def checked_writes(engine: Engine) -> Writes | None:

@@ -57,6 +57,11 @@ BUSY_TIMEOUT_MS = 30_000
 CHECKPOINT_BATCHES = 1000
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the write lock (``busy_timeout=0`` does not wait)."""
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 class _Replay(Exception):
     """The fast path met an existing transfer id: roll back, run the batch reading rows."""
 
@@ -188,7 +193,7 @@ class SqliteStore(Store):
                     if results is None:
                         self._cache.clear()
                         engine = Engine(self.loader(cur), self.clock_us())
-                        results = self._apply(cur, engine, ops)
+                        results = self.apply_with(cur, engine, ops)
                         self._remembered = engine
                     cur.execute("COMMIT")
                     committed = True
@@ -226,7 +231,7 @@ class SqliteStore(Store):
                 cur.execute(sql, tuple(params))
                 return int(cur.rowcount)
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if not _busy(exc):
                     raise
             finally:
                 cur.close()
@@ -255,7 +260,7 @@ class SqliteStore(Store):
         try:
             cur.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if _busy(exc):
                 return False
             raise
         return True
@@ -264,14 +269,6 @@ class SqliteStore(Store):
         self._fast_version = None
         self._cache.clear()
         self._remembered = None
-
-    def _apply(self, cur: sqlite3.Cursor, engine: Engine, ops: list[Op]) -> list[list[Result]]:
-        engine.prefetch(ops)
-        results = [engine.apply(op) for op in ops]
-        writes = engine.finish()
-        if not writes.empty():
-            self.write(cur, writes)
-        return results
 
     def _from_memory(self, cur: sqlite3.Cursor, ops: list[Op]) -> list[list[Result]] | None:
         """The batch on remembered rows, or ``None`` (nothing written) when they cannot

@@ -162,7 +162,10 @@ class Store(abc.ABC):
 
     def apply_batch(self, cur: Any, ops: list[Op]) -> list[list[Result]]:
         """The engine's pass over ``ops`` inside the open transaction ``cur``."""
-        engine = Engine(self.loader(cur), self.clock_us())
+        return self.apply_with(cur, Engine(self.loader(cur), self.clock_us()), ops)
+
+    def apply_with(self, cur: Any, engine: Engine, ops: list[Op]) -> list[list[Result]]:
+        """``apply_batch`` with the caller's engine (to keep it after the commit)."""
         engine.prefetch(ops)
         results = [engine.apply(op) for op in ops]
         writes = engine.finish()
