@@ -1,4 +1,5 @@
-"""Shared fixtures that start real things: a SQLite file, a PostgreSQL schema.
+"""Shared fixtures that start real things: a SQLite file, a PostgreSQL schema, ASGI apps
+under uvicorn on 127.0.0.1.
 
 PostgreSQL tests use ``DRIP_TEST_POSTGRES_DSN`` (``make test`` starts the server and
 sets it). Without it they skip on a laptop; with ``DRIP_REQUIRE_ALL=1`` (CI) a missing
@@ -8,11 +9,15 @@ PostgreSQL fails the run instead.
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import pytest
+import uvicorn
 
 from drip.ledger import Ledger, open_ledger
 
@@ -71,3 +76,35 @@ def ledger(store_url: str) -> Iterator[Ledger]:
         yield led
     finally:
         led.close()
+
+
+def serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """Run an ASGI app under uvicorn on a free 127.0.0.1 port; returns once it listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture
+def run_app() -> Iterator[Callable[[object], str]]:
+    """Start ASGI apps under uvicorn (stopped at teardown); returns each one's base URL."""
+    started: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(app: object) -> str:
+        url, server, thread = serve(app)
+        started.append((server, thread))
+        return url
+
+    yield start
+    for server, thread in started:
+        server.should_exit = True
+        thread.join(20)

@@ -3,18 +3,15 @@ the middleware holds before the handler, captures after it, voids on errors."""
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from drip.metering.http import DripSessionAuth
 
@@ -35,24 +32,12 @@ class Provider:
 
 
 @pytest.fixture
-def provider(store_url: str) -> Iterator[Provider]:
+def provider(store_url: str, run_app: Callable[[object], str]) -> Iterator[Provider]:
     app, client, ran = build(store_url, token_delay_s=0.02)
     client.sync.provision_user("buyer", initial_balance="1.00")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
     try:
-        yield Provider(f"http://127.0.0.1:{port}", client, ran)
+        yield Provider(run_app(app), client, ran)
     finally:
-        server.should_exit = True
-        thread.join(20)
         client.close()
 
 

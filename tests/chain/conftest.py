@@ -7,13 +7,9 @@ Without anvil (``make node_modules``) these tests skip on a laptop; with
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
-import uvicorn
 
 from drip import errors
 from drip.chain import devnet
@@ -36,46 +32,14 @@ def chain() -> Iterator[devnet.Devnet]:
         net.stop()
 
 
-def serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
-    """Run an ASGI app under uvicorn on a free 127.0.0.1 port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 @pytest.fixture
-def facilitator_url(chain: devnet.Devnet, sqlite_url: str) -> Iterator[str]:
+def facilitator_url(
+    chain: devnet.Devnet, sqlite_url: str, run_app: Callable[[object], str]
+) -> Iterator[str]:
     """`drip facilitator` for the devnet (settling with the deployer's key)."""
     store = open_store(sqlite_url)
-    app = create_app(build(chain.rpc_url, chain.accounts[0][1], ["eip155:31337"]), store)
-    url, server, thread = serve(app)
     try:
-        yield url
+        yield run_app(create_app(build(chain.rpc_url, chain.accounts[0][1], ["eip155:31337"]),
+                                 store))  # fmt: skip
     finally:
-        server.should_exit = True
-        thread.join(20)
         store.close()
-
-
-@pytest.fixture
-def run_app() -> Iterator[object]:
-    """Start ASGI apps under uvicorn (stopped at teardown); returns each one's base URL."""
-    started: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(app: object) -> str:
-        url, server, thread = serve(app)
-        started.append((server, thread))
-        return url
-
-    yield start
-    for server, thread in started:
-        server.should_exit = True
-        thread.join(20)

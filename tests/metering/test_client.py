@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from drip import DripClient, DripConfig, DripInsufficientCredits, errors
+from drip import DripClient, DripInsufficientCredits, errors
 from drip.metering.client import wallet_id
-
-
-@pytest.fixture
-def client(store_url: str) -> Iterator[DripClient]:
-    c = DripClient(DripConfig(database_url=store_url))
-    try:
-        yield c
-    finally:
-        c.close()
 
 
 async def balance(client: DripClient, user_id: str) -> Decimal:

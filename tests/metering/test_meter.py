@@ -20,15 +20,6 @@ from drip.metering.client import wallet_id
 BIG_BUCKET = 10**9  # one usage bucket for the whole test run, whatever the time of day
 
 
-@pytest.fixture
-def client(store_url: str) -> Iterator[DripClient]:
-    c = DripClient(DripConfig(database_url=store_url))
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def user_state(client: DripClient, user_id: str) -> tuple[Decimal, Decimal, Decimal]:
     """(available, posted, pending) in USDC."""
     u = client.sync.get_user(user_id)

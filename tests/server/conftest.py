@@ -1,27 +1,17 @@
-"""A real ``drip serve`` app under uvicorn on 127.0.0.1, on each store."""
+"""A real ``drip serve`` app under uvicorn on 127.0.0.1 (the root ``run_app``), on each
+store."""
 
 from __future__ import annotations
 
 import base64
-import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 
 from drip.config import DripConfig
 from drip.server import create_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 STRIPE_SECRET = "whsec_test_stripe_secret_for_drip"
 STANDARD_SECRET = "whsec_" + base64.b64encode(b"drip standard webhook secret!!").decode()
@@ -41,7 +31,7 @@ class Server:
 
 
 @pytest.fixture
-def server(store_url: str) -> Iterator[Server]:
+def server(store_url: str, run_app: Callable[[object], str]) -> Iterator[Server]:
     app = create_app(
         DripConfig(
             database_url=store_url,
@@ -52,18 +42,4 @@ def server(store_url: str) -> Iterator[Server]:
     keys = app.state.keys
     admin, _ = keys.create("admin", "tests")
     reader, _ = keys.create("read", "tests")
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield Server(f"http://127.0.0.1:{port}", admin, reader)
-    finally:
-        uv.should_exit = True
-        thread.join(20)
+    yield Server(run_app(app), admin, reader)
