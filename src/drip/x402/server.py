@@ -235,11 +235,10 @@ class X402Meter:
         self._prepare()
         signature = header(scope, b"payment-signature") if route is not None else None
         if signature is None or route is None:
-            assert self.sessions is not None or route is not None
             if (
                 session_price is not None
                 and self.sessions is not None
-                and (route is None or self.sessions.has_payer(scope))
+                and (route is None or self._names_payer(scope))
             ):
                 await self.sessions.metered(scope, receive, send, session_price)
                 return
