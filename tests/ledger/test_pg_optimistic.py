@@ -250,3 +250,44 @@ async def test_async_calls_on_a_closed_store_fail_instead_of_hanging(
         await asyncio.wait_for(led.charge("c2", "user:w", "rev:p", 1, code="x"), 10)
     with pytest.raises(errors.DripError):  # a batch the fast path cannot take
         await asyncio.wait_for(led.create_account("user:new", "wallet"), 10)
+
+
+# --- holds commit without waiting for the disk; money never does ----------------------
+
+
+async def test_only_hold_batches_commit_asynchronously(
+    pair: tuple[Ledger, Ledger], postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that only reserves funds sets ``synchronous_commit = off`` for its own
+    transaction; a capture (or any transfer) keeps the server's default."""
+    import psycopg
+
+    from drip.ledger import pg_async
+
+    a, _ = pair
+    await _afund(a, 1000)
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")
+    sent: list[tuple[str, list[object], bool]] = []
+    real = pg_async.one_statement
+
+    def spy(writes: object, cache: object) -> tuple[str, list[object]]:
+        query, params = real(writes, cache)  # type: ignore[arg-type]
+        sent.append((query, params, pg_optimistic.only_holds(writes)))  # type: ignore[arg-type]
+        return query, params
+
+    monkeypatch.setattr(pg_async, "one_statement", spy)
+    hold = await a.hold("h-async", "user:w", "rev:p", 100, code="x")
+    await a.post(hold, 60)
+    await a.charge("c-async", "user:w", "rev:p", 5, code="x")
+    assert [only for _, _, only in sent] == [True, False, False]
+    assert a.balance("user:w").posted == 1000 - 1 - 60 - 5
+
+    # the hold's statement carried the setting (take_seqs checks its row came back) ...
+    assert pg_optimistic._ASYNC_COMMIT_CTE in sent[0][0]
+    assert all(pg_optimistic._ASYNC_COMMIT_CTE not in query for query, _, _ in sent[1:])
+    # ... and such a setting holds for the rest of the statement's own transaction
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute(f"WITH {pg_optimistic._ASYNC_COMMIT_CTE} SELECT v FROM s").fetchall()
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        conn.rollback()
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)

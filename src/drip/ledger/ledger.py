@@ -100,6 +100,10 @@ def _submit(specs: tuple[TransferSpec, ...], read: Callable[[list[Result]], Any]
 
 def _raise_first(results: list[Result]) -> list[Any]:
     """Raise the most telling error of a linked chain, else return the records."""
+    if len(results) == 1:  # the common case, without building lists
+        if isinstance(results[0], errors.DripError):
+            raise results[0]
+        return results
     failures = [r for r in results if isinstance(r, errors.DripError)]
     if failures:
         telling = [f for f in failures if not isinstance(f, errors.LinkedEventFailed)]
@@ -111,16 +115,13 @@ def _one(results: list[Result]) -> Any:
     return _raise_first(results)[0]
 
 
-def _charge_reader(with_fee: bool) -> Callable[[list[Result]], Charge]:
-    def read(results: list[Result]) -> Charge:
-        records = _raise_first(results)
-        return Charge(records[0], records[-1] if with_fee else None)
-
-    return read
+def _charge(results: list[Result]) -> Charge:
+    return Charge(_raise_first(results)[0], None)
 
 
-_charge = _charge_reader(False)
-_charge_with_fee = _charge_reader(True)
+def _charge_with_fee(results: list[Result]) -> Charge:
+    records = _raise_first(results)
+    return Charge(records[0], records[-1])
 
 
 #: A companion hold taken in the same linked chain as a charge's hold: (debit, credit)
@@ -289,8 +290,8 @@ class _Plans:
         capped = [spec] + [TransferSpec(_cap_id(transfer_id, i), c.debit, c.credit, amount, code,
                                         limits=c.limits)
                            for i, c in enumerate(_as_caps(caps))]  # fmt: skip
-        specs = self._with_fee(capped, revenue_id, amount)
-        return _submit(_link(specs), _charge_reader(len(specs) > len(capped)))
+        specs = self._with_fee(capped, revenue_id, self.fee_of(amount))
+        return _submit(_link(specs), _charge_with_fee if len(specs) > len(capped) else _charge)
 
     def hold(
         self,
@@ -305,13 +306,17 @@ class _Plans:
         caps: Sequence[Cap] = (),
     ) -> Plan:
         """Reserve ``amount`` on the wallet, and on each cap account, all or nothing."""
-        _caller_id(hold_id)
-        code = check_code(code)
-        specs = [TransferSpec(hold_id, wallet_id, revenue_id, amount, code, _PENDING, None,
-                              timeout_s, encode_metadata(metadata))]  # fmt: skip
-        specs += [TransferSpec(_cap_id(hold_id, i), c.debit, c.credit, amount, code, _PENDING,
-                               None, timeout_s, limits=c.limits)
-                  for i, c in enumerate(_as_caps(caps))]  # fmt: skip
+        if type(hold_id) is not str or DERIVED_SEP in hold_id:
+            _caller_id(hold_id)
+        meta = None if metadata is None else encode_metadata(metadata)
+        spec = TransferSpec(hold_id, wallet_id, revenue_id, amount, code, _PENDING, None,
+                            timeout_s, meta)  # fmt: skip
+        if not caps:  # the metered call's common case: one spec, validated (code too)
+            spec.validate()
+            return CreateTransfers((spec,)), _one
+        specs = [spec] + [TransferSpec(_cap_id(hold_id, i), c.debit, c.credit, amount, code,
+                                       _PENDING, None, timeout_s, limits=c.limits)
+                          for i, c in enumerate(_as_caps(caps))]  # fmt: skip
         return _submit(_link(specs), _one)
 
     def post(
@@ -326,22 +331,31 @@ class _Plans:
     ) -> Plan:
         """Capture ``amount`` (default: all) of a hold (and of its caps); the rest is
         released."""
-        held = self._held(hold)
-        if transfer_id is not None:
+        if type(hold) is Transfer and hold.flags & _PENDING:  # as hold() returned it
+            held_id, debit_id, credit_id = hold.id, hold.debit_account_id, hold.credit_account_id
+            held_amount, code = hold.amount, code or hold.code
+        else:
+            held = self._held(hold)
+            held_id, debit_id, credit_id = held.id, held.debit_account_id, held.credit_account_id
+            held_amount, code = held.amount, code or self._hold_code(hold)
+        if transfer_id is None:
+            post_id = f"{held_id}{DERIVED_SEP}post"
+        else:
             _caller_id(transfer_id)
-        post_id = f"{held.id}{DERIVED_SEP}post" if transfer_id is None else transfer_id
-        code = check_code(code or self._hold_code(hold))
-        spec = TransferSpec(post_id, held.debit_account_id, held.credit_account_id, amount,
-                            code, _POST, held.id, 0,
-                            encode_metadata(metadata))  # fmt: skip
-        fee_base = held.amount if amount is None else check_atomic(amount)
+            post_id = transfer_id
+        spec = TransferSpec(post_id, debit_id, credit_id, amount, code, _POST, held_id, 0,
+                            None if metadata is None else encode_metadata(metadata))  # fmt: skip
+        fee = self.fee_of(held_amount if amount is None else check_atomic(amount))
+        if not (caps or fee):  # the metered call's common case: one spec
+            spec.validate()
+            return CreateTransfers((spec,)), _charge
         specs = [spec] + [
-            TransferSpec(f"{_cap_id(held.id, i)}{DERIVED_SEP}post", c.debit, c.credit, amount,
-                         code, _POST, _cap_id(held.id, i))
+            TransferSpec(f"{_cap_id(held_id, i)}{DERIVED_SEP}post", c.debit, c.credit, amount,
+                         code, _POST, _cap_id(held_id, i))
             for i, c in enumerate(_as_caps(caps))
         ]  # fmt: skip
-        with_fee = self._with_fee(specs, held.credit_account_id, fee_base)
-        return _submit(_link(with_fee), _charge_reader(len(with_fee) > len(specs)))
+        with_fee = self._with_fee(specs, credit_id, fee)
+        return _submit(_link(with_fee), _charge_with_fee if fee else _charge)
 
     def void(
         self,
@@ -368,11 +382,8 @@ class _Plans:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _with_fee(
-        self, specs: list[TransferSpec], revenue_id: str, amount: int
-    ) -> list[TransferSpec]:
-        """The specs, then the platform's fee out of revenue when there is one."""
-        fee = self.fee_of(amount)
+    def _with_fee(self, specs: list[TransferSpec], revenue_id: str, fee: int) -> list[TransferSpec]:
+        """The specs, then the platform's ``fee`` out of revenue when there is one."""
         if not fee:
             return specs
         fee_spec = TransferSpec(f"{specs[0].id}{DERIVED_SEP}fee", revenue_id,

@@ -27,9 +27,11 @@ from drip import errors
 from drip.ledger.engine import Engine, Op, Result, Writes
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import TRANSFER_INSERT_COLUMNS, Store
+from drip.ledger.types import TransferFlags
 
 #: Batches that go straight to the locked path after a compare-and-set failed.
 BACKOFF_BATCHES = 8
+_PENDING = int(TransferFlags.PENDING)
 
 
 def try_batch(
@@ -108,6 +110,8 @@ def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: Ro
 def take_seqs(writes: Writes, rows: list[Any]) -> None:
     """Check what the batch statement reports it wrote; give each new transfer its seq."""
     seqs = {row[1]: int(row[2]) for row in rows if row[0] == "i"}
+    if only_holds(writes) != any(row[0] == "s" for row in rows):
+        raise errors.InvariantViolation("the batch statement chose the wrong commit mode")
     counts = (sum(row[0] == "h" for row in rows), sum(row[0] == "a" for row in rows))
     if len(seqs) != len(writes.new_transfers) or counts != (
         len(writes.changed_holds),
@@ -147,12 +151,35 @@ _ACCOUNT_KEYS = ("id", "status", "odp", "ocp", "odpe", "ocpe", "ostatus", "dp", 
                  "cpe")  # fmt: skip
 
 
+#: Commits a batch without waiting for its WAL to reach the disk (see ``only_holds``).
+_ASYNC_COMMIT_CTE = "s AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
+
+
+def only_holds(writes: Writes) -> bool:
+    """True when the batch only reserves funds: new holds, nothing posted, voided,
+    credited or moved. Such a batch commits asynchronously (``synchronous_commit=off``
+    for its own transaction): a database crash may forget it, which is exactly a void
+    (the caller's capture then fails and nothing is charged), and any later commit that
+    waits for the disk (the capture that resolves the hold) flushes it first, since the
+    WAL is written in order. Money only moves in batches that wait for the disk."""
+    return (
+        bool(writes.new_transfers)
+        and not (writes.changed_holds or writes.new_accounts)
+        and all(t.flags & _PENDING for t in writes.new_transfers)
+    )
+
+
 def one_statement(writes: Writes, cache: RowCache) -> tuple[str, list[Any]]:
     """The batch as one statement: ``WITH h, a, i ... SELECT`` what was written. Rows
-    travel as JSON (one parameter per kind; PostgreSQL parses it in C)."""
+    travel as JSON (one parameter per kind; PostgreSQL parses it in C). A batch that
+    only takes holds commits without waiting for the disk (``only_holds``)."""
     ctes: list[str] = []
     selects: list[str] = []
     params: list[Any] = []
+    if only_holds(writes):
+        # set for this statement's own transaction (autocommit), read when it commits
+        ctes.append(_ASYNC_COMMIT_CTE)
+        selects.append("SELECT 's', v, NULL::bigint FROM s")
     # each UPDATE finds its rows with ``id = ANY(ids)`` (an index scan of exactly those
     # rows, whatever the planner guesses of the JSON's size), then joins their new values
     if writes.changed_holds:

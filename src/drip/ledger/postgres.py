@@ -236,7 +236,9 @@ class PostgresStore(Store):
             cur.connection.commit()
         read_back()
 
-    def insert_rows(self, cur: Any, writes: Writes) -> Callable[[], None]:
+    def insert_rows(
+        self, cur: Any, writes: Writes, last_seq: int | None = None
+    ) -> Callable[[], None]:
         """As the base, but PostgreSQL assigns ``seq`` (an identity): read it back with
         RETURNING, on a cursor of its own (pipelined results are per cursor)."""
         if writes.new_accounts:

@@ -127,12 +127,15 @@ class SqliteStore(Store):
         #: the fast connection's memory of its own commits (see try_run_batch_now)
         self._cache = RowCache()
         self._fast_version: int | None = None
+        #: the journal's highest seq as of the fast connection's last commit, if known
+        self._fast_seq: int | None = None
         self._remembered: Engine | None = None
         self._since_checkpoint = 0
         #: one transaction at a time in this process, whichever connection runs it
         self._write_lock = threading.Lock()
         self._loop_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher]
         self._loop_batchers = weakref.WeakKeyDictionary()
+        self._last_batcher: _LoopBatcher | None = None
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -192,6 +195,7 @@ class SqliteStore(Store):
                         results = self._from_memory(cur, ops)
                     if results is None:
                         self._cache.clear()
+                        self._fast_seq = None
                         engine = Engine(self.loader(cur), self.clock_us())
                         results = self.apply_with(cur, engine, ops)
                         self._remembered = engine
@@ -206,6 +210,9 @@ class SqliteStore(Store):
                             cur.execute("ROLLBACK")
                 if self._remembered is not None:
                     self._cache.remember(self._remembered)
+                    new = self._remembered.writes.new_transfers
+                    if new:
+                        self._fast_seq = new[-1].seq
                     self._remembered = None
                 self._fast_version = version
                 self._since_checkpoint += 1
@@ -267,6 +274,7 @@ class SqliteStore(Store):
 
     def _forget(self) -> None:
         self._fast_version = None
+        self._fast_seq = None
         self._cache.clear()
         self._remembered = None
 
@@ -280,7 +288,7 @@ class SqliteStore(Store):
         writes = engine.finish()
         if not writes.empty():
             try:
-                self.insert_rows(cur, writes)
+                self.insert_rows(cur, writes, self._fast_seq)
                 self.update_rows(cur, writes)
             except sqlite3.IntegrityError:  # a transfer id that already exists: a replay
                 raise _Replay from None
@@ -289,9 +297,12 @@ class SqliteStore(Store):
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         loop = asyncio.get_running_loop()
-        batcher = self._loop_batchers.get(loop)
-        if batcher is None:
-            batcher = self._loop_batchers[loop] = _LoopBatcher(self, loop)
+        batcher = self._last_batcher
+        if batcher is None or batcher.loop is not loop:
+            batcher = self._loop_batchers.get(loop)
+            if batcher is None:
+                batcher = self._loop_batchers[loop] = _LoopBatcher(self, loop)
+            self._last_batcher = batcher
         return batcher.submit(op)
 
     def checkpoint(self) -> None:

@@ -407,11 +407,14 @@ class Store(abc.ABC):
 
     # --- writing a batch's rows (the SQL both dialects share) ---------------------------
 
-    def insert_rows(self, cur: Any, writes: Writes) -> Callable[[], None]:
+    def insert_rows(
+        self, cur: Any, writes: Writes, last_seq: int | None = None
+    ) -> Callable[[], None]:
         """INSERT the batch's new accounts and transfers (holds ride on their transfer).
 
         Returns what to run once the statements' results are in (PostgreSQL reads back
-        the sequence numbers it assigned); SQLite assigns them here, under its write lock.
+        the sequence numbers it assigned); SQLite assigns them here, under its write lock,
+        after ``last_seq`` (the journal's highest, read here when not given).
         """
         if writes.new_accounts:
             cur.executemany(
@@ -420,15 +423,15 @@ class Store(abc.ABC):
             )
         if not writes.new_transfers:
             return _nothing
-        cur.execute("SELECT coalesce(max(seq), 0) FROM transfers")
-        last = int(cur.fetchone()[0])
-        for offset, transfer in enumerate(writes.new_transfers, start=1):
-            transfer.seq = last + offset
+        if last_seq is None:
+            cur.execute("SELECT coalesce(max(seq), 0) FROM transfers")
+            last_seq = int(cur.fetchone()[0])
+        for offset, transfer in enumerate(writes.new_transfers, start=last_seq + 1):
+            transfer.seq = offset
         cur.executemany(
             self.sql(f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) "
                      f"VALUES ({_marks(15)})"),
-            [(*row, t.seq) for row, t in zip(self.transfer_rows(writes), writes.new_transfers,
-                                             strict=True)],
+            self.transfer_rows(writes, with_seq=True),
         )  # fmt: skip
         return _nothing
 
@@ -459,18 +462,20 @@ class Store(abc.ABC):
                 a.credits_posted, a.debits_pending, a.credits_pending, a.created_us)  # fmt: skip
 
     @staticmethod
-    def transfer_rows(writes: Writes) -> list[tuple[Any, ...]]:
-        """New transfers as rows; a new hold's current state rides on its transfer's row."""
+    def transfer_rows(writes: Writes, *, with_seq: bool = False) -> list[tuple[Any, ...]]:
+        """New transfers as rows (``TRANSFER_INSERT_COLUMNS``, then ``seq`` if asked); a
+        new hold's current state rides on its transfer's row."""
         holds = {h.id: h for h in writes.new_holds}
         rows = []
         for t in writes.new_transfers:
             h = holds.get(t.id)
-            rows.append(
-                (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags,
-                 t.pending_id, t.timeout_s, t.metadata, t.ts_us)
-                + ((h.expires_us, int(h.state), h.resolved_amount, h.resolved_by) if h
-                   else (None, None, None, None))
+            row: tuple[Any, ...] = (
+                t.id, t.debit_account_id, t.credit_account_id, t.amount, t.code, t.flags,
+                t.pending_id, t.timeout_s, t.metadata, t.ts_us,
+                *((None, None, None, None) if h is None
+                  else (h.expires_us, int(h.state), h.resolved_amount, h.resolved_by)),
             )  # fmt: skip
+            rows.append((*row, t.seq) if with_seq else row)
         return rows
 
     @staticmethod
