@@ -133,7 +133,7 @@ async def _metered_calls(
         # ids as @meter makes them: time-ordered and unique across processes
         hold = await led.hold(
             new_call_id(prefix), wallet, revenue, HOLD_AMOUNT, code="search",
-            timeout_s=HOLD_TIMEOUT_S,
+            timeout_s=HOLD_TIMEOUT_S, private=True,  # captured right here, as @meter's are
         )  # fmt: skip
         await led.post(hold, CAPTURE_AMOUNT)
         latencies.append(clock() - start)

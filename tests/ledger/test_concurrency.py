@@ -1,14 +1,15 @@
 """Many processes and threads charging one small wallet at once never overspend it.
 
 4 processes (``spawn``), each with its own ledger on the same database, each with 8
-threads using the blocking API, race to charge one wallet (one-step charges, and holds
-that are then posted in part, in full, or voided). Most requests are refused for lack
-of funds. Each worker reports the charges that succeeded; the ledger must agree with
-them to the atomic unit.
+threads using the blocking API (or 8 asyncio tasks), race to charge one wallet
+(one-step charges, and holds that are then posted in part, in full, or voided). Most
+requests are refused for lack of funds. Each worker reports the charges that
+succeeded; the ledger must agree with them to the atomic unit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import queue
 import random
@@ -16,7 +17,10 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections.abc import Callable, Generator
 from typing import Any
+
+import pytest
 
 from drip.errors import DripInsufficientCredits
 from drip.ledger import TransferFlags, funding_account_id, open_ledger
@@ -30,72 +34,116 @@ WALLET, REVENUE = "user:hot", "rev:hot"
 FUND = funding_account_id("USDC")
 
 
-def worker(url: str, proc: int, start: Any, results: Any) -> None:
-    """One process: open a ledger, wait for the others, run THREADS threads of charges."""
+#: What a step of a script is answered with when the ledger refuses it for lack of funds.
+REFUSED = object()
+Script = Generator[tuple[str, tuple[Any, ...], dict[str, Any]], Any, None]
+
+
+def script(proc: int, unit: int, mine: list[tuple[str, int]], refused: list[int]) -> Script:
+    """One worker's calls: yields (method, args, kwargs); is sent each call's result (or
+    REFUSED). Records the charges that succeeded in ``mine``."""
+    rng = random.Random(proc * 1000 + unit)
+    for i in range(OPS_PER_THREAD):
+        amount = rng.randint(1, MAX_AMOUNT)
+        op_id = f"p{proc}-t{unit}-{i}"
+        if rng.random() < 0.5:
+            charge = yield "charge", (op_id, WALLET, REVENUE, amount), {"code": "search"}
+            if charge is REFUSED:
+                refused.append(1)
+                continue
+            assert charge.amount == amount
+            mine.append((charge.id, charge.amount))
+            continue
+        hold = yield "hold", (op_id, WALLET, REVENUE, amount), {"code": "llm"}
+        if hold is REFUSED:
+            refused.append(1)
+            continue
+        roll = rng.random()
+        if roll < 0.2:
+            yield "void", (hold,), {}
+        elif roll < 0.5:
+            posted = yield "post", (hold,), {}
+            assert posted.amount == amount
+            mine.append((posted.id, posted.amount))
+        else:
+            posted = yield "post", (op_id, rng.randint(0, amount)), {}
+            mine.append((posted.id, posted.amount))
+
+
+def run_blocking(api: Any, steps: Script) -> None:
+    answer: Any = None
+    try:
+        while True:
+            name, args, kwargs = steps.send(answer)
+            try:
+                answer = getattr(api, name)(*args, **kwargs)
+            except DripInsufficientCredits:
+                answer = REFUSED
+    except StopIteration:
+        return
+
+
+async def run_async(led: Any, steps: Script) -> None:
+    answer: Any = None
+    try:
+        while True:
+            name, args, kwargs = steps.send(answer)
+            try:
+                answer = await getattr(led, name)(*args, **kwargs)
+            except DripInsufficientCredits:
+                answer = REFUSED
+    except StopIteration:
+        return
+
+
+def worker(url: str, proc: int, mode: str, start: Any, results: Any) -> None:
+    """One process: open a ledger, wait for the others, then run its workers: THREADS
+    threads on the blocking API, or as many asyncio tasks on one event loop."""
     try:
         led = open_ledger(url)
     except Exception:  # noqa: BLE001 - reported to the parent, which fails the test
         results.put((proc, [], 0, [traceback.format_exc()]))
         return
-    api = led.sync
     succeeded: list[tuple[str, int]] = []
-    refused = 0
+    refused: list[int] = []
     failures: list[str] = []
-    lock = threading.Lock()
 
-    def run(thread: int) -> None:
-        nonlocal refused
-        rng = random.Random(proc * 1000 + thread)
-        mine: list[tuple[str, int]] = []
-        mine_refused = 0
+    def guarded(run: Callable[[], None]) -> None:
         try:
-            for i in range(OPS_PER_THREAD):
-                amount = rng.randint(1, MAX_AMOUNT)
-                op_id = f"p{proc}-t{thread}-{i}"
-                if rng.random() < 0.5:
-                    try:
-                        charge = api.charge(op_id, WALLET, REVENUE, amount, code="search")
-                    except DripInsufficientCredits:
-                        mine_refused += 1
-                        continue
-                    assert charge.amount == amount
-                    mine.append((charge.id, charge.amount))
-                    continue
-                try:
-                    hold = api.hold(op_id, WALLET, REVENUE, amount, code="llm")
-                except DripInsufficientCredits:
-                    mine_refused += 1
-                    continue
-                roll = rng.random()
-                if roll < 0.2:
-                    api.void(hold)
-                elif roll < 0.5:
-                    posted = api.post(hold)
-                    assert posted.amount == amount
-                    mine.append((posted.id, posted.amount))
-                else:
-                    posted = api.post(op_id, rng.randint(0, amount))
-                    mine.append((posted.id, posted.amount))
+            run()
         except Exception:  # noqa: BLE001 - reported to the parent, which fails the test
-            with lock:
-                failures.append(traceback.format_exc())
-        with lock:
-            succeeded.extend(mine)
-            refused += mine_refused
+            failures.append(traceback.format_exc())
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(THREADS)]
+    async def tasks() -> None:
+        async def one(unit: int) -> None:
+            try:
+                await run_async(led, script(proc, unit, succeeded, refused))
+            except Exception:  # noqa: BLE001 - reported to the parent
+                failures.append(traceback.format_exc())
+
+        await asyncio.gather(*(one(unit) for unit in range(THREADS)))
+
     try:
         start.wait(timeout=60)
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        if mode == "tasks":
+            guarded(lambda: asyncio.run(tasks()))
+        else:
+            threads = [
+                threading.Thread(target=guarded, args=(
+                    lambda unit=unit: run_blocking(led.sync, script(proc, unit, succeeded,
+                                                                    refused)),))
+                for unit in range(THREADS)
+            ]  # fmt: skip
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
     finally:
         led.close()
-        results.put((proc, succeeded, refused, failures))
+        results.put((proc, succeeded, len(refused), failures))
 
 
-def _race(url: str) -> None:
+def _race(url: str, mode: str) -> None:
     led = open_ledger(url)
     try:
         led.sync.create_account(WALLET, "wallet")
@@ -107,7 +155,9 @@ def _race(url: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(PROCESSES)
     results = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(url, p, start, results)) for p in range(PROCESSES)]
+    procs = [
+        ctx.Process(target=worker, args=(url, p, mode, start, results)) for p in range(PROCESSES)
+    ]
     for p in procs:
         p.start()
     reports = []
@@ -170,5 +220,8 @@ def _race(url: str) -> None:
     assert "FAILED" not in doctor.stdout and doctor.stdout.count("ok") >= 4
 
 
-def test_many_processes_never_overspend_one_wallet(store_url: str) -> None:
-    _race(store_url)
+@pytest.mark.parametrize("mode", ["threads", "tasks"])
+def test_many_processes_never_overspend_one_wallet(store_url: str, mode: str) -> None:
+    """``threads``: the blocking API (the writer threads' batches); ``tasks``: asyncio
+    callers (batches on each process's event loop, SQLite's open windows of holds)."""
+    _race(store_url, mode)

@@ -36,9 +36,9 @@ def fast_hits(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     hits: list[bool] = []
     real = sqlite_store.SqliteStore._from_memory
 
-    def spy(self: Any, cur: Any, ops: Any) -> Any:
+    def spy(self: Any, cur: Any, window: Any, ops: Any, **kwargs: Any) -> Any:
         try:
-            result = real(self, cur, ops)
+            result = real(self, cur, window, ops, **kwargs)
         except Exception:
             hits.append(False)  # a replay met the unique index: rolled back, read again
             raise
@@ -125,7 +125,9 @@ async def test_a_replayed_id_is_answered_from_the_file(
     fast_hits.clear()
     again = await a.charge("same-id", "user:w", "rev:p", 250, code="x")  # looks new to memory
     assert again.transfer.id == first.transfer.id and again.transfer.seq == first.transfer.seq
-    assert fast_hits == [False]  # the unique index sent it down the reading path
+    # memory took it for new; the insert met the unique index, the batch was rolled back
+    # and read again, and the answer is the original's (same seq)
+    assert fast_hits == [True]
     with pytest.raises(errors.IdempotencyConflict):
         await a.charge("same-id", "user:w", "rev:p", 251, code="x")
     assert a.balance("user:w").posted == 749
@@ -206,3 +208,200 @@ async def test_side_table_writes_keep_the_memory_current(
     assert fast_hits == [True] * 5
     assert a.store.query("SELECT count(*) FROM side_records", ())[0][0] == 5
     assert a.balance("user:w").posted == 1000 - 6
+
+
+# --- windows: a batch of holds is answered before it commits ---------------------------
+
+
+@pytest.fixture
+def commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """For each commit of the loop's connection, how many batches it had answered."""
+    seen: list[int] = []
+    real = sqlite_store.SqliteStore._commit
+
+    def spy(self: Any, cur: Any, window: Any) -> None:
+        seen.append(window.answered)
+        real(self, cur, window)
+
+    monkeypatch.setattr(sqlite_store.SqliteStore, "_commit", spy)
+    return seen
+
+
+async def test_a_hold_and_its_capture_commit_once(
+    pair: tuple[Ledger, Ledger, str], commits: list[int]
+) -> None:
+    a, b, path = pair
+    await _fund(a, 1000)
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")
+    commits.clear()
+    hold = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert hold.seq > 0 and a.store.window_open  # answered, not yet committed
+    assert b.balance("user:w").pending == 0  # another process does not see it yet
+    charge = await a.post(hold, 60)  # joins the window, and commits it
+    assert commits == [1] and not a.store.window_open
+    assert charge.transfer.seq == hold.seq + 1
+    assert b.balance("user:w") == a.balance("user:w")
+    assert b.balance("user:w").posted == 1000 - 1 - 60
+    # the hold's row was written once, already resolved; the journal is consistent
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT hold_state, hold_resolved_amount, hold_resolved_by, seq "
+                           "FROM transfers WHERE id = 'h1'").fetchone()  # fmt: skip
+    assert row == (1, 60, "h1~post", hold.seq)
+    assert b.get_transfer("h1~post").amount == 60  # type: ignore[union-attr]
+    assert a.check_invariants().ok and b.check_invariants().ok
+
+
+async def test_every_read_commits_the_window_first(
+    pair: tuple[Ledger, Ledger, str], commits: list[int]
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    assert a.get_hold("h1") is not None  # a read of this process sees what it answered
+    assert not a.store.window_open and b.balance("user:w").pending == 100
+    await a.hold("h2", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    # from another thread too (a threadpool endpoint, a blocking caller)
+    assert (await asyncio.to_thread(a.balance, "user:w")).pending == 200
+    assert not a.store.window_open
+    await a.hold("h3", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    a.store.execute("CREATE TABLE IF NOT EXISTS side_records (k TEXT PRIMARY KEY)")
+    assert not a.store.window_open
+    await a.hold("h4", "user:w", "rev:p", 100, code="x", private=True)
+    await a.post("h4", 10)  # by id: reads the hold first, then captures it
+    assert b.balance("user:w").pending == 300 and b.balance("user:w").posted == 990
+    assert a.check_invariants().ok
+
+
+async def test_a_window_left_alone_commits_at_the_next_turn(
+    pair: tuple[Ledger, Ledger, str], commits: list[int]
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    commits.clear()
+    await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    await asyncio.sleep(0)  # nothing joins it: the loop commits it
+    assert not a.store.window_open and commits == [1]
+    assert b.balance("user:w").pending == 100
+
+
+async def test_a_blocking_call_on_the_loop_does_not_deadlock(
+    pair: tuple[Ledger, Ledger, str],
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    # the writer thread needs the write lock the window holds: it commits the window
+    a.sync.charge("c1", "user:w", "rev:p", 5, code="x")
+    a.store.checkpoint()
+    assert b.balance("user:w").pending == 100 and b.balance("user:w").posted == 995
+
+
+async def test_replayed_holds_inside_a_window(pair: tuple[Ledger, Ledger, str]) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    first = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    again = await a.hold(
+        "h1", "user:w", "rev:p", 100, code="x", private=True
+    )  # joins the same window
+    assert again.seq == first.seq
+    with pytest.raises(errors.IdempotencyConflict):
+        await a.hold("h1", "user:w", "rev:p", 101, code="x", private=True)
+    # in one batch: the same id twice, beside new work
+    results = await asyncio.gather(
+        a.hold("h2", "user:w", "rev:p", 10, code="x", private=True),
+        a.hold("h2", "user:w", "rev:p", 10, code="x", private=True),
+        a.hold("h3", "user:w", "rev:p", 10, code="x", private=True),
+    )
+    assert results[0].seq == results[1].seq != results[2].seq
+    # an id another process took while this one remembers the rows
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")
+    await b.charge("taken", "user:w", "rev:p", 1, code="x")
+    with pytest.raises(errors.IdempotencyConflict):
+        await a.hold("taken", "user:w", "rev:p", 1, code="x", private=True)
+    assert b.balance("user:w").pending == 120 and b.balance("user:w").posted == 998
+    assert a.check_invariants().ok
+
+
+async def test_a_window_takes_a_bounded_number_of_batches(
+    pair: tuple[Ledger, Ledger, str], commits: list[int]
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 10**6)
+    commits.clear()
+
+    async def holds(task: int) -> None:
+        for i in range(40):
+            await a.hold(f"t{task}-{i}", "user:w", "rev:p", 1, code="x", private=True)
+
+    await asyncio.gather(*(holds(t) for t in range(4)))
+    await asyncio.sleep(0)
+    assert commits and max(commits) <= sqlite_store.WINDOW_BATCHES
+    assert b.balance("user:w").pending == 160
+    assert a.check_invariants().ok
+
+
+def test_an_answered_hold_dies_with_its_process(tmp_path: Any) -> None:
+    """A window is not durable until it commits: if the process dies first, its holds
+    are gone, exactly as if they had been voided (their captures never come)."""
+    path = f"{tmp_path}/crash.db"
+    code = f"""
+import asyncio, os
+from drip.ledger import open_ledger
+
+async def main():
+    led = open_ledger("sqlite:///{path}")
+    await led.create_account("user:w", "wallet")
+    await led.create_account("rev:p", "revenue")
+    await led.transfer("fund-1", "funding:USDC", "user:w", 1000, code="topup")
+    await led.charge("c1", "user:w", "rev:p", 10, code="x")
+    await led.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert led.store.window_open
+    os._exit(0)
+
+asyncio.run(main())
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    led = open_ledger(f"sqlite:///{path}")
+    try:
+        assert led.get_hold("h1") is None
+        assert led.balance("user:w").available == 990  # the charge before it is durable
+        assert led.check_invariants().ok
+    finally:
+        led.close()
+
+
+async def test_closing_the_ledger_commits_its_window(tmp_path: Any) -> None:
+    path = f"{tmp_path}/close.db"
+    led = open_ledger(f"sqlite:///{path}")
+    await _fund(led, 1000)
+    await led.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert led.store.window_open
+    led.close()
+    again = open_ledger(f"sqlite:///{path}")
+    try:
+        assert again.balance("user:w").pending == 100
+    finally:
+        again.close()
+
+
+async def test_a_hold_whose_id_is_handed_out_commits_before_it_is_answered(
+    pair: tuple[Ledger, Ledger, str],
+) -> None:
+    """Without ``private`` (the REST API's holds: the client captures them, perhaps
+    through another process), the hold is committed before the caller hears of it."""
+    a, b, _ = pair
+    await _fund(a, 1000)
+    hold = await a.hold("h1", "user:w", "rev:p", 100, code="x")
+    assert not a.store.window_open
+    await b.void(hold.id)  # another process finds it at once
+    assert a.balance("user:w").available == 1000

@@ -178,6 +178,7 @@ class DripMeter:
             hold = await hold_or_release(led, caps, led.hold(
                 new_call_id("http"), wallet, client.revenue_account, route.hold,
                 code=route.event, timeout_s=client.config.hold_timeout_s, caps=caps,
+                private=True,  # captured or voided here; its id is not handed out first
             ))  # fmt: skip
         return _MeteredCall(client, route, hold, caps)
 

@@ -77,6 +77,8 @@ class CreateTransfers:
     """Transfers applied in order; a ``LINKED`` run commits all-or-nothing."""
 
     transfers: tuple[TransferSpec, ...]
+    #: holds only this process will resolve: they may be answered before they commit
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +300,10 @@ class Engine:
             while j < n and specs[j].flags & _LINKED:  # find the chain's true end
                 j += 1
             if j == i:
-                results.append(self._guard(self._transfer_one, specs[i]))
+                try:
+                    results.append(self._transfer_one(specs[i]))
+                except errors.DripError as exc:
+                    results.append(exc)
                 i += 1
                 continue
             chain = specs[i : j + 1]
@@ -420,7 +425,8 @@ class Engine:
             self._touch_account(credit).credits_pending += amount
             expires = self.now_us + spec.timeout_s * 1_000_000 if spec.timeout_s else None
             hold = Hold(spec.id, debit.id, credit.id, amount, expires)
-            self._remember(self.holds, spec.id)
+            if self._undo is not None:
+                self._remember(self.holds, spec.id)
             self.holds[spec.id] = hold
             self._new_hold_ids.add(spec.id)
             self.writes.new_holds.append(hold)
@@ -463,12 +469,11 @@ class Engine:
                 )  # fmt: skip
 
     def _record(self, spec: TransferSpec, debit_id: str, credit_id: str, amount: int) -> Transfer:
-        transfer = Transfer(
-            id=spec.id, debit_account_id=debit_id, credit_account_id=credit_id, amount=amount,
-            code=spec.code, flags=spec.flags & ~_LINKED, pending_id=spec.pending_id,
-            timeout_s=spec.timeout_s, metadata=spec.metadata, ts_us=self.now_us,
-        )  # fmt: skip
-        self._remember(self.transfers, spec.id)
+        transfer = Transfer(spec.id, debit_id, credit_id, amount, spec.code,
+                            spec.flags & ~_LINKED, spec.pending_id, spec.timeout_s,
+                            spec.metadata, self.now_us)  # fmt: skip
+        if self._undo is not None:
+            self._remember(self.transfers, spec.id)
         self.transfers[spec.id] = transfer
         self.writes.new_transfers.append(transfer)
         return transfer

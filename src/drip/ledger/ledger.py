@@ -90,12 +90,14 @@ class Charge:
 Plan = tuple[Op, Callable[[list[Result]], Any]]
 
 
-def _submit(specs: tuple[TransferSpec, ...], read: Callable[[list[Result]], Any]) -> Plan:
+def _submit(
+    specs: tuple[TransferSpec, ...], read: Callable[[list[Result]], Any], private: bool = False
+) -> Plan:
     """Validate in the caller's context: a malformed transfer raises here and never
     reaches (or disturbs) the batch it would have shared with other callers."""
     for spec in specs:
         spec.validate()
-    return CreateTransfers(specs), read
+    return CreateTransfers(specs, private), read
 
 
 def _raise_first(results: list[Result]) -> list[Any]:
@@ -304,8 +306,15 @@ class _Plans:
         timeout_s: int = 0,
         metadata: Mapping[str, Any] | None = None,
         caps: Sequence[Cap] = (),
+        private: bool = False,
     ) -> Plan:
-        """Reserve ``amount`` on the wallet, and on each cap account, all or nothing."""
+        """Reserve ``amount`` on the wallet, and on each cap account, all or nothing.
+
+        ``private``: only this process will capture or void the hold (``@meter``, the
+        ASGI middleware), and its id is not handed out before then. The store may then
+        answer before the hold commits (SQLite keeps the transaction open for the
+        capture to join): other processes see it a moment later, and a crash before
+        then voids it, which is all a crash between hold and capture ever did."""
         if type(hold_id) is not str or DERIVED_SEP in hold_id:
             _caller_id(hold_id)
         meta = None if metadata is None else encode_metadata(metadata)
@@ -313,11 +322,11 @@ class _Plans:
                             timeout_s, meta)  # fmt: skip
         if not caps:  # the metered call's common case: one spec, validated (code too)
             spec.validate()
-            return CreateTransfers((spec,)), _one
+            return CreateTransfers((spec,), private), _one
         specs = [spec] + [TransferSpec(_cap_id(hold_id, i), c.debit, c.credit, amount, code,
                                        _PENDING, None, timeout_s, limits=c.limits)
                           for i, c in enumerate(_as_caps(caps))]  # fmt: skip
-        return _submit(_link(specs), _one)
+        return _submit(_link(specs), _one, private)
 
     def post(
         self,

@@ -27,8 +27,11 @@ Pass ``?synchronous=full`` in the URL to fsync every commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,21 +39,39 @@ from typing import Any
 
 from drip import errors
 from drip.ledger.batching import chain_future
-from drip.ledger.engine import Engine, Op, Result, Writes
+from drip.ledger.engine import CreateTransfers, Engine, Op, Result, Writes
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
     HOLD_COLUMNS,
     TRANSFER_COLUMNS,
+    TRANSFER_INSERT_COLUMNS,
     LoaderBase,
     Migration,
     Store,
     wall_clock_us,
 )
-from drip.ledger.types import BATCH_OPS_MAX, Account, Hold, Transfer
+from drip.ledger.types import (
+    BATCH_OPS_MAX,
+    DERIVED_SEP,
+    Account,
+    Hold,
+    Transfer,
+    TransferFlags,
+)
 
 _HOLD_EXTRA = "hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
+_INSERT_WITH_SEQ = (
+    f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) VALUES ({','.join('?' * 15)})"
+)
+_PENDING = int(TransferFlags.PENDING)
+#: Most batches one window answers before it commits, and its longest life (seconds).
+WINDOW_BATCHES = 16
+WINDOW_ROWS = 4096
+WINDOW_S = 0.005
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+log = logging.getLogger("drip.ledger")
+
 #: How long a writer waits for another process's write lock before failing the batch.
 BUSY_TIMEOUT_MS = 30_000
 #: Fast-path commits between two checkpoints (a few MB of WAL at most).
@@ -129,7 +150,10 @@ class SqliteStore(Store):
         self._fast_version: int | None = None
         #: the journal's highest seq as of the fast connection's last commit, if known
         self._fast_seq: int | None = None
-        self._remembered: Engine | None = None
+        #: the loop connection's open transaction, if a batch of holds left one open
+        self._window: _Window | None = None
+        #: taken by whoever runs or commits the window (the loop, or a thread settling it)
+        self._window_mutex = threading.Lock()
         self._since_checkpoint = 0
         #: one transaction at a time in this process, whichever connection runs it
         self._write_lock = threading.Lock()
@@ -159,6 +183,10 @@ class SqliteStore(Store):
         return conn
 
     def _close_connections(self) -> None:
+        try:
+            self.settle()
+        except errors.DripError:
+            log.exception("SQLite: the last open window could not commit")
         with self._all_lock:
             for conn in self._all:
                 conn.close()
@@ -166,70 +194,200 @@ class SqliteStore(Store):
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
+        self.settle()
         with self._write_lock:
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             with _rollback_on_error(cur):
                 yield cur
 
-    def try_run_batch_now(self, ops: list[Op]) -> list[list[Result]] | None:
+    def try_run_batch_now(
+        self, ops: list[Op], *, may_defer: bool = False
+    ) -> list[list[Result]] | None:
         """Run ``ops`` now if the write lock is free at once; ``None`` if it is not.
 
         When no other connection has committed since this one last did (``PRAGMA
         data_version`` unchanged, read under the write lock), the rows it remembers from
         its own last batches are exactly the database's: the batch is applied to them
         without reading. Anything they cannot decide, a refusal, or a transfer id that
-        turns out to exist sends the batch down the reading path instead."""
+        turns out to exist sends the batch down the reading path instead.
+
+        With ``may_defer``, a batch that only takes holds is answered before it commits:
+        its transaction stays open (a *window*, see ``_Window``) for the next batch to
+        join; ``settle()`` commits it."""
+        with self._window_mutex:
+            for _attempt in (1, 2):
+                window = self._window
+                cur = self._fast.cursor()
+                try:
+                    if window is None:
+                        window = self._open_window(cur)
+                        if window is None:
+                            return None  # the lock is busy
+                    return self._run_in_window(cur, window, ops, may_defer)
+                except _Replay:  # nothing was answered: roll back, read the rows this time
+                    self._abandon(cur, window)
+                except BaseException as exc:
+                    if self._window is not None:
+                        self._abandon(cur, self._window)
+                    if isinstance(exc, sqlite3.Error):
+                        raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
+                    raise
+            raise AssertionError("unreachable: the second attempt reads every row")
+
+    def _open_window(self, cur: sqlite3.Cursor) -> _Window | None:
+        """Take the write lock and begin, without waiting; ``None`` if either is busy."""
         if not self._write_lock.acquire(blocking=False):
             return None
         try:
-            cur = self._fast.cursor()
-            for attempt in (1, 2):
-                if not self._begin(cur):
-                    return None
-                committed = False
-                try:
-                    version = cur.execute("PRAGMA data_version").fetchone()[0]
-                    results = None
-                    if attempt == 1 and version == self._fast_version:
-                        results = self._from_memory(cur, ops)
-                    if results is None:
-                        self._cache.clear()
-                        self._fast_seq = None
-                        engine = Engine(self.loader(cur), self.clock_us())
-                        results = self.apply_with(cur, engine, ops)
-                        self._remembered = engine
-                    cur.execute("COMMIT")
-                    committed = True
-                except _Replay:
-                    continue  # rolled back below; read the rows this time
-                finally:
-                    if not committed:
-                        self._forget()
-                        if self._fast.in_transaction:
-                            cur.execute("ROLLBACK")
-                if self._remembered is not None:
-                    self._cache.remember(self._remembered)
-                    new = self._remembered.writes.new_transfers
-                    if new:
-                        self._fast_seq = new[-1].seq
-                    self._remembered = None
-                self._fast_version = version
-                self._since_checkpoint += 1
-                if self._since_checkpoint >= CHECKPOINT_BATCHES:
-                    self._since_checkpoint = 0
-                    self.committer.housekeep_soon()
-                return results
-            raise AssertionError("unreachable: the second attempt reads every row")
-        except sqlite3.Error as exc:
-            raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
+            if not self._begin(cur):
+                self._write_lock.release()
+                return None
+            version = cur.execute("PRAGMA data_version").fetchone()[0]
+        except BaseException:
+            self._abandon(cur, None)
+            raise
+        self._window = _Window(version)
+        return self._window
+
+    def _run_in_window(
+        self, cur: sqlite3.Cursor, window: _Window, ops: list[Op], may_defer: bool
+    ) -> list[list[Result]]:
+        """The batch inside the open transaction; commits unless it may stay open."""
+        results = None
+        defer = may_defer and _only_holds(ops) and window.roomy()
+        if window.version == self._fast_version:
+            results = self._from_memory(cur, window, ops, check_ids=defer or window.answered > 0)
+        if results is None:
+            # read current rows, in this transaction, after the window's own writes
+            self._write_window(cur, window)
+            self._cache.clear()
+            self._fast_seq = None
+            engine = Engine(self.loader(cur), self.clock_us())
+            results = self.apply_with(cur, engine, ops)
+            self._cache.remember(engine)
+            new = engine.writes.new_transfers
+            if new:
+                self._fast_seq = new[-1].seq
+            self._fast_version = window.version  # what it read, under the lock, is exact
+        elif not defer:
+            try:
+                self._write_window(cur, window)
+            except _Replay:
+                if window.answered:  # pragma: no cover - their ids were checked first
+                    raise errors.InvariantViolation(
+                        "a transfer id in an open window exists"
+                    ) from None
+                raise
+        if defer:
+            window.answered += 1
+            return results  # answered; committed by settle() or by the next batch
+        self._commit(cur, window)
+        return results
+
+    def _from_memory(
+        self, cur: sqlite3.Cursor, window: _Window, ops: list[Op], *, check_ids: bool
+    ) -> list[list[Result]] | None:
+        """The batch on remembered rows, added to the window's writes (nothing is sent
+        yet), or ``None`` when they cannot decide it alone. ``check_ids``: look for
+        replayed ids now (a window that answers before it commits cannot roll back when
+        the insert finds one)."""
+        applied = apply_remembered(self._cache, self.clock_us(), ops)
+        if applied is None:
+            return None
+        engine, results = applied
+        writes = engine.finish()
+        if check_ids and self._exists(cur, window, writes):
+            return None
+        if self._fast_seq is None:
+            cur.execute("SELECT coalesce(max(seq), 0) FROM transfers")
+            self._fast_seq = int(cur.fetchone()[0])
+        for transfer in writes.new_transfers:
+            self._fast_seq += 1
+            transfer.seq = self._fast_seq
+        window.add(writes)
+        self._cache.remember(engine)
+        return results
+
+    @staticmethod
+    def _exists(cur: sqlite3.Cursor, window: _Window, writes: Writes) -> bool:
+        """Whether a caller-chosen id among the new transfers is taken (in the window, or
+        in the file). Ids the ledger derives (``<hold>~post`` ...) are new whenever the
+        hold they come from is open in exact memory, so they are not looked up."""
+        ids = [t.id for t in writes.new_transfers if DERIVED_SEP not in t.id]
+        if not ids:
+            return False
+        if not window.ids.isdisjoint(ids):
+            return True
+        cur.execute(f"SELECT 1 FROM transfers WHERE id IN ({','.join('?' * len(ids))}) LIMIT 1",
+                    ids)  # fmt: skip
+        return cur.fetchone() is not None
+
+    def _write_window(self, cur: sqlite3.Cursor, window: _Window) -> None:
+        """Send the window's rows (inserts carry each new hold's latest state)."""
+        writes = window.take()
+        if writes.empty():
+            return
+        try:
+            if writes.new_accounts:  # pragma: no cover - memory never creates accounts
+                self.write(cur, Writes(new_accounts=writes.new_accounts))
+            if writes.new_transfers:
+                cur.executemany(_INSERT_WITH_SEQ, self.transfer_rows(writes, with_seq=True))
+            self.update_rows(cur, writes)
+        except sqlite3.IntegrityError:  # a transfer id that already exists: a replay
+            raise _Replay from None
+
+    def _commit(self, cur: sqlite3.Cursor, window: _Window) -> None:
+        cur.execute("COMMIT")
+        self._window = None
+        self._fast_version = window.version
+        self._write_lock.release()
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= CHECKPOINT_BATCHES:
+            self._since_checkpoint = 0
+            self.committer.housekeep_soon()
+
+    def _abandon(self, cur: sqlite3.Cursor, window: _Window | None) -> None:
+        """Roll back the open transaction and forget what memory it built on. Holds it
+        had answered are lost, as in a crash: their captures will not find them."""
+        if window is not None and window.answered:
+            log.error("SQLite batch failed: %d answered holds rolled back", window.answered)
+        self._forget()
+        self._window = None
+        try:
+            if self._fast.in_transaction:
+                cur.execute("ROLLBACK")
         finally:
             self._write_lock.release()
+
+    @property
+    def window_open(self) -> bool:
+        return self._window is not None
+
+    def settle(self) -> None:
+        """Commit the open window, if any (from any thread). Every read and every other
+        writer calls this first, so nobody ever sees less than what was answered."""
+        if self._window is None:
+            return
+        with self._window_mutex:
+            window = self._window
+            if window is None:
+                return
+            cur = self._fast.cursor()
+            try:
+                self._write_window(cur, window)
+                self._commit(cur, window)
+            except BaseException as exc:
+                self._abandon(cur, window)
+                if isinstance(exc, sqlite3.Error | _Replay):
+                    raise errors.StoreError(f"SQLite could not commit: {exc!r}") from exc
+                raise
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """As the base, but on the loop's connection when the write lock is free at once:
         a write there (never to a ledger table) leaves its memory of ledger rows provably
         current, where one from another connection would make the next batch read them."""
+        self.settle()
         if not self._write_lock.acquire(blocking=False):
             return super().execute(sql, params)
         try:
@@ -249,6 +407,7 @@ class SqliteStore(Store):
     def get_account(self, account_id: str) -> Account | None:
         """From the loop connection's memory when it is provably the file's (nobody else
         committed since its last batch, checked now), else from the file."""
+        self.settle()
         if account_id in self._cache.accounts and self._write_lock.acquire(blocking=False):
             try:
                 remembered = self._cache.accounts.get(account_id)
@@ -276,24 +435,6 @@ class SqliteStore(Store):
         self._fast_version = None
         self._fast_seq = None
         self._cache.clear()
-        self._remembered = None
-
-    def _from_memory(self, cur: sqlite3.Cursor, ops: list[Op]) -> list[list[Result]] | None:
-        """The batch on remembered rows, or ``None`` (nothing written) when they cannot
-        decide it alone."""
-        applied = apply_remembered(self._cache, self.clock_us(), ops)
-        if applied is None:
-            return None
-        engine, results = applied
-        writes = engine.finish()
-        if not writes.empty():
-            try:
-                self.insert_rows(cur, writes, self._fast_seq)
-                self.update_rows(cur, writes)
-            except sqlite3.IntegrityError:  # a transfer id that already exists: a replay
-                raise _Replay from None
-        self._remembered = engine
-        return results
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         loop = asyncio.get_running_loop()
@@ -308,6 +449,7 @@ class SqliteStore(Store):
     def checkpoint(self) -> None:
         """Copy the WAL back into the database file. This process's writers wait (so the
         checkpoint can finish and the WAL start over); other processes' do not."""
+        self.settle()
         with self._write_lock:
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
@@ -317,6 +459,7 @@ class SqliteStore(Store):
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Cursor]:
+        self.settle()
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
@@ -337,6 +480,7 @@ class SqliteStore(Store):
             raise errors.InvariantViolation(f"the database refused the batch: {exc}") from exc
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
+        self.settle()
         with self._write_lock:
             self._migrate(component, migrations)
 
@@ -385,6 +529,84 @@ def _rollback_on_error(cur: sqlite3.Cursor) -> Iterator[None]:
         raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
 
 
+class _Window:
+    """The loop connection's open transaction and what it has not sent yet.
+
+    A batch that only takes holds is answered before it commits: the transaction stays
+    open (this process keeps SQLite's write lock) so the next batch, typically those
+    holds' captures, joins it, and a hold taken and captured in one window is written
+    once, already resolved. Holding the lock, the window's memory of the rows is exact,
+    and nobody else can commit anything that would contradict an answer it gave.
+
+    An answered hold is not yet durable: if the process dies first, the hold is gone,
+    which is exactly a void (its capture, in the same process, never comes). Every read
+    and every other writer of this process commits the window first (``settle``), so
+    nobody sees less than was answered; the loop commits it at its next turn unless a
+    batch is already queued to join it, and at most ``WINDOW_BATCHES`` batches or
+    ``WINDOW_S`` seconds join one window.
+    """
+
+    __slots__ = ("answered", "changed_accounts", "changed_holds", "ids", "new_holds",
+                 "new_transfers", "opened", "version")  # fmt: skip
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.opened = time.monotonic()
+        #: batches answered before the commit
+        self.answered = 0
+        self.ids: set[str] = set()
+        self.new_transfers: list[Transfer] = []
+        self.new_holds: dict[str, Hold] = {}
+        self.changed_holds: dict[str, Hold] = {}
+        self.changed_accounts: dict[str, Account] = {}
+
+    def roomy(self) -> bool:
+        return (
+            self.answered < WINDOW_BATCHES
+            and len(self.new_transfers) < WINDOW_ROWS
+            and time.monotonic() - self.opened < WINDOW_S
+        )
+
+    def add(self, writes: Writes) -> None:
+        """Fold a batch's writes in: rows to insert, and the latest state of each row."""
+        if writes.new_accounts:  # pragma: no cover - memory never creates accounts
+            raise errors.InvariantViolation("a remembered batch created an account")
+        for transfer in writes.new_transfers:
+            self.new_transfers.append(transfer)
+            self.ids.add(transfer.id)
+        for hold in writes.new_holds:
+            self.new_holds[hold.id] = hold
+        for hold_id, hold in writes.changed_holds.items():
+            if hold_id in self.new_holds:
+                self.new_holds[hold_id] = hold  # not inserted yet: its row carries the state
+            else:
+                self.changed_holds[hold_id] = hold
+        self.changed_accounts.update(writes.changed_accounts)
+
+    def take(self) -> Writes:
+        """What to send now; the window then has nothing pending."""
+        writes = Writes(
+            new_transfers=self.new_transfers,
+            new_holds=list(self.new_holds.values()),
+            changed_accounts=self.changed_accounts,
+            changed_holds=self.changed_holds,
+        )
+        self.new_transfers, self.new_holds = [], {}
+        self.changed_holds, self.changed_accounts = {}, {}
+        return writes
+
+
+def _only_holds(ops: list[Op]) -> bool:
+    """Whether every operation only takes private holds (``Ledger.hold(private=True)``)."""
+    for op in ops:
+        if type(op) is not CreateTransfers or not op.private:
+            return False
+        for spec in op.transfers:
+            if not spec.flags & _PENDING:
+                return False
+    return True
+
+
 class _LoopBatcher:
     """Coalesces the operations one event loop submits during one turn into one batch."""
 
@@ -393,6 +615,7 @@ class _LoopBatcher:
         self.loop = loop
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.scheduled = False
+        self.settle_scheduled = False
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()
@@ -411,7 +634,7 @@ class _LoopBatcher:
             self.scheduled = False
         ops = [op for op, _ in batch]
         try:
-            results = self.store.try_run_batch_now(ops)
+            results = self.store.try_run_batch_now(ops, may_defer=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
             error = (
                 exc
@@ -430,3 +653,16 @@ class _LoopBatcher:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+        if self.store.window_open and not self.settle_scheduled:
+            # after the callers just answered have run: they may be joining it
+            self.settle_scheduled = True
+            self.loop.call_soon(self.settle)
+
+    def settle(self) -> None:
+        """Commit the window at the end of the turn that follows its answer, unless a
+        batch is already queued to join it (that batch commits it, or comes back here)."""
+        self.settle_scheduled = False
+        if self.scheduled:
+            return
+        with contextlib.suppress(errors.DripError):  # logged by the store
+            self.store.settle()

@@ -143,6 +143,7 @@ def make_meter(
                     hold = await hold_or_release(led, caps, led.hold(
                         new_call_id("call"), wallet, client.revenue_account, pricing.hold,
                         code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
+                        private=True,
                     ))  # fmt: skip
                 try:
                     result = await fn(*args, **kwargs)
