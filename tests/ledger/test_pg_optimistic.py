@@ -258,8 +258,9 @@ async def test_async_calls_on_a_closed_store_fail_instead_of_hanging(
 async def test_only_hold_batches_commit_asynchronously(
     pair: tuple[Ledger, Ledger], postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch that only reserves funds sets ``synchronous_commit = off`` for its own
-    transaction; a capture (or any transfer) keeps the server's default."""
+    """A batch of private holds (only this process resolves them) sets
+    ``synchronous_commit = off`` for its own transaction; a capture, a transfer, or a
+    hold whose id is handed out keeps the server's default."""
     import psycopg
 
     from drip.ledger import pg_async
@@ -270,16 +271,17 @@ async def test_only_hold_batches_commit_asynchronously(
     sent: list[tuple[str, list[object], bool]] = []
     real = pg_async.one_statement
 
-    def spy(writes: object, cache: object) -> tuple[str, list[object]]:
-        query, params = real(writes, cache)  # type: ignore[arg-type]
-        sent.append((query, params, pg_optimistic.only_holds(writes)))  # type: ignore[arg-type]
+    def spy(writes: object, cache: object, *, asynchronous: bool) -> tuple[str, list[object]]:
+        query, params = real(writes, cache, asynchronous=asynchronous)  # type: ignore[arg-type]
+        sent.append((query, params, asynchronous))
         return query, params
 
     monkeypatch.setattr(pg_async, "one_statement", spy)
-    hold = await a.hold("h-async", "user:w", "rev:p", 100, code="x")
+    hold = await a.hold("h-async", "user:w", "rev:p", 100, code="x", private=True)
     await a.post(hold, 60)
     await a.charge("c-async", "user:w", "rev:p", 5, code="x")
-    assert [only for _, _, only in sent] == [True, False, False]
+    await a.hold("h-public", "user:w", "rev:p", 10, code="x")  # its id goes to a client
+    assert [only for _, _, only in sent] == [True, False, False, False]
     assert a.balance("user:w").posted == 1000 - 1 - 60 - 5
 
     # the hold's statement carried the setting (take_seqs checks its row came back) ...

@@ -95,6 +95,21 @@ class ExpireHolds:
 
 
 Op = CreateAccounts | CreateTransfers | SetAccountStatus | ExpireHolds
+
+
+def private_holds_only(ops: Iterable[Op]) -> bool:
+    """Whether every operation only takes private holds (``Ledger.hold(private=True)``):
+    new pending transfers that this process itself will capture or void. A store may
+    answer such a batch before it is durable: losing it in a crash is exactly a void."""
+    for op in ops:
+        if type(op) is not CreateTransfers or not op.private:
+            return False
+        for spec in op.transfers:
+            if not spec.flags & _PENDING:
+                return False
+    return True
+
+
 #: A result is a record or the error instance for that record.
 Result = Any
 

@@ -19,7 +19,7 @@ import psycopg
 
 from drip import errors
 from drip.ledger.batching import chain_future
-from drip.ledger.engine import Op, Result
+from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
 
@@ -95,7 +95,8 @@ class LoopBatcher:
         engine, results, writes = prepared
         if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
             return results
-        query, params = one_statement(writes, cache)
+        asynchronous = private_holds_only(ops)
+        query, params = one_statement(writes, cache, asynchronous=asynchronous)
         try:
             conn = await self._connection()
             cursor = await conn.execute(query, params)
@@ -106,7 +107,7 @@ class LoopBatcher:
             lost_race(cache)
             await self._reset()
             return None
-        take_seqs(writes, rows)
+        take_seqs(writes, rows, asynchronous=asynchronous)
         cache.remember(engine)
         return results
 

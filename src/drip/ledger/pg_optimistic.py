@@ -24,14 +24,12 @@ from typing import Any
 import psycopg
 
 from drip import errors
-from drip.ledger.engine import Engine, Op, Result, Writes
+from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import TRANSFER_INSERT_COLUMNS, Store
-from drip.ledger.types import TransferFlags
 
 #: Batches that go straight to the locked path after a compare-and-set failed.
 BACKOFF_BATCHES = 8
-_PENDING = int(TransferFlags.PENDING)
 
 
 def try_batch(
@@ -45,7 +43,7 @@ def try_batch(
     if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
         return results
     try:
-        _send(store, conn, writes, cache)
+        _send(conn, writes, cache, private_holds_only(ops))
     except Exception as exc:
         # whatever failed, leave no aborted transaction behind for the locked path
         _reset(conn)
@@ -97,20 +95,22 @@ def checked_writes(engine: Engine) -> Writes | None:
     return writes
 
 
-def _send(store: Store, conn: psycopg.Connection[Any], writes: Writes, cache: RowCache) -> None:
-    query, params = one_statement(writes, cache)
+def _send(
+    conn: psycopg.Connection[Any], writes: Writes, cache: RowCache, asynchronous: bool
+) -> None:
+    query, params = one_statement(writes, cache, asynchronous=asynchronous)
     conn.autocommit = True
     try:
         rows = conn.execute(query, params).fetchall()
     finally:
         conn.autocommit = False
-    take_seqs(writes, rows)
+    take_seqs(writes, rows, asynchronous=asynchronous)
 
 
-def take_seqs(writes: Writes, rows: list[Any]) -> None:
+def take_seqs(writes: Writes, rows: list[Any], *, asynchronous: bool = False) -> None:
     """Check what the batch statement reports it wrote; give each new transfer its seq."""
     seqs = {row[1]: int(row[2]) for row in rows if row[0] == "i"}
-    if only_holds(writes) != any(row[0] == "s" for row in rows):
+    if asynchronous != any(row[0] == "s" for row in rows):
         raise errors.InvariantViolation("the batch statement chose the wrong commit mode")
     counts = (sum(row[0] == "h" for row in rows), sum(row[0] == "a" for row in rows))
     if len(seqs) != len(writes.new_transfers) or counts != (
@@ -151,32 +151,26 @@ _ACCOUNT_KEYS = ("id", "status", "odp", "ocp", "odpe", "ocpe", "ostatus", "dp", 
                  "cpe")  # fmt: skip
 
 
-#: Commits a batch without waiting for its WAL to reach the disk (see ``only_holds``).
+#: Commits a batch without waiting for its WAL to reach the disk (``asynchronous``).
 _ASYNC_COMMIT_CTE = "s AS (SELECT set_config('synchronous_commit', 'off', true) AS v)"
 
 
-def only_holds(writes: Writes) -> bool:
-    """True when the batch only reserves funds: new holds, nothing posted, voided,
-    credited or moved. Such a batch commits asynchronously (``synchronous_commit=off``
-    for its own transaction): a database crash may forget it, which is exactly a void
-    (the caller's capture then fails and nothing is charged), and any later commit that
-    waits for the disk (the capture that resolves the hold) flushes it first, since the
-    WAL is written in order. Money only moves in batches that wait for the disk."""
-    return (
-        bool(writes.new_transfers)
-        and not (writes.changed_holds or writes.new_accounts)
-        and all(t.flags & _PENDING for t in writes.new_transfers)
-    )
-
-
-def one_statement(writes: Writes, cache: RowCache) -> tuple[str, list[Any]]:
+def one_statement(
+    writes: Writes, cache: RowCache, *, asynchronous: bool = False
+) -> tuple[str, list[Any]]:
     """The batch as one statement: ``WITH h, a, i ... SELECT`` what was written. Rows
-    travel as JSON (one parameter per kind; PostgreSQL parses it in C). A batch that
-    only takes holds commits without waiting for the disk (``only_holds``)."""
+    travel as JSON (one parameter per kind; PostgreSQL parses it in C).
+
+    ``asynchronous`` (a batch of private holds only, ``engine.private_holds_only``):
+    the statement's own transaction commits with ``synchronous_commit = off``. A
+    database crash may then forget it, which is exactly a void (the capture, from the
+    same process, fails, and nothing is charged), and any later commit that waits for
+    the disk (the capture that resolves the hold) flushes it first, since the WAL is
+    written in order. Money only moves in commits that wait for the disk."""
     ctes: list[str] = []
     selects: list[str] = []
     params: list[Any] = []
-    if only_holds(writes):
+    if asynchronous:
         # set for this statement's own transaction (autocommit), read when it commits
         ctes.append(_ASYNC_COMMIT_CTE)
         selects.append("SELECT 's', v, NULL::bigint FROM s")

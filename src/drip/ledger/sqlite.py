@@ -39,7 +39,7 @@ from typing import Any
 
 from drip import errors
 from drip.ledger.batching import chain_future
-from drip.ledger.engine import CreateTransfers, Engine, Op, Result, Writes
+from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
@@ -57,14 +57,12 @@ from drip.ledger.types import (
     Account,
     Hold,
     Transfer,
-    TransferFlags,
 )
 
 _HOLD_EXTRA = "hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
 _INSERT_WITH_SEQ = (
     f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) VALUES ({','.join('?' * 15)})"
 )
-_PENDING = int(TransferFlags.PENDING)
 #: Most batches one window answers before it commits, and its longest life (seconds).
 WINDOW_BATCHES = 16
 WINDOW_ROWS = 4096
@@ -255,7 +253,7 @@ class SqliteStore(Store):
     ) -> list[list[Result]]:
         """The batch inside the open transaction; commits unless it may stay open."""
         results = None
-        defer = may_defer and _only_holds(ops) and window.roomy()
+        defer = may_defer and private_holds_only(ops) and window.roomy()
         if window.version == self._fast_version:
             results = self._from_memory(cur, window, ops, check_ids=defer or window.answered > 0)
         if results is None:
@@ -594,17 +592,6 @@ class _Window:
         self.new_transfers, self.new_holds = [], {}
         self.changed_holds, self.changed_accounts = {}, {}
         return writes
-
-
-def _only_holds(ops: list[Op]) -> bool:
-    """Whether every operation only takes private holds (``Ledger.hold(private=True)``)."""
-    for op in ops:
-        if type(op) is not CreateTransfers or not op.private:
-            return False
-        for spec in op.transfers:
-            if not spec.flags & _PENDING:
-                return False
-    return True
 
 
 class _LoopBatcher:
