@@ -129,6 +129,10 @@ class Writes:
                     or self.changed_holds)  # fmt: skip
 
 
+#: plain values of the hot comparisons (an enum member compares slower)
+_FROZEN = AccountStatus.FROZEN.value
+_HOLD_PENDING = int(HoldState.PENDING)
+
 _MISSING: Any = object()
 
 
@@ -409,7 +413,7 @@ class Engine:
             )
         if spec.limits:
             self._check_limits(debit.id, spec)
-        if debit.status == AccountStatus.FROZEN:
+        if debit.status == _FROZEN:
             raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)", account=debit.id)
         amount = spec.amount
         assert amount is not None  # validated: only post may omit it
@@ -510,7 +514,7 @@ class Engine:
 
     def _resolve(self, spec: TransferSpec) -> Transfer:
         hold = self._pending_hold(spec)
-        if hold.state != HoldState.PENDING:
+        if hold.state != _HOLD_PENDING:
             raise _resolved_error(hold)
         if hold.expires_us is not None and hold.expires_us <= self.now_us:
             if self._undo is None:

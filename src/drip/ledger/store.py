@@ -428,12 +428,16 @@ class Store(abc.ABC):
             last_seq = int(cur.fetchone()[0])
         for offset, transfer in enumerate(writes.new_transfers, start=last_seq + 1):
             transfer.seq = offset
+        self.insert_transfer_rows(cur, self.transfer_rows(writes, with_seq=True))
+        return _nothing
+
+    def insert_transfer_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
+        """INSERT rows of ``TRANSFER_INSERT_COLUMNS`` then ``seq``."""
         cur.executemany(
             self.sql(f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) "
                      f"VALUES ({_marks(15)})"),
-            self.transfer_rows(writes, with_seq=True),
+            rows,
         )  # fmt: skip
-        return _nothing
 
     def update_rows(self, cur: Any, writes: Writes) -> None:
         """UPDATE the holds and accounts the batch changed (rows it read under its lock)."""
