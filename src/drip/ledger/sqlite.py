@@ -342,7 +342,8 @@ class SqliteStore(Store):
         self._fast_version = window.version
         self._write_lock.release()
         self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_BATCHES:
+        if self._since_checkpoint >= CHECKPOINT_BATCHES and self.is_open:
+            # committed: nothing after this point may report the batch as failed
             self._since_checkpoint = 0
             self.committer.housekeep_soon()
 
