@@ -405,3 +405,148 @@ async def test_a_hold_whose_id_is_handed_out_commits_before_it_is_answered(
     assert not a.store.window_open
     await b.void(hold.id)  # another process finds it at once
     assert a.balance("user:w").available == 1000
+
+
+# --- what keeps windows from hurting anyone else ----------------------------------------
+
+
+def test_no_window_while_another_process_has_the_file_open(tmp_path: Any) -> None:
+    """Windows keep SQLite's write lock across a turn of the loop; with another Drip
+    process on the file (its writers would wait), holds commit before they are answered."""
+    import subprocess
+    import sys
+
+    path = f"{tmp_path}/shared.db"
+    led = open_ledger(f"sqlite:///{path}")
+    try:
+        store: Any = led.store
+        assert store._presence.alone()
+        other = subprocess.Popen(
+            [sys.executable, "-c", f"""
+import sys, time
+from drip.ledger import open_ledger
+led = open_ledger("sqlite:///{path}")
+print("open", flush=True)
+sys.stdin.readline()
+led.close()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            assert other.stdout is not None and other.stdout.readline().strip() == "open"
+            monkey_checked = store._presence
+            monkey_checked._checked = 0.0  # the finding is cached for PRESENCE_CHECK_S
+            assert not store._presence.alone()
+
+            async def hold_then_look() -> bool:
+                await _fund(led, 1000)
+                await led.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+                return bool(store.window_open)
+
+            assert asyncio.run(hold_then_look()) is False
+        finally:
+            assert other.stdin is not None
+            other.stdin.write("\n")
+            other.stdin.flush()
+            other.wait(30)
+        store._presence._checked = 0.0
+        assert store._presence.alone()  # alone again once it closed
+    finally:
+        led.close()
+
+
+async def test_a_failing_batch_does_not_undo_answered_holds(
+    pair: tuple[Ledger, Ledger, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, _ = pair
+    await _fund(a, 1000)
+    hold = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    real = sqlite_store.Engine.apply
+
+    def apply(self: Any, op: Any) -> Any:
+        if getattr(op, "accounts", None) and op.accounts[0].id == "acct:boom":
+            raise RuntimeError("an unexpected failure in this batch only")
+        return real(self, op)
+
+    monkeypatch.setattr(sqlite_store.Engine, "apply", apply)
+    with pytest.raises(errors.StoreError):
+        await a.create_account("acct:boom", "revenue")  # joins the window, fails alone
+    assert not a.store.window_open
+    assert b.get_hold("h1") is not None  # what was answered was committed
+    charge = await a.post(hold, 60)
+    assert charge.amount == 60 and b.balance("user:w").posted == 1000 - 60
+    assert b.get_transfer("acct:boom") is None and a.check_invariants().ok
+
+
+async def test_a_busy_loop_does_not_keep_the_window_open(
+    pair: tuple[Ledger, Ledger, str],
+) -> None:
+    """The loop commits a window at its next turn; if that turn is long (callers' own
+    synchronous work), the watchdog thread commits it after WINDOW_S."""
+    import time
+
+    a, b, _ = pair
+    await _fund(a, 1000)
+    await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    time.sleep(sqlite_store.WINDOW_S * 10)  # the loop is busy: it cannot settle
+    assert not a.store.window_open
+    b.sync.charge("c1", "user:w", "rev:p", 1, code="x")  # another writer is not kept waiting
+    assert b.balance("user:w").pending == 100
+
+
+@pytest.mark.timeout(60)
+async def test_a_blocking_writer_overtaken_by_a_new_window_still_gets_the_lock(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocking writer that settled, found no window, and then waits for the lock may
+    be overtaken by the loop opening one; it must not wait for the loop's next turn (the
+    loop may be waiting on it: this would deadlock). It settles again while it waits, and
+    the watchdog commits the window anyway. The race is widened by a pause inside the
+    loop's BEGIN."""
+    import threading
+    import time
+
+    led = open_ledger(f"sqlite:///{tmp_path}/race.db")
+    try:
+        await _fund(led, 1000)
+        store: Any = led.store
+        arm = threading.Event()
+        real_begin = sqlite_store.SqliteStore._begin
+
+        def slow_begin(self: Any, cur: Any) -> bool:
+            ok = real_begin(self, cur)
+            if arm.is_set() and threading.current_thread() is threading.main_thread():
+                arm.clear()
+                self.committer.housekeep_soon()  # the writer thread's checkpoint settles now
+                time.sleep(0.2)
+            return bool(ok)
+
+        monkeypatch.setattr(sqlite_store.SqliteStore, "_begin", slow_begin)
+        arm.set()
+        await led.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+        # a blocking call on the loop: the writer thread needs the lock the window holds
+        led.sync.charge("c1", "user:w", "rev:p", 5, code="x")
+        assert store.get_hold("h1") is not None
+        assert led.balance("user:w").posted == 995
+    finally:
+        led.close()
+
+
+def test_multi_row_inserts_respect_the_variable_limit(tmp_path: Any) -> None:
+    """Old SQLite builds allow 999 bound variables: rows go in chunks that fit."""
+    led = open_ledger(f"sqlite:///{tmp_path}/limit.db")
+    try:
+        store: Any = led.store
+        for conn in store._all:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        store._insert_rows_max = 999 // 15  # what such a build reports when opened
+
+        async def many() -> None:
+            await _fund(led, 10**6)
+            await asyncio.gather(*(led.transfer(f"t{i}", "user:w", "rev:p", 1, code="x")
+                                   for i in range(300)))  # fmt: skip
+
+        asyncio.run(many())
+        assert led.balance("rev:p").posted == 300
+    finally:
+        led.close()

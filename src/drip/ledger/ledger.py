@@ -63,6 +63,9 @@ _PENDING = int(TransferFlags.PENDING)
 _POST = int(TransferFlags.POST_PENDING)
 _VOID = int(TransferFlags.VOID_PENDING)
 _LINKED = int(TransferFlags.LINKED)
+_ALL_FLAGS = int(
+    AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS | AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS
+)
 
 
 def funding_account_id(asset: str) -> str:
@@ -209,6 +212,11 @@ class _Plans:
                 if kind in (AccountKind.WALLET, AccountKind.SESSION, AccountKind.ESCROW)
                 else AccountFlags.NONE
             )
+        if not isinstance(flags, int) or isinstance(flags, bool) or not 0 <= flags <= _ALL_FLAGS:
+            raise errors.InvalidRequest("flags must be AccountFlags", param="flags")
+        if owner is not None and (not isinstance(owner, str) or not 0 < len(owner) <= 160):
+            raise errors.InvalidRequest("owner must be a string of 1-160 characters",
+                                        param="owner")  # fmt: skip
         spec = AccountSpec(account_id, kind, self.asset.symbol, int(flags), owner,
                            encode_metadata(metadata))  # fmt: skip
         return CreateAccounts((spec,)), _one

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -64,10 +65,13 @@ _INSERT_HEAD = f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) VALUES "
 _ROW_MARKS = f"({','.join('?' * 15)})"
 #: Rows per multi-row INSERT (15 parameters each, well under SQLite's 32,766).
 INSERT_ROWS_MAX = 256
-#: Most batches one window answers before it commits, and its longest life (seconds).
+#: Most batches one window answers before it commits, and its longest life (seconds):
+#: past it, a watchdog thread commits the window even if the loop is busy.
 WINDOW_BATCHES = 16
 WINDOW_ROWS = 4096
 WINDOW_S = 0.005
+#: How long a finding that another process has the file open stands.
+PRESENCE_CHECK_S = 0.1
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 log = logging.getLogger("drip.ledger")
 
@@ -144,6 +148,7 @@ class SqliteStore(Store):
         # the loop's connection never waits for the lock: busy means "hand off"
         self._fast = self._connect()
         self._fast.execute("PRAGMA busy_timeout=0")
+        limit = self._fast.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         #: the fast connection's memory of its own commits (see try_run_batch_now)
         self._cache = RowCache()
         self._fast_version: int | None = None
@@ -153,12 +158,17 @@ class SqliteStore(Store):
         self._window: _Window | None = None
         #: taken by whoever runs or commits the window (the loop, or a thread settling it)
         self._window_mutex = threading.Lock()
+        self._presence = _Presence(path)
+        self._watchdog: threading.Thread | None = None
+        self._closing = threading.Event()
+        #: rows per multi-row INSERT within this SQLite's limit on bound variables
+        self._insert_rows_max = max(1, min(INSERT_ROWS_MAX, limit // 15))
         self._since_checkpoint = 0
         #: one transaction at a time in this process, whichever connection runs it
         self._write_lock = threading.Lock()
         self._loop_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher]
         self._loop_batchers = weakref.WeakKeyDictionary()
-        self._last_batcher: _LoopBatcher | None = None
+        self._last_batcher: weakref.ref[_LoopBatcher] | None = None
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -182,19 +192,37 @@ class SqliteStore(Store):
         return conn
 
     def _close_connections(self) -> None:
+        self._closing.set()
         try:
             self.settle()
         except errors.DripError:
             log.exception("SQLite: the last open window could not commit")
+        if self._watchdog is not None:
+            self._watchdog.join(1.0)
+        self._presence.close()
         with self._all_lock:
             for conn in self._all:
                 conn.close()
             self._all.clear()
 
     @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's write lock, for a blocking writer. Settling and then waiting
+        would not do: the loop may open a new window in between, and commit it only at
+        its next turn, which may be waiting on this very thread. So: settle, try, and
+        settle again until the lock is ours."""
+        while True:
+            self.settle()
+            if self._write_lock.acquire(timeout=0.002):
+                break
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
-        self.settle()
-        with self._write_lock:
+        with self._locked():
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             with _rollback_on_error(cur):
@@ -227,8 +255,8 @@ class SqliteStore(Store):
                 except _Replay:  # nothing was answered: roll back, read the rows this time
                     self._abandon(cur, window)
                 except BaseException as exc:
-                    if self._window is not None:
-                        self._abandon(cur, self._window)
+                    if self._window is window and window is not None:  # not committed
+                        self._abandon(cur, window)
                     if isinstance(exc, sqlite3.Error):
                         raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
                     raise
@@ -249,26 +277,28 @@ class SqliteStore(Store):
         self._window = _Window(version)
         return self._window
 
+    def _watch(self) -> None:
+        """The watchdog: commits a window that outlives ``WINDOW_S`` (its loop may be busy
+        running callers' code, or gone), so no window holds the lock for long."""
+        while not self._closing.wait(WINDOW_S / 2):
+            window = self._window
+            if window is not None and time.monotonic() - window.opened > WINDOW_S:
+                try:
+                    self.settle()
+                except errors.DripError:
+                    log.exception("SQLite: the watchdog could not commit a window")
+
     def _run_in_window(
         self, cur: sqlite3.Cursor, window: _Window, ops: list[Op], may_defer: bool
     ) -> list[list[Result]]:
         """The batch inside the open transaction; commits unless it may stay open."""
         results = None
-        defer = may_defer and private_holds_only(ops) and window.roomy()
+        defer = (may_defer and private_holds_only(ops) and window.roomy()
+                 and self._presence.alone())  # fmt: skip
         if window.version == self._fast_version:
             results = self._from_memory(cur, window, ops, check_ids=defer or window.answered > 0)
         if results is None:
-            # read current rows, in this transaction, after the window's own writes
-            self._write_window(cur, window)
-            self._cache.clear()
-            self._fast_seq = None
-            engine = Engine(self.loader(cur), self.clock_us())
-            results = self.apply_with(cur, engine, ops)
-            self._cache.remember(engine)
-            new = engine.writes.new_transfers
-            if new:
-                self._fast_seq = new[-1].seq
-            self._fast_version = window.version  # what it read, under the lock, is exact
+            results = self._read_in_window(cur, window, ops)
         elif not defer:
             try:
                 self._write_window(cur, window)
@@ -280,8 +310,49 @@ class SqliteStore(Store):
                 raise
         if defer:
             window.answered += 1
-            return results  # answered; committed by settle() or by the next batch
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                                  name="drip-sqlite-window-watchdog")  # fmt: skip
+                self._watchdog.start()
+            return results  # answered; committed by settle(), the next batch, the watchdog
         self._commit(cur, window)
+        return results
+
+    def _read_in_window(
+        self, cur: sqlite3.Cursor, window: _Window, ops: list[Op]
+    ) -> list[list[Result]]:
+        """The batch on rows read in this transaction, after the window's own writes.
+        With answers already given, the batch runs under a savepoint: if it fails, only
+        its own writes are undone, and the answered holds still commit."""
+        try:
+            self._write_window(cur, window)
+        except _Replay:
+            if window.answered:  # pragma: no cover - their ids were checked first
+                raise errors.InvariantViolation("a transfer id in an open window exists") from None
+            raise
+        self._cache.clear()
+        self._fast_seq = None
+        guarded = window.answered > 0
+        if guarded:
+            cur.execute("SAVEPOINT drip_batch")
+        try:
+            engine = Engine(self.loader(cur), self.clock_us())
+            results = self.apply_with(cur, engine, ops)
+        except BaseException:
+            if not guarded:
+                raise
+            cur.execute("ROLLBACK TO drip_batch")
+            cur.execute("RELEASE drip_batch")
+            self._forget_rows()
+            self._commit(cur, window)  # what was answered stands; this batch failed alone
+            raise
+        if guarded:
+            cur.execute("RELEASE drip_batch")
+        self._cache.remember(engine)
+        new = engine.writes.new_transfers
+        if new:
+            self._fast_seq = new[-1].seq
+        self._fast_version = window.version  # what it read, under the lock, is exact
         return results
 
     def _from_memory(
@@ -338,14 +409,22 @@ class SqliteStore(Store):
 
     def _commit(self, cur: sqlite3.Cursor, window: _Window) -> None:
         cur.execute("COMMIT")
+        # committed: nothing after this point may raise (the batch is done)
         self._window = None
         self._fast_version = window.version
         self._write_lock.release()
         self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_BATCHES and self.is_open:
-            # committed: nothing after this point may report the batch as failed
+        if self._since_checkpoint >= CHECKPOINT_BATCHES:
             self._since_checkpoint = 0
-            self.committer.housekeep_soon()
+            committer = self._committer
+            if committer is not None:
+                with contextlib.suppress(errors.DripError):
+                    committer.housekeep_soon()
+
+    def _forget_rows(self) -> None:
+        self._fast_version = None
+        self._fast_seq = None
+        self._cache.clear()
 
     def _abandon(self, cur: sqlite3.Cursor, window: _Window | None) -> None:
         """Roll back the open transaction and forget what memory it built on. Holds it
@@ -378,7 +457,8 @@ class SqliteStore(Store):
                 self._write_window(cur, window)
                 self._commit(cur, window)
             except BaseException as exc:
-                self._abandon(cur, window)
+                if self._window is window:  # not committed: undo it
+                    self._abandon(cur, window)
                 if isinstance(exc, sqlite3.Error | _Replay):
                     raise errors.StoreError(f"SQLite could not commit: {exc!r}") from exc
                 raise
@@ -438,19 +518,19 @@ class SqliteStore(Store):
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         loop = asyncio.get_running_loop()
-        batcher = self._last_batcher
+        last = self._last_batcher
+        batcher = None if last is None else last()
         if batcher is None or batcher.loop is not loop:
             batcher = self._loop_batchers.get(loop)
             if batcher is None:
                 batcher = self._loop_batchers[loop] = _LoopBatcher(self, loop)
-            self._last_batcher = batcher
+            self._last_batcher = weakref.ref(batcher)
         return batcher.submit(op)
 
     def checkpoint(self) -> None:
         """Copy the WAL back into the database file. This process's writers wait (so the
         checkpoint can finish and the WAL start over); other processes' do not."""
-        self.settle()
-        with self._write_lock:
+        with self._locked():
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def expire_due_holds(self) -> int:
@@ -472,8 +552,9 @@ class SqliteStore(Store):
     def insert_transfer_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
         """One multi-row INSERT per chunk: one statement step instead of one per row
         (about 15% less time for a batch's rows than ``executemany``)."""
-        for start in range(0, len(rows), INSERT_ROWS_MAX):
-            chunk = rows[start : start + INSERT_ROWS_MAX]
+        step = self._insert_rows_max
+        for start in range(0, len(rows), step):
+            chunk = rows[start : start + step]
             cur.execute(_INSERT_HEAD + ",".join([_ROW_MARKS] * len(chunk)),
                         [value for row in chunk for value in row])  # fmt: skip
 
@@ -488,8 +569,7 @@ class SqliteStore(Store):
             raise errors.InvariantViolation(f"the database refused the batch: {exc}") from exc
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
-        self.settle()
-        with self._write_lock:
+        with self._locked():
             self._migrate(component, migrations)
 
     def _migrate(self, component: str, migrations: Sequence[Migration]) -> None:
@@ -535,6 +615,60 @@ def _rollback_on_error(cur: sqlite3.Cursor) -> Iterator[None]:
     except sqlite3.Error as exc:
         cur.execute("ROLLBACK")
         raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
+
+
+class _Presence:
+    """Whether another process has this database open through Drip.
+
+    Each store holds a POSIX read lock on the first byte of ``<database>-drip.lock``.
+    POSIX locks belong to processes, so a store can take a write lock there (then
+    return to a read lock) exactly when no other process holds one: then this process
+    is alone on the file, and may keep SQLite's write lock across a turn of its event
+    loop (a window) without making anyone wait. Unknown (no ``fcntl``, a read-only
+    directory) counts as not alone."""
+
+    def __init__(self, path: str) -> None:
+        self._fd: int | None = None
+        self._memory = path in ("", ":memory:") or path.startswith("file::memory:")
+        self._alone = self._memory
+        self._checked = 0.0
+        if self._memory:
+            return
+        try:
+            import fcntl
+
+            fd = os.open(f"{path}-drip.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except (ImportError, OSError):
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)  # waits out another's brief check
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def alone(self) -> bool:
+        if self._memory or self._fd is None:
+            return self._memory
+        now = time.monotonic()
+        if now - self._checked < PRESENCE_CHECK_S:
+            return self._alone
+        import fcntl
+
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        except OSError:
+            self._alone = False
+        else:
+            fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, 0)
+            self._alone = True
+        self._checked = now
+        return self._alone
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # releases its lock
 
 
 class _Window:
