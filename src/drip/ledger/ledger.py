@@ -586,12 +586,14 @@ class Ledger(_Reads):
 
     async def hold(self, hold_id: str, wallet: str, revenue: str, amount: int,
                    **kw: Any) -> Transfer:  # fmt: skip
-        result: Transfer = await self._run(self.plans.hold(hold_id, wallet, revenue, amount, **kw))
+        op, read = self.plans.hold(hold_id, wallet, revenue, amount, **kw)  # _run, inlined
+        result: Transfer = read(await self.store.submit_async(op))
         return result
 
     async def post(self, hold: Transfer | Hold | str, amount: int | None = None,
                    **kw: Any) -> Charge:  # fmt: skip
-        result: Charge = await self._run(self.plans.post(hold, amount, **kw))
+        op, read = self.plans.post(hold, amount, **kw)  # _run, inlined: the hot pair
+        result: Charge = read(await self.store.submit_async(op))
         return result
 
     async def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from drip.ledger.engine import Engine, Op, Result
 from drip.ledger.types import Account, Hold, HoldState, Transfer
 
+_PENDING = int(HoldState.PENDING)
+
 #: Most rows each cache keeps before it starts over (bounded memory).
 CACHE_ROWS_MAX = 100_000
 
@@ -37,11 +39,14 @@ class RowCache:
         for account_id, account in engine.accounts.items():
             if account is not None:
                 self.accounts[account_id] = account.copy()
+        holds = self.holds
         for hold_id, hold in engine.holds.items():
-            if hold is not None and hold.state == HoldState.PENDING:
-                self.holds[hold_id] = hold.copy()
+            if hold is not None and hold.state == _PENDING:
+                # kept as is: nothing changes a hold in place once its batch is done (an
+                # engine works on copies, ``load_holds``), and callers never get one
+                holds[hold_id] = hold
             else:
-                self.holds.pop(hold_id, None)
+                holds.pop(hold_id, None)
 
     # --- the engine's Loader, served from memory -------------------------------------
 

@@ -70,6 +70,8 @@ INSERT_ROWS_MAX = 256
 WINDOW_BATCHES = 16
 WINDOW_ROWS = 4096
 WINDOW_S = 0.005
+#: How often the watchdog looks (a window lives at most about WINDOW_S + this).
+WATCHDOG_POLL_S = 0.01
 #: How long a finding that another process has the file open stands.
 PRESENCE_CHECK_S = 0.1
 _SYNCHRONOUS = {"off": "OFF", "normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
@@ -280,7 +282,7 @@ class SqliteStore(Store):
     def _watch(self) -> None:
         """The watchdog: commits a window that outlives ``WINDOW_S`` (its loop may be busy
         running callers' code, or gone), so no window holds the lock for long."""
-        while not self._closing.wait(WINDOW_S / 2):
+        while not self._closing.wait(WATCHDOG_POLL_S):
             window = self._window
             if window is not None and time.monotonic() - window.opened > WINDOW_S:
                 try:
