@@ -8,9 +8,14 @@ session). A keep-alive HTTP/1.1 client measures, in the same run:
   at p50 and p99;
 - throughput: 8 connections for a few seconds, requests/s, metered vs bare.
 
-    python bench/middleware.py [--seconds 4] [--json]
+    python bench/middleware.py [--seconds 4] [--json] [--breakdown]
 
 Targets: added p50 < 0.5 ms, added p99 < 2 ms, metered requests/s >= 70% of bare.
+
+``--breakdown`` adds a third server: ``DripMeter`` with its ledger calls answered by
+constants (no payer lookup, hold, capture or balance read), to split what metering
+costs into the middleware's own plumbing and the ledger's work
+(``middleware.requests_per_s.no_ledger``, baseline: bare).
 """
 
 from __future__ import annotations
@@ -34,6 +39,28 @@ TARGET_ADDED_P99_MS = 2.0
 TARGET_RPS_RATIO = 0.70
 
 
+def stub_ledger(app: object) -> None:
+    """Answer DripMeter's ledger calls with constants (the ``--breakdown`` server)."""
+    from drip.asgi import middleware as mw
+    from drip.ledger.ledger import Charge
+    from drip.ledger.types import Balance, Transfer, TransferFlags
+
+    hold = Transfer("http:stub", "user:caller", "rev:bench", 1, "ping", int(TransferFlags.PENDING))
+    post = Transfer("http:stub~post", "user:caller", "rev:bench", 1, "ping",
+                    int(TransferFlags.POST_PENDING), "http:stub")  # fmt: skip
+
+    async def held(self: mw.DripMeter, scope: object, route: mw.Price) -> mw._MeteredCall:
+        return mw._MeteredCall(self.client, route, hold, [])
+
+    async def captured(self: mw._MeteredCall) -> Charge:
+        self.settled = True
+        return Charge(post, None)
+
+    mw.DripMeter._hold = held  # type: ignore[method-assign,assignment]
+    mw._MeteredCall.capture = captured  # type: ignore[method-assign,assignment]
+    app.client.ledger.balance = lambda account_id: Balance(0, 0, 0)  # type: ignore[attr-defined]
+
+
 def build_app(metered: bool, database_url: str) -> object:
     from fastapi import FastAPI
 
@@ -52,10 +79,12 @@ def build_app(metered: bool, database_url: str) -> object:
     return DripMeter(api, client=client, routes={f"GET {PATH}": price("ping", "0.000001")})
 
 
-def serve(port: int, metered: bool, database_url: str) -> None:
+def serve(port: int, metered: bool, database_url: str, stub: bool = False) -> None:
     import uvicorn
 
     app = build_app(metered, database_url)
+    if stub:
+        stub_ledger(app)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)  # type: ignore[arg-type]
 
 
@@ -158,12 +187,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also measure DripMeter with its ledger calls stubbed")  # fmt: skip
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--metered", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stub", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.metered, args.database_url)
+        serve(args.serve, args.metered, args.database_url, args.stub)
         return
 
     from drip import DripClient, DripConfig
@@ -174,11 +206,13 @@ def main() -> None:
         client.sync.provision_user("caller", initial_balance="1000000")
         token = client.sync.create_session("caller", "bench", "1000000").id
         client.close()
-        ports = {"bare": free_port(), "metered": free_port()}
+        names = ["bare", "metered"] + (["no_ledger"] if args.breakdown else [])
+        ports = {name: free_port() for name in names}
+        flags = {"bare": [], "metered": ["--metered"], "no_ledger": ["--metered", "--stub"]}
         procs = {
             name: subprocess.Popen(
                 [sys.executable, __file__, "--serve", str(port), "--database-url", url]
-                + (["--metered"] if name == "metered" else []),
+                + flags[name],
                 env=os.environ.copy(),
             )
             for name, port in ports.items()
@@ -194,6 +228,10 @@ def main() -> None:
             for name in ("bare", "metered"):
                 lat[name] = asyncio.run(latency_ms(ports[name], headers, args.seconds))
                 rps[name] = asyncio.run(throughput(ports[name], headers, args.seconds))
+            if args.breakdown:
+                asyncio.run(latency_ms(ports["no_ledger"], headers, 0.5))
+                rps["no_ledger"] = asyncio.run(throughput(ports["no_ledger"], headers,
+                                                          args.seconds))  # fmt: skip
         finally:
             for proc in procs.values():
                 proc.terminate()
@@ -215,6 +253,9 @@ def main() -> None:
         Metric("middleware.added_latency_p99_ms", p99["metered"] - p99["bare"], "ms",
                p99["bare"], p99["metered"] / p99["bare"]),
     ]  # fmt: skip
+    if args.breakdown:
+        metrics.append(Metric("middleware.requests_per_s.no_ledger", rps["no_ledger"], "req/s",
+                              rps["bare"], rps["no_ledger"] / rps["bare"]))  # fmt: skip
     if args.json:
         for m in metrics:
             print(json.dumps(m.__dict__))
