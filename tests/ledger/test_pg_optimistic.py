@@ -293,3 +293,42 @@ async def test_only_hold_batches_commit_asynchronously(
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
         conn.rollback()
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+async def test_compare_and_set_expects_the_rows_the_batch_read(
+    pair: tuple[Ledger, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop and the writer thread share one memory of the rows. If the writer
+    thread remembers a newer account between the loop's batch reading it and sending
+    its statement, the statement must still expect what the batch read (and lose the
+    race), not the newer row (which would write values computed from the older one)."""
+    import threading
+
+    from drip.ledger import pg_async
+
+    a, _ = pair
+    await _afund(a, 10**6)
+    await a.charge("warm", "user:w", "rev:p", 1, code="x")
+    real = pg_async.prepare
+    armed = [True]
+
+    def prepare(store: object, cache: object, ops: object) -> object:
+        prepared = real(store, cache, ops)  # type: ignore[arg-type]
+        if prepared is not None and armed[0]:
+            armed[0] = False  # meanwhile, a blocking caller charges on the writer thread
+            worker = threading.Thread(
+                target=a.sync.charge, args=("sync-1", "user:w", "rev:p", 3), kwargs={"code": "x"}
+            )
+            worker.start()
+            worker.join()
+        return prepared
+
+    monkeypatch.setattr(pg_async, "prepare", prepare)
+    await a.charge("async-1", "user:w", "rev:p", 1, code="x")
+    assert a.balance("user:w").posted == 10**6 - 1 - 3 - 1
+    rows = a.store.query(
+        "SELECT coalesce(sum(amount), 0) FROM transfers WHERE debit_account_id = ? AND flags = 0",
+        ("user:w",),
+    )
+    assert a.account("user:w").debits_posted == rows[0][0] == 5
+    assert a.check_invariants().ok

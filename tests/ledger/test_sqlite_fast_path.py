@@ -211,6 +211,50 @@ async def test_side_table_writes_keep_the_memory_current(
 
 
 # --- windows: a batch of holds is answered before it commits ---------------------------
+#
+# Windows are used only by a store alone on its file (no other store of the process, no
+# other Drip process), so these tests open one store and look at the file through a
+# plain SQLite connection, as another program would.
+
+
+class Peek:
+    """The file as a plain SQLite connection sees it (committed rows only)."""
+
+    def __init__(self, path: str) -> None:
+        # no waiting: "busy" now means the write lock is held now
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+
+    def counters(self, account_id: str) -> tuple[int, int]:
+        """(debits_posted, debits_pending) of a wallet."""
+        row = self.conn.execute("SELECT debits_posted, debits_pending FROM accounts "
+                                "WHERE id = ?", (account_id,)).fetchone()  # fmt: skip
+        return int(row[0]), int(row[1])
+
+    def row(self, transfer_id: str) -> tuple[Any, ...] | None:
+        found: tuple[Any, ...] | None = self.conn.execute(
+            "SELECT amount, hold_state, hold_resolved_amount, hold_resolved_by, seq "
+            "FROM transfers WHERE id = ?", (transfer_id,)).fetchone()  # fmt: skip
+        return found
+
+    def can_write(self) -> bool:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            return False
+        self.conn.execute("ROLLBACK")
+        return True
+
+
+@pytest.fixture
+def solo(tmp_path: Any) -> Iterator[tuple[Ledger, Peek]]:
+    path = f"{tmp_path}/solo.db"
+    led = open_ledger(f"sqlite:///{path}")
+    peek = Peek(path)
+    try:
+        yield led, peek
+    finally:
+        peek.conn.close()
+        led.close()
 
 
 @pytest.fixture
@@ -228,38 +272,33 @@ def commits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_a_hold_and_its_capture_commit_once(
-    pair: tuple[Ledger, Ledger, str], commits: list[int]
+    solo: tuple[Ledger, Peek], commits: list[int]
 ) -> None:
-    a, b, path = pair
+    a, peek = solo
     await _fund(a, 1000)
     await a.charge("warm", "user:w", "rev:p", 1, code="x")
     commits.clear()
     hold = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
     assert hold.seq > 0 and a.store.window_open  # answered, not yet committed
-    assert b.balance("user:w").pending == 0  # another process does not see it yet
+    assert peek.counters("user:w") == (1, 0)  # nobody else sees it yet
+    assert not peek.can_write()  # the window holds SQLite's write lock
     charge = await a.post(hold, 60)  # joins the window, and commits it
     assert commits == [1] and not a.store.window_open
     assert charge.transfer.seq == hold.seq + 1
-    assert b.balance("user:w") == a.balance("user:w")
-    assert b.balance("user:w").posted == 1000 - 1 - 60
-    # the hold's row was written once, already resolved; the journal is consistent
-    with sqlite3.connect(path) as conn:
-        row = conn.execute("SELECT hold_state, hold_resolved_amount, hold_resolved_by, seq "
-                           "FROM transfers WHERE id = 'h1'").fetchone()  # fmt: skip
-    assert row == (1, 60, "h1~post", hold.seq)
-    assert b.get_transfer("h1~post").amount == 60  # type: ignore[union-attr]
-    assert a.check_invariants().ok and b.check_invariants().ok
+    assert peek.counters("user:w") == (61, 0) and peek.can_write()
+    # the hold's row was written once, already resolved
+    assert peek.row("h1") == (100, 1, 60, "h1~post", hold.seq)
+    assert peek.row("h1~post") == (60, None, None, None, hold.seq + 1)
+    assert a.check_invariants().ok
 
 
-async def test_every_read_commits_the_window_first(
-    pair: tuple[Ledger, Ledger, str], commits: list[int]
-) -> None:
-    a, b, _ = pair
+async def test_every_read_commits_the_window_first(solo: tuple[Ledger, Peek]) -> None:
+    a, peek = solo
     await _fund(a, 1000)
     await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
     assert a.store.window_open
     assert a.get_hold("h1") is not None  # a read of this process sees what it answered
-    assert not a.store.window_open and b.balance("user:w").pending == 100
+    assert not a.store.window_open and peek.counters("user:w") == (0, 100)
     await a.hold("h2", "user:w", "rev:p", 100, code="x", private=True)
     assert a.store.window_open
     # from another thread too (a threadpool endpoint, a blocking caller)
@@ -271,43 +310,39 @@ async def test_every_read_commits_the_window_first(
     assert not a.store.window_open
     await a.hold("h4", "user:w", "rev:p", 100, code="x", private=True)
     await a.post("h4", 10)  # by id: reads the hold first, then captures it
-    assert b.balance("user:w").pending == 300 and b.balance("user:w").posted == 990
+    assert peek.counters("user:w") == (10, 300)
     assert a.check_invariants().ok
 
 
 async def test_a_window_left_alone_commits_at_the_next_turn(
-    pair: tuple[Ledger, Ledger, str], commits: list[int]
+    solo: tuple[Ledger, Peek], commits: list[int]
 ) -> None:
-    a, b, _ = pair
+    a, peek = solo
     await _fund(a, 1000)
     commits.clear()
     await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
     assert a.store.window_open
     await asyncio.sleep(0)  # nothing joins it: the loop commits it
     assert not a.store.window_open and commits == [1]
-    assert b.balance("user:w").pending == 100
+    assert peek.counters("user:w") == (0, 100)
 
 
-async def test_a_blocking_call_on_the_loop_does_not_deadlock(
-    pair: tuple[Ledger, Ledger, str],
-) -> None:
-    a, b, _ = pair
+async def test_a_blocking_call_on_the_loop_does_not_deadlock(solo: tuple[Ledger, Peek]) -> None:
+    a, peek = solo
     await _fund(a, 1000)
     await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
     assert a.store.window_open
     # the writer thread needs the write lock the window holds: it commits the window
     a.sync.charge("c1", "user:w", "rev:p", 5, code="x")
     a.store.checkpoint()
-    assert b.balance("user:w").pending == 100 and b.balance("user:w").posted == 995
+    assert peek.counters("user:w") == (5, 100)
 
 
-async def test_replayed_holds_inside_a_window(pair: tuple[Ledger, Ledger, str]) -> None:
-    a, b, _ = pair
+async def test_replayed_holds_inside_a_window(solo: tuple[Ledger, Peek], tmp_path: Any) -> None:
+    a, peek = solo
     await _fund(a, 1000)
     first = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
-    again = await a.hold(
-        "h1", "user:w", "rev:p", 100, code="x", private=True
-    )  # joins the same window
+    again = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)  # same window
     assert again.seq == first.seq
     with pytest.raises(errors.IdempotencyConflict):
         await a.hold("h1", "user:w", "rev:p", 101, code="x", private=True)
@@ -318,19 +353,23 @@ async def test_replayed_holds_inside_a_window(pair: tuple[Ledger, Ledger, str]) 
         a.hold("h3", "user:w", "rev:p", 10, code="x", private=True),
     )
     assert results[0].seq == results[1].seq != results[2].seq
-    # an id another process took while this one remembers the rows
+    # an id another program took while this store remembers the rows: a plain insert
     await a.charge("warm", "user:w", "rev:p", 1, code="x")
-    await b.charge("taken", "user:w", "rev:p", 1, code="x")
+    peek.conn.execute(
+        "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, code, flags, "
+        "timeout_s, ts_us, seq) SELECT 'taken', 'rev:p', 'user:w', 0, 'x', 0, 0, 1, "
+        "max(seq) + 1 FROM transfers"
+    )
     with pytest.raises(errors.IdempotencyConflict):
         await a.hold("taken", "user:w", "rev:p", 1, code="x", private=True)
-    assert b.balance("user:w").pending == 120 and b.balance("user:w").posted == 998
-    assert a.check_invariants().ok
+    assert peek.counters("user:w") == (1, 120)
+    assert a.balance("user:w").posted == 999
 
 
 async def test_a_window_takes_a_bounded_number_of_batches(
-    pair: tuple[Ledger, Ledger, str], commits: list[int]
+    solo: tuple[Ledger, Peek], commits: list[int]
 ) -> None:
-    a, b, _ = pair
+    a, peek = solo
     await _fund(a, 10**6)
     commits.clear()
 
@@ -341,7 +380,7 @@ async def test_a_window_takes_a_bounded_number_of_batches(
     await asyncio.gather(*(holds(t) for t in range(4)))
     await asyncio.sleep(0)
     assert commits and max(commits) <= sqlite_store.WINDOW_BATCHES
-    assert b.balance("user:w").pending == 160
+    assert peek.counters("user:w") == (0, 160)
     assert a.check_invariants().ok
 
 
@@ -454,9 +493,9 @@ led.close()
 
 
 async def test_a_failing_batch_does_not_undo_answered_holds(
-    pair: tuple[Ledger, Ledger, str], monkeypatch: pytest.MonkeyPatch
+    solo: tuple[Ledger, Peek], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, b, _ = pair
+    a, peek = solo
     await _fund(a, 1000)
     hold = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
     assert a.store.window_open
@@ -471,27 +510,25 @@ async def test_a_failing_batch_does_not_undo_answered_holds(
     with pytest.raises(errors.StoreError):
         await a.create_account("acct:boom", "revenue")  # joins the window, fails alone
     assert not a.store.window_open
-    assert b.get_hold("h1") is not None  # what was answered was committed
+    assert peek.row("h1") is not None  # what was answered was committed
     charge = await a.post(hold, 60)
-    assert charge.amount == 60 and b.balance("user:w").posted == 1000 - 60
-    assert b.get_transfer("acct:boom") is None and a.check_invariants().ok
+    assert charge.amount == 60 and peek.counters("user:w") == (60, 0)
+    assert a.store.get_account("acct:boom") is None and a.check_invariants().ok
 
 
-async def test_a_busy_loop_does_not_keep_the_window_open(
-    pair: tuple[Ledger, Ledger, str],
-) -> None:
+async def test_a_busy_loop_does_not_keep_the_window_open(solo: tuple[Ledger, Peek]) -> None:
     """The loop commits a window at its next turn; if that turn is long (callers' own
     synchronous work), the watchdog thread commits it after WINDOW_S."""
     import time
 
-    a, b, _ = pair
+    a, peek = solo
     await _fund(a, 1000)
     await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
     assert a.store.window_open
     time.sleep(sqlite_store.WINDOW_S + 3 * sqlite_store.WATCHDOG_POLL_S)  # the loop is busy
     assert not a.store.window_open
-    b.sync.charge("c1", "user:w", "rev:p", 1, code="x")  # another writer is not kept waiting
-    assert b.balance("user:w").pending == 100
+    assert peek.can_write()  # another writer is not kept waiting
+    assert peek.counters("user:w") == (0, 100)
 
 
 @pytest.mark.timeout(60)
@@ -548,5 +585,70 @@ def test_multi_row_inserts_respect_the_variable_limit(tmp_path: Any) -> None:
 
         asyncio.run(many())
         assert led.balance("rev:p").posted == 300
+    finally:
+        led.close()
+
+
+def test_presence_counts_every_store_of_a_process(tmp_path: Any) -> None:
+    """Two stores of one process on one file: neither is alone. Closing one keeps the
+    process visible to others (POSIX locks belong to the process, and closing any of
+    its descriptors on a file would drop them all)."""
+    import subprocess
+    import sys
+
+    path = f"{tmp_path}/two.db"
+    first, second = open_ledger(f"sqlite:///{path}"), open_ledger(f"sqlite:///{path}")
+    try:
+        one: Any = first.store
+        assert not one._presence.alone() and not second.store._presence.alone()  # type: ignore[attr-defined]
+        second.close()
+        one._presence._checked = 0.0
+        assert one._presence.alone()
+        probe = subprocess.run(
+            [sys.executable, "-c", f"""
+from drip.ledger import open_ledger
+led = open_ledger("sqlite:///{path}")
+print(led.store._presence.alone())
+led.close()
+"""], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.strip() == "False"  # this process still counts
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_what_a_caller_does_to_an_answer_cannot_reach_the_file(
+    solo: tuple[Ledger, Peek],
+) -> None:
+    a, peek = solo
+    await _fund(a, 1000)
+    hold = await a.hold("h1", "user:w", "rev:p", 100, code="x", private=True)
+    assert a.store.window_open
+    hold.amount = 999_999  # a careless caller
+    hold.debit_account_id = "rev:p"
+    await asyncio.sleep(0)
+    assert peek.row("h1") == (100, 0, 0, None, hold.seq)
+    assert a.check_invariants().ok
+
+
+def test_id_lists_respect_the_variable_limit(tmp_path: Any) -> None:
+    """Old SQLite builds allow 999 bound variables: id lookups go in chunks too."""
+    led = open_ledger(f"sqlite:///{tmp_path}/ids.db")
+    try:
+        store: Any = led.store
+        for conn in store._all:
+            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        store._insert_rows_max = 999 // 15
+
+        async def many() -> None:
+            await _fund(led, 10**6)
+            await asyncio.gather(*(led.hold(f"h{i}", "user:w", "rev:p", 1, code="x",
+                                            private=True) for i in range(1000)))  # fmt: skip
+            await asyncio.gather(*(led.post(f"h{i}", 1) for i in range(1000)))
+
+        asyncio.run(many())
+        assert led.balance("rev:p").posted == 1000
+        assert led.check_invariants().ok
     finally:
         led.close()

@@ -92,11 +92,11 @@ class LoopBatcher:
         prepared = prepare(self.store, cache, ops)
         if prepared is None:
             return None
-        engine, results, writes = prepared
+        engine, results, writes, before = prepared
         if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
             return results
         asynchronous = private_holds_only(ops)
-        query, params = one_statement(writes, cache, asynchronous=asynchronous)
+        query, params = one_statement(writes, before, asynchronous=asynchronous)
         try:
             conn = await self._connection()
             cursor = await conn.execute(query, params)

@@ -27,6 +27,7 @@ from drip import errors
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import TRANSFER_INSERT_COLUMNS, Store
+from drip.ledger.types import Account
 
 #: Batches that go straight to the locked path after a compare-and-set failed.
 BACKOFF_BATCHES = 8
@@ -39,11 +40,11 @@ def try_batch(
     prepared = prepare(store, cache, ops)
     if prepared is None:
         return None  # the locked path reads (and locks) the rows
-    engine, results, writes = prepared
+    engine, results, writes, before = prepared
     if writes.empty():  # pragma: no cover - checked_writes leaves no such batch
         return results
     try:
-        _send(conn, writes, cache, private_holds_only(ops))
+        _send(conn, writes, before, private_holds_only(ops))
     except Exception as exc:
         # whatever failed, leave no aborted transaction behind for the locked path
         _reset(conn)
@@ -57,18 +58,20 @@ def try_batch(
 
 def prepare(
     store: Store, cache: RowCache, ops: list[Op]
-) -> tuple[Engine, list[list[Result]], Writes] | None:
+) -> tuple[Engine, list[list[Result]], Writes, dict[str, Account]] | None:
     """``ops`` applied to the remembered rows, with writes that compare-and-set checks
-    entirely; ``None`` sends the batch to the locked path (so does a recent lost race)."""
+    entirely, and the accounts as they were read (the compare-and-set's expected values);
+    ``None`` sends the batch to the locked path (so does a recent lost race)."""
     if cache.backoff:
         cache.backoff -= 1
         return None
     applied = apply_remembered(cache, store.clock_us(), ops)
     if applied is None:
         return None
-    engine, results = applied
-    writes = checked_writes(engine)
-    return None if writes is None else (engine, results, writes)
+    writes = checked_writes(applied.engine)
+    if writes is None:
+        return None
+    return applied.engine, applied.results, writes, applied.before
 
 
 def lost_race(cache: RowCache) -> None:
@@ -96,9 +99,10 @@ def checked_writes(engine: Engine) -> Writes | None:
 
 
 def _send(
-    conn: psycopg.Connection[Any], writes: Writes, cache: RowCache, asynchronous: bool
-) -> None:
-    query, params = one_statement(writes, cache, asynchronous=asynchronous)
+    conn: psycopg.Connection[Any], writes: Writes, before: dict[str, Account],
+    asynchronous: bool,
+) -> None:  # fmt: skip
+    query, params = one_statement(writes, before, asynchronous=asynchronous)
     conn.autocommit = True
     try:
         rows = conn.execute(query, params).fetchall()
@@ -156,7 +160,7 @@ _ASYNC_COMMIT_CTE = "s AS (SELECT set_config('synchronous_commit', 'off', true) 
 
 
 def one_statement(
-    writes: Writes, cache: RowCache, *, asynchronous: bool = False
+    writes: Writes, before: dict[str, Account], *, asynchronous: bool = False
 ) -> tuple[str, list[Any]]:
     """The batch as one statement: ``WITH h, a, i ... SELECT`` what was written. Rows
     travel as JSON (one parameter per kind; PostgreSQL parses it in C).
@@ -189,7 +193,7 @@ def one_statement(
     if writes.changed_accounts:
         rows = []
         for account_id, a in sorted(writes.changed_accounts.items()):
-            old = cache.accounts[account_id]
+            old = before[account_id]  # as the batch read it, not as the cache is now
             rows.append(dict(zip(_ACCOUNT_KEYS, (
                 account_id, a.status, old.debits_posted, old.credits_posted,
                 old.debits_pending, old.credits_pending, old.status, a.debits_posted,

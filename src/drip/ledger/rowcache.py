@@ -8,6 +8,8 @@ exact.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from drip.ledger.engine import Engine, Op, Result
 from drip.ledger.types import Account, Hold, HoldState, Transfer
 
@@ -48,19 +50,40 @@ class RowCache:
             else:
                 holds.pop(hold_id, None)
 
-    # --- the engine's Loader, served from memory -------------------------------------
-
-    def load_accounts(self, ids: set[str]) -> dict[str, Account]:
-        try:
-            return {i: self.accounts[i].copy() for i in ids}
-        except KeyError:
-            raise Miss from None
+    # --- rows for an engine (through a CacheView) --------------------------------------
 
     def load_holds(self, ids: set[str]) -> dict[str, Hold]:
         try:
             return {i: self.holds[i].copy() for i in ids}
         except KeyError:
             raise Miss from None
+
+
+class CacheView:
+    """The engine's loader over a ``RowCache`` for one batch. It records each account as
+    it was read (``before``): the compare-and-set's expected values. Reading them from
+    the cache again later would be wrong, since another thread sharing the cache may
+    remember a newer state in between."""
+
+    __slots__ = ("before", "cache")
+
+    def __init__(self, cache: RowCache) -> None:
+        self.cache = cache
+        self.before: dict[str, Account] = {}
+
+    def load_accounts(self, ids: set[str]) -> dict[str, Account]:
+        remembered = self.cache.accounts
+        out: dict[str, Account] = {}
+        for i in ids:
+            account = remembered.get(i)
+            if account is None:
+                raise Miss
+            self.before[i] = account  # never changed in place: remember() replaces it
+            out[i] = account.copy()
+        return out
+
+    def load_holds(self, ids: set[str]) -> dict[str, Hold]:
+        return self.cache.load_holds(ids)
 
     def load_transfers(self, ids: set[str]) -> dict[str, Transfer]:
         return {}  # assumed new; an existing id aborts on the unique index
@@ -74,13 +97,19 @@ class RowCache:
         return self.load_holds(hold_ids), self.load_accounts(account_ids), {}
 
 
-def apply_remembered(
-    cache: RowCache, now_us: int, ops: list[Op]
-) -> tuple[Engine, list[list[Result]]] | None:
+class Applied(NamedTuple):
+    engine: Engine
+    results: list[list[Result]]
+    #: each account as the batch read it (see ``CacheView``)
+    before: dict[str, Account]
+
+
+def apply_remembered(cache: RowCache, now_us: int, ops: list[Op]) -> Applied | None:
     """``ops`` applied to the remembered rows, or ``None`` when memory cannot decide them
     alone: a row it lacks, or any refusal (refusals are decided on rows read from the
     database, never on memory)."""
-    engine = Engine(cache, now_us)
+    view = CacheView(cache)
+    engine = Engine(view, now_us)
     try:
         engine.prefetch(ops)
         results = [engine.apply(op) for op in ops]
@@ -88,7 +117,7 @@ def apply_remembered(
         return None
     if any(isinstance(r, Exception) for rs in results for r in rs):
         return None
-    return engine, results
+    return Applied(engine, results, view.before)
 
 
-__all__ = ["CACHE_ROWS_MAX", "Miss", "RowCache", "apply_remembered"]
+__all__ = ["CACHE_ROWS_MAX", "Applied", "CacheView", "Miss", "RowCache", "apply_remembered"]

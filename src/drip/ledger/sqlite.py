@@ -70,6 +70,10 @@ INSERT_ROWS_MAX = 256
 WINDOW_BATCHES = 16
 WINDOW_ROWS = 4096
 WINDOW_S = 0.005
+#: A loop batch this large is flushed at once; a smaller one waits one more turn.
+FLUSH_NOW_OPS = 4
+#: Ids per ``IN (...)`` list: within the 999 bound variables of old SQLite builds.
+IN_LIST_MAX = 500
 #: How often the watchdog looks (a window lives at most about WINDOW_S + this).
 WATCHDOG_POLL_S = 0.01
 #: How long a finding that another process has the file open stands.
@@ -96,9 +100,14 @@ class _SqliteLoader(LoaderBase):
     __slots__ = ()
 
     def _select(self, columns: str, table: str, ids: set[str]) -> list[Any]:
-        marks = ",".join("?" * len(ids))
-        self.cur.execute(f"SELECT {columns} FROM {table} WHERE id IN ({marks})", tuple(ids))
-        return list(self.cur.fetchall())
+        rows: list[Any] = []
+        listed = list(ids)
+        for start in range(0, len(listed), IN_LIST_MAX):
+            chunk = listed[start : start + IN_LIST_MAX]
+            self.cur.execute(f"SELECT {columns} FROM {table} WHERE id IN "
+                             f"({','.join('?' * len(chunk))})", chunk)  # fmt: skip
+            rows += self.cur.fetchall()
+        return rows
 
     def load_accounts(self, ids: set[str]) -> dict[str, Account]:
         return {r[0]: Account(*r) for r in self._select(ACCOUNT_COLUMNS, "accounts", ids)}
@@ -279,17 +288,6 @@ class SqliteStore(Store):
         self._window = _Window(version)
         return self._window
 
-    def _watch(self) -> None:
-        """The watchdog: commits a window that outlives ``WINDOW_S`` (its loop may be busy
-        running callers' code, or gone), so no window holds the lock for long."""
-        while not self._closing.wait(WATCHDOG_POLL_S):
-            window = self._window
-            if window is not None and time.monotonic() - window.opened > WINDOW_S:
-                try:
-                    self.settle()
-                except errors.DripError:
-                    log.exception("SQLite: the watchdog could not commit a window")
-
     def _run_in_window(
         self, cur: sqlite3.Cursor, window: _Window, ops: list[Op], may_defer: bool
     ) -> list[list[Result]]:
@@ -298,7 +296,9 @@ class SqliteStore(Store):
         defer = (may_defer and private_holds_only(ops) and window.roomy()
                  and self._presence.alone())  # fmt: skip
         if window.version == self._fast_version:
-            results = self._from_memory(cur, window, ops, check_ids=defer or window.answered > 0)
+            results = self._from_memory(
+                cur, window, ops, check_ids=defer or window.answered > 0, answered=defer
+            )
         if results is None:
             results = self._read_in_window(cur, window, ops)
         elif not defer:
@@ -313,8 +313,12 @@ class SqliteStore(Store):
         if defer:
             window.answered += 1
             if self._watchdog is None:
-                self._watchdog = threading.Thread(target=self._watch, daemon=True,
-                                                  name="drip-sqlite-window-watchdog")  # fmt: skip
+                self._watchdog = threading.Thread(
+                    target=_watch,
+                    args=(weakref.ref(self), self._closing),
+                    daemon=True,
+                    name="drip-sqlite-window-watchdog",
+                )
                 self._watchdog.start()
             return results  # answered; committed by settle(), the next batch, the watchdog
         self._commit(cur, window)
@@ -358,7 +362,13 @@ class SqliteStore(Store):
         return results
 
     def _from_memory(
-        self, cur: sqlite3.Cursor, window: _Window, ops: list[Op], *, check_ids: bool
+        self,
+        cur: sqlite3.Cursor,
+        window: _Window,
+        ops: list[Op],
+        *,
+        check_ids: bool,
+        answered: bool = False,
     ) -> list[list[Result]] | None:
         """The batch on remembered rows, added to the window's writes (nothing is sent
         yet), or ``None`` when they cannot decide it alone. ``check_ids``: look for
@@ -367,7 +377,7 @@ class SqliteStore(Store):
         applied = apply_remembered(self._cache, self.clock_us(), ops)
         if applied is None:
             return None
-        engine, results = applied
+        engine, results, _ = applied
         writes = engine.finish()
         if check_ids and self._exists(cur, window, writes):
             return None
@@ -377,7 +387,9 @@ class SqliteStore(Store):
         for transfer in writes.new_transfers:
             self._fast_seq += 1
             transfer.seq = self._fast_seq
-        window.add(writes)
+        # answered before its rows are sent: the window keeps its own copies of the
+        # transfers it answers with, so what a caller does to those cannot reach the file
+        window.add(writes, copies=answered)
         self._cache.remember(engine)
         return results
 
@@ -391,9 +403,13 @@ class SqliteStore(Store):
             return False
         if not window.ids.isdisjoint(ids):
             return True
-        cur.execute(f"SELECT 1 FROM transfers WHERE id IN ({','.join('?' * len(ids))}) LIMIT 1",
-                    ids)  # fmt: skip
-        return cur.fetchone() is not None
+        for start in range(0, len(ids), IN_LIST_MAX):
+            chunk = ids[start : start + IN_LIST_MAX]
+            cur.execute(f"SELECT 1 FROM transfers WHERE id IN ({','.join('?' * len(chunk))}) "
+                        "LIMIT 1", chunk)  # fmt: skip
+            if cur.fetchone() is not None:
+                return True
+        return False
 
     def _write_window(self, cur: sqlite3.Cursor, window: _Window) -> None:
         """Send the window's rows (inserts carry each new hold's latest state)."""
@@ -471,7 +487,8 @@ class SqliteStore(Store):
         current, where one from another connection would make the next batch read them."""
         self.settle()
         if not self._write_lock.acquire(blocking=False):
-            return super().execute(sql, params)
+            with self._locked():  # not behind windows the loop keeps reopening
+                return super().execute(sql, params)
         try:
             cur = self._fast.cursor()
             try:
@@ -484,7 +501,8 @@ class SqliteStore(Store):
                 cur.close()
         finally:
             self._write_lock.release()
-        return super().execute(sql, params)  # another process holds the file's lock: wait
+        with self._locked():  # another process holds the file's lock: wait for it
+            return super().execute(sql, params)
 
     def get_account(self, account_id: str) -> Account | None:
         """From the loop connection's memory when it is provably the file's (nobody else
@@ -619,58 +637,123 @@ def _rollback_on_error(cur: sqlite3.Cursor) -> Iterator[None]:
         raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
 
 
-class _Presence:
-    """Whether another process has this database open through Drip.
+def _watch(ref: weakref.ref[SqliteStore], closing: threading.Event) -> None:
+    """The watchdog: commits a window that outlives ``WINDOW_S`` (its loop may be busy
+    running callers' code, or gone), so no window holds the lock for long. It holds the
+    store weakly: a store nobody closed can still be collected."""
+    while not closing.wait(WATCHDOG_POLL_S):
+        store = ref()
+        if store is None:
+            return
+        window = store._window
+        if window is not None and time.monotonic() - window.opened > WINDOW_S:
+            try:
+                store.settle()
+            except Exception:  # logged; the watchdog must keep watching
+                log.exception("SQLite: the watchdog could not commit a window")
+        del store
 
-    Each store holds a POSIX read lock on the first byte of ``<database>-drip.lock``.
-    POSIX locks belong to processes, so a store can take a write lock there (then
-    return to a read lock) exactly when no other process holds one: then this process
-    is alone on the file, and may keep SQLite's write lock across a turn of its event
-    loop (a window) without making anyone wait. Unknown (no ``fcntl``, a read-only
-    directory) counts as not alone."""
+
+class _LockFile:
+    """This process's one descriptor on a ``<database>-drip.lock``, shared by every store
+    of the process on that database (POSIX locks belong to the process, and closing any
+    descriptor of the file drops them all), with a count of those stores."""
+
+    def __init__(self, fd: int, writable: bool) -> None:
+        self.fd = fd
+        self.writable = writable
+        self.stores = 0
+
+
+#: lock file path -> this process's descriptor on it
+_LOCK_FILES: dict[str, _LockFile] = {}
+_LOCK_FILES_LOCK = threading.Lock()
+
+
+class _Presence:
+    """Whether another process, or another store of this one, has the database open.
+
+    Each process with a store on the database holds a POSIX read lock on the first
+    byte of ``<database>-drip.lock`` (opened read-only if it may not write it, which is
+    enough for a read lock). POSIX locks belong to processes, so a process can take a
+    write lock there (then return to a read lock) exactly when no other process holds
+    one. A store alone in its process and its process alone on the file may keep
+    SQLite's write lock across a turn of its event loop (a window) without making
+    anyone wait. Unknown (no ``fcntl``, no lock file) counts as not alone."""
 
     def __init__(self, path: str) -> None:
-        self._fd: int | None = None
-        self._memory = path in ("", ":memory:") or path.startswith("file::memory:")
-        self._alone = self._memory
+        self._file: _LockFile | None = None
+        self._memory = path in ("", ":memory:") or path.startswith("file:")
+        self._alone = False
         self._checked = 0.0
         if self._memory:
             return
         try:
             import fcntl
+        except ImportError:
+            return
+        name = os.path.realpath(path) + "-drip.lock"
+        with _LOCK_FILES_LOCK:
+            shared = _LOCK_FILES.get(name)
+            if shared is None:
+                shared = self._open(fcntl, name, path)
+                if shared is None:
+                    return
+                _LOCK_FILES[name] = shared
+            shared.stores += 1
+        self._file = shared
+        self._name = name
 
-            fd = os.open(f"{path}-drip.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except (ImportError, OSError):
-            return
+    @staticmethod
+    def _open(fcntl: Any, name: str, path: str) -> _LockFile | None:
         try:
-            fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)  # waits out another's brief check
+            mode = os.stat(path).st_mode & 0o666
         except OSError:
-            os.close(fd)
-            return
-        self._fd = fd
+            mode = 0o644
+        for flags, writable in ((os.O_RDWR | os.O_CREAT, True), (os.O_RDONLY, False)):
+            try:
+                fd = os.open(name, flags, mode)
+            except OSError:
+                continue
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH, 1, 0)  # waits out another's brief check
+            except OSError:
+                os.close(fd)
+                continue
+            return _LockFile(fd, writable)
+        return None
 
     def alone(self) -> bool:
-        if self._memory or self._fd is None:
-            return self._memory
+        if self._memory:
+            return False  # a memory or URI database: no lock file to tell
+        shared = self._file
+        if shared is None or not shared.writable or shared.stores != 1:
+            return False
         now = time.monotonic()
         if now - self._checked < PRESENCE_CHECK_S:
             return self._alone
         import fcntl
 
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
-        except OSError:
-            self._alone = False
-        else:
-            fcntl.lockf(self._fd, fcntl.LOCK_SH, 1, 0)
-            self._alone = True
+        with _LOCK_FILES_LOCK:
+            try:
+                fcntl.lockf(shared.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError:
+                self._alone = False
+            else:
+                fcntl.lockf(shared.fd, fcntl.LOCK_SH, 1, 0)
+                self._alone = True
         self._checked = now
         return self._alone
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # releases its lock
+        shared, self._file = self._file, None
+        if shared is None:
+            return
+        with _LOCK_FILES_LOCK:
+            shared.stores -= 1
+            if shared.stores == 0:
+                del _LOCK_FILES[self._name]
+                os.close(shared.fd)  # releases the process's lock
 
 
 class _Window:
@@ -711,12 +794,12 @@ class _Window:
             and time.monotonic() - self.opened < WINDOW_S
         )
 
-    def add(self, writes: Writes) -> None:
+    def add(self, writes: Writes, *, copies: bool = False) -> None:
         """Fold a batch's writes in: rows to insert, and the latest state of each row."""
         if writes.new_accounts:  # pragma: no cover - memory never creates accounts
             raise errors.InvariantViolation("a remembered batch created an account")
         for transfer in writes.new_transfers:
-            self.new_transfers.append(transfer)
+            self.new_transfers.append(transfer.copy() if copies else transfer)
             self.ids.add(transfer.id)
         for hold in writes.new_holds:
             self.new_holds[hold.id] = hold
@@ -755,8 +838,17 @@ class _LoopBatcher:
         self.pending.append((op, future))
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon(self.flush)
+            self.loop.call_soon(self._first_turn)
         return future
+
+    def _first_turn(self) -> None:
+        """Flush a batch of a fair size now; give a small one one more turn of the loop
+        to grow (requests of other connections that are being parsed right now join it),
+        since each transaction has a fixed cost."""
+        if len(self.pending) >= FLUSH_NOW_OPS:
+            self.flush()
+        else:
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         batch = self.pending[:BATCH_OPS_MAX]

@@ -187,6 +187,12 @@ class Transfer:
     def meta(self) -> dict[str, Any]:
         return decode_metadata(self.metadata)
 
+    def copy(self) -> Transfer:
+        return Transfer(
+            self.id, self.debit_account_id, self.credit_account_id, self.amount, self.code,
+            self.flags, self.pending_id, self.timeout_s, self.metadata, self.ts_us, self.seq,
+        )  # fmt: skip
+
     def fingerprint(self) -> tuple[object, ...]:
         """The fields an idempotent replay must repeat exactly."""
         return (
