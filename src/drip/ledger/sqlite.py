@@ -548,8 +548,14 @@ class SqliteStore(Store):
         return batcher.submit(op)
 
     def checkpoint(self) -> None:
-        """Copy the WAL back into the database file. This process's writers wait (so the
-        checkpoint can finish and the WAL start over); other processes' do not."""
+        """Copy the WAL back into the database file, in two passes: the bulk beside this
+        process's writers, then, with them waiting, the few frames they added meanwhile,
+        so the checkpoint completes and the next transaction starts the WAL over. (A
+        checkpoint beside a steady writer never completes, and the WAL would grow
+        without bound; one done entirely under the lock stops the writers for the whole
+        copy and its fsync, tens of milliseconds.) Other processes' writers never wait."""
+        self.settle()
+        self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         with self._locked():
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
