@@ -219,9 +219,9 @@ class SqliteStore(Store):
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """This process's write lock, for a blocking writer. Settling and then waiting
-        would not do: the loop may open a new window in between, and commit it only at
-        its next turn, which may be waiting on this very thread. So: settle, try, and
-        settle again until the lock is ours."""
+        would not do: the loop may open a new window in between, and keep it until a
+        capture joins it, while the loop may be waiting on this very thread. So: settle,
+        try, and settle again until the lock is ours."""
         while True:
             self.settle()
             if self._write_lock.acquire(timeout=0.002):
@@ -250,9 +250,9 @@ class SqliteStore(Store):
         without reading. Anything they cannot decide, a refusal, or a transfer id that
         turns out to exist sends the batch down the reading path instead.
 
-        With ``may_defer``, a batch that only takes holds is answered before it commits:
-        its transaction stays open (a *window*, see ``_Window``) for the next batch to
-        join; ``settle()`` commits it."""
+        With ``may_defer``, a batch that only takes private holds is answered before it
+        commits: its transaction stays open (a *window*, see ``_Window``) for the next
+        batches to join; ``settle()`` commits it."""
         with self._window_mutex:
             for _attempt in (1, 2):
                 window = self._window
@@ -774,9 +774,10 @@ class _Window:
     An answered hold is not yet durable: if the process dies first, the hold is gone,
     which is exactly a void (its capture, in the same process, never comes). Every read
     and every other writer of this process commits the window first (``settle``), so
-    nobody sees less than was answered; the loop commits it at its next turn unless a
-    batch is already queued to join it, and at most ``WINDOW_BATCHES`` batches or
-    ``WINDOW_S`` seconds join one window.
+    nobody sees less than was answered. A batch that must be durable (a capture) joins
+    it and commits it; at most ``WINDOW_BATCHES`` batches join one window, and a
+    watchdog thread commits one older than ``WINDOW_S``. Only a store alone on its file
+    keeps windows (``_Presence``), so no other writer waits behind one.
     """
 
     __slots__ = ("answered", "changed_accounts", "changed_holds", "ids", "new_holds",
@@ -837,7 +838,6 @@ class _LoopBatcher:
         self.loop = loop
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.scheduled = False
-        self.settle_scheduled = False
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()
@@ -884,16 +884,3 @@ class _LoopBatcher:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
-        if self.store.window_open and not self.settle_scheduled:
-            # after the callers just answered have run: they may be joining it
-            self.settle_scheduled = True
-            self.loop.call_soon(self.settle)
-
-    def settle(self) -> None:
-        """Commit the window at the end of the turn that follows its answer, unless a
-        batch is already queued to join it (that batch commits it, or comes back here)."""
-        self.settle_scheduled = False
-        if self.scheduled:
-            return
-        with contextlib.suppress(errors.DripError):  # logged by the store
-            self.store.settle()
