@@ -258,7 +258,8 @@ def main() -> None:
                               rps["bare"], rps["no_ledger"] / rps["bare"]))  # fmt: skip
     if args.json:
         for m in metrics:
-            print(json.dumps(m.__dict__))
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in m.__dict__.items()}))  # fmt: skip
         return
     from rich.console import Console
     from rich.table import Table
