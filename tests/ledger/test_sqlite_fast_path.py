@@ -655,3 +655,48 @@ def test_id_lists_respect_the_variable_limit(tmp_path: Any) -> None:
         assert led.check_invariants().ok
     finally:
         led.close()
+
+
+def test_checkpoints_beside_blocking_writers_refuse_nothing(tmp_path: Any) -> None:
+    """A checkpoint's unlocked pass must not share the writer's connection: there it
+    made the writer's COMMIT fail ("SQL statements in progress") and refused charges."""
+    import threading
+    import time
+
+    led = open_ledger(f"sqlite:///{tmp_path}/ckpt.db")
+    try:
+        api = led.sync
+        api.create_account("user:w", "wallet")
+        api.create_account("rev:p", "revenue")
+        api.transfer("fund", "funding:USDC", "user:w", 10**12, code="topup")
+        stop = time.monotonic() + 2.0
+        done: list[str] = []
+        failed: list[str] = []
+
+        def charges(worker: int) -> None:
+            i = 0
+            while time.monotonic() < stop:
+                i += 1
+                try:
+                    done.append(api.charge(f"c{worker}-{i}", "user:w", "rev:p", 1, code="x").id)
+                except errors.DripError as exc:
+                    failed.append(repr(exc))
+
+        def sweeps() -> None:
+            while time.monotonic() < stop:
+                try:
+                    led.expire_holds()  # checkpoints first
+                except Exception as exc:  # noqa: BLE001 - recorded and asserted on
+                    failed.append(repr(exc))
+
+        threads = [threading.Thread(target=charges, args=(k,)) for k in range(4)]
+        threads.append(threading.Thread(target=sweeps))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failed == [] and len(done) > 100
+        assert led.balance("user:w").posted == 10**12 - len(done)
+        assert led.check_invariants().ok
+    finally:
+        led.close()

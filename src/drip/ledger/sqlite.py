@@ -554,8 +554,8 @@ class SqliteStore(Store):
         checkpoint beside a steady writer never completes, and the WAL would grow
         without bound; one done entirely under the lock stops the writers for the whole
         copy and its fsync, tens of milliseconds.) Other processes' writers never wait."""
-        self.settle()
-        self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        with self.read() as cur:  # not the writer's connection: its transactions go on
+            cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         with self._locked():
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
@@ -669,6 +669,8 @@ class _LockFile:
         self.fd = fd
         self.writable = writable
         self.stores = 0
+        #: POSIX locks are not inherited by a forked child: its stores take their own
+        self.pid = os.getpid()
 
 
 #: lock file path -> this process's descriptor on it
@@ -701,7 +703,7 @@ class _Presence:
         name = os.path.realpath(path) + "-drip.lock"
         with _LOCK_FILES_LOCK:
             shared = _LOCK_FILES.get(name)
-            if shared is None:
+            if shared is None or shared.pid != os.getpid():
                 shared = self._open(fcntl, name, path)
                 if shared is None:
                     return
@@ -758,8 +760,10 @@ class _Presence:
         with _LOCK_FILES_LOCK:
             shared.stores -= 1
             if shared.stores == 0:
-                del _LOCK_FILES[self._name]
-                os.close(shared.fd)  # releases the process's lock
+                if _LOCK_FILES.get(self._name) is shared:
+                    del _LOCK_FILES[self._name]
+                if shared.pid == os.getpid():
+                    os.close(shared.fd)  # releases the process's lock
 
 
 class _Window:
@@ -877,9 +881,14 @@ class _LoopBatcher:
                     future.set_exception(error)
             return
         if results is None:  # the lock is busy: let the writer thread wait for it
-            committer = self.store.committer
-            for op, future in batch:
-                chain_future(committer.submit_async(op), future)
+            try:
+                committer = self.store.committer
+                for op, future in batch:
+                    chain_future(committer.submit_async(op), future)
+            except errors.DripError as exc:  # the store was closed under us
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
