@@ -187,6 +187,21 @@ class GroupCommitter:
                 thread.join(timeout_s)
 
 
+def hand_off(
+    committer: Callable[[], GroupCommitter], batch: list[tuple[Any, asyncio.Future[Any]]]
+) -> None:
+    """Give each ``(op, future)`` of a loop's batch to the writer threads; if the store
+    was closed meanwhile, fail the futures instead of leaving them unresolved."""
+    try:
+        writer = committer()
+        for op, future in batch:
+            chain_future(writer.submit_async(op), future)
+    except errors.DripError as exc:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+
 def chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
     """Settle ``target`` as ``source`` settles (unless something settled it first)."""
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from drip import errors
-from drip.ledger.batching import chain_future
+from drip.ledger.batching import hand_off
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
@@ -72,14 +72,7 @@ class LoopBatcher:
                     future.set_exception(error)
             return
         if results is None:  # the locked path, on the writer thread
-            try:
-                committer = self.store.committer
-                for op, future in batch:
-                    chain_future(committer.submit_async(op), future)
-            except errors.DripError as exc:  # the store was closed under us
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+            hand_off(lambda: self.store.committer, batch)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.batching import chain_future
+from drip.ledger.batching import hand_off
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -881,14 +881,7 @@ class _LoopBatcher:
                     future.set_exception(error)
             return
         if results is None:  # the lock is busy: let the writer thread wait for it
-            try:
-                committer = self.store.committer
-                for op, future in batch:
-                    chain_future(committer.submit_async(op), future)
-            except errors.DripError as exc:  # the store was closed under us
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+            hand_off(lambda: self.store.committer, batch)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
