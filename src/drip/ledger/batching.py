@@ -160,9 +160,7 @@ class GroupCommitter:
             results, failed = [exc] * len(batch), True
         except Exception as exc:
             log.exception("ledger batch of %d operations failed", len(batch))
-            wrapped = errors.StoreError(f"the ledger store failed: {type(exc).__name__}: {exc}")
-            wrapped.__cause__ = exc
-            results, failed = [wrapped] * len(batch), True
+            results, failed = [as_store_error(exc)] * len(batch), True
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
         for item, result in zip(batch, results, strict=True):
             if item.loop is None:
@@ -187,19 +185,44 @@ class GroupCommitter:
                 thread.join(timeout_s)
 
 
-def hand_off(
-    committer: Callable[[], GroupCommitter], batch: list[tuple[Any, asyncio.Future[Any]]]
+def as_store_error(exc: Exception) -> errors.DripError:
+    """A failure as every waiter of its batch hears it: typed errors as they are, any
+    other exception as a ``StoreError`` (its cause kept)."""
+    if isinstance(exc, errors.DripError):
+        return exc
+    wrapped = errors.StoreError(f"the ledger store failed: {type(exc).__name__}: {exc}")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
+#: an event loop's batch: each operation with the future its caller awaits
+LoopBatch = list[tuple[Any, asyncio.Future[Any]]]
+
+
+def fail(batch: LoopBatch, exc: Exception) -> None:
+    """Every waiter of a loop's batch hears that it failed."""
+    error = as_store_error(exc)
+    for _, future in batch:
+        if not future.done():  # the caller was cancelled; nobody waits
+            future.set_exception(error)
+
+
+def answer(
+    batch: LoopBatch, results: list[Any] | None, committer: Callable[[], GroupCommitter]
 ) -> None:
-    """Give each ``(op, future)`` of a loop's batch to the writer threads; if the store
-    was closed meanwhile, fail the futures instead of leaving them unresolved."""
-    try:
-        writer = committer()
-        for op, future in batch:
-            chain_future(writer.submit_async(op), future)
-    except errors.DripError as exc:
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
+    """Give each waiter of a loop's batch its results; with ``None`` (the batch could not
+    run on the loop) hand it to the writer threads, or fail it if the store was closed."""
+    if results is None:
+        try:
+            writer = committer()
+            for op, future in batch:
+                chain_future(writer.submit_async(op), future)
+        except errors.DripError as exc:
+            fail(batch, exc)
+        return
+    for (_, future), result in zip(batch, results, strict=True):
+        if not future.done():
+            future.set_result(result)
 
 
 def chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

@@ -328,9 +328,8 @@ class _Plans:
         meta = None if metadata is None else encode_metadata(metadata)
         spec = TransferSpec(hold_id, wallet_id, revenue_id, amount, code, _PENDING, None,
                             timeout_s, meta)  # fmt: skip
-        if not caps:  # the metered call's common case: one spec, validated (code too)
-            spec.validate()
-            return CreateTransfers((spec,), private), _one
+        if not caps:  # the metered call's common case: one spec, nothing to link
+            return _submit((spec,), _one, private)
         specs = [spec] + [TransferSpec(_cap_id(hold_id, i), c.debit, c.credit, amount, code,
                                        _PENDING, None, timeout_s, limits=c.limits)
                           for i, c in enumerate(_as_caps(caps))]  # fmt: skip
@@ -363,9 +362,8 @@ class _Plans:
         spec = TransferSpec(post_id, debit_id, credit_id, amount, code, _POST, held_id, 0,
                             None if metadata is None else encode_metadata(metadata))  # fmt: skip
         fee = self.fee_of(held_amount if amount is None else check_atomic(amount))
-        if not (caps or fee):  # the metered call's common case: one spec
-            spec.validate()
-            return CreateTransfers((spec,)), _charge
+        if not (caps or fee):  # the metered call's common case: one spec, nothing to link
+            return _submit((spec,), _charge)
         specs = [spec] + [
             TransferSpec(f"{_cap_id(held_id, i)}{DERIVED_SEP}post", c.debit, c.credit, amount,
                          code, _POST, _cap_id(held_id, i))

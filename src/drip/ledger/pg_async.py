@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from drip import errors
-from drip.ledger.batching import hand_off
+from drip.ledger.batching import answer, fail
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
@@ -61,22 +61,13 @@ class LoopBatcher:
                 self.loop.call_soon(self._start)
 
     async def _run(self, batch: list[tuple[Op, asyncio.Future[list[Result]]]]) -> None:
-        ops = [op for op, _ in batch]
         try:
-            results = await self._fast(ops)
+            # None: the locked path, on the writer thread
+            results = await self._fast([op for op, _ in batch])
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            error = exc if isinstance(exc, errors.DripError) else errors.StoreError(
-                f"the ledger store failed: {type(exc).__name__}: {exc}")  # fmt: skip
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            fail(batch, exc)
             return
-        if results is None:  # the locked path, on the writer thread
-            hand_off(lambda: self.store.committer, batch)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        answer(batch, results, lambda: self.store.committer)
 
     async def _fast(self, ops: list[Op]) -> list[list[Result]] | None:
         if not self.store.is_open:

@@ -176,7 +176,7 @@ class PostgresStore(Store):
     # --- the batch --------------------------------------------------------------------
 
     def run_batch(self, ops: list[Op]) -> list[list[Result]]:
-        cache = self._cache()
+        cache = self.shared_cache
         try:
             fast = try_batch(self, self._writer(), cache, ops)
         except psycopg.OperationalError:
@@ -185,9 +185,6 @@ class PostgresStore(Store):
         if fast is not None:
             return fast
         return self._run_locked(ops)
-
-    def _cache(self) -> RowCache:
-        return self.shared_cache
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         """Asyncio callers' batches run on their loop (``pg_async``)."""
@@ -200,7 +197,7 @@ class PostgresStore(Store):
         return batcher.submit(op)
 
     def applied(self, engine: Engine) -> None:
-        self._cache().remember(engine)
+        self.shared_cache.remember(engine)
 
     def _run_locked(self, ops: list[Op]) -> list[list[Result]]:
         """Read and lock current rows, apply, write; retried whole when it loses a race."""
@@ -209,7 +206,7 @@ class PostgresStore(Store):
             try:
                 return super().run_batch(ops)
             except _RETRYABLE:
-                self._cache().clear()
+                self.shared_cache.clear()
                 if attempt == BATCH_RETRIES_MAX:
                     raise
             except pg_errors.CheckViolation as exc:
@@ -218,7 +215,7 @@ class PostgresStore(Store):
                 ) from exc
             except psycopg.OperationalError:
                 # the connection broke (maybe mid-commit): reconnect and replay; ids dedupe
-                self._cache().clear()
+                self.shared_cache.clear()
                 conn = getattr(self._local, "conn", None)
                 if conn is not None:
                     conn.close()

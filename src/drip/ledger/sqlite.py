@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.batching import hand_off
+from drip.ledger.batching import answer, fail
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -349,7 +349,7 @@ class SqliteStore(Store):
                 raise
             cur.execute("ROLLBACK TO drip_batch")
             cur.execute("RELEASE drip_batch")
-            self._forget_rows()
+            self._forget()
             self._commit(cur, window)  # what was answered stands; this batch failed alone
             raise
         if guarded:
@@ -438,11 +438,6 @@ class SqliteStore(Store):
             if committer is not None:
                 with contextlib.suppress(errors.DripError):
                     committer.housekeep_soon()
-
-    def _forget_rows(self) -> None:
-        self._fast_version = None
-        self._fast_seq = None
-        self._cache.clear()
 
     def _abandon(self, cur: sqlite3.Cursor, window: _Window | None) -> None:
         """Roll back the open transaction and forget what memory it built on. Holds it
@@ -867,22 +862,10 @@ class _LoopBatcher:
             self.loop.call_soon(self.flush)
         else:
             self.scheduled = False
-        ops = [op for op, _ in batch]
         try:
-            results = self.store.try_run_batch_now(ops, may_defer=True)
+            # None: the lock is busy, the writer thread will wait for it
+            results = self.store.try_run_batch_now([op for op, _ in batch], may_defer=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            error = (
-                exc
-                if isinstance(exc, errors.DripError)
-                else errors.StoreError(f"the ledger store failed: {type(exc).__name__}: {exc}")
-            )
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            fail(batch, exc)
             return
-        if results is None:  # the lock is busy: let the writer thread wait for it
-            hand_off(lambda: self.store.committer, batch)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        answer(batch, results, lambda: self.store.committer)
