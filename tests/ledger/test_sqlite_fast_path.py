@@ -572,14 +572,19 @@ async def test_a_blocking_writer_overtaken_by_a_new_window_still_gets_the_lock(
         led.close()
 
 
+def _as_old_sqlite(led: Ledger) -> None:
+    """Make the store's connections allow 999 bound variables, as old SQLite builds do."""
+    store: Any = led.store
+    for conn in store._all:
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    store._insert_rows_max = 999 // 15  # what such a build reports when opened
+
+
 def test_multi_row_inserts_respect_the_variable_limit(tmp_path: Any) -> None:
     """Old SQLite builds allow 999 bound variables: rows go in chunks that fit."""
     led = open_ledger(f"sqlite:///{tmp_path}/limit.db")
     try:
-        store: Any = led.store
-        for conn in store._all:
-            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
-        store._insert_rows_max = 999 // 15  # what such a build reports when opened
+        _as_old_sqlite(led)
 
         async def many() -> None:
             await _fund(led, 10**6)
@@ -639,10 +644,7 @@ def test_id_lists_respect_the_variable_limit(tmp_path: Any) -> None:
     """Old SQLite builds allow 999 bound variables: id lookups go in chunks too."""
     led = open_ledger(f"sqlite:///{tmp_path}/ids.db")
     try:
-        store: Any = led.store
-        for conn in store._all:
-            conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
-        store._insert_rows_max = 999 // 15
+        _as_old_sqlite(led)
 
         async def many() -> None:
             await _fund(led, 10**6)

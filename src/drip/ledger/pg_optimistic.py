@@ -3,8 +3,8 @@
 The writer remembers the accounts and open holds its last batches saw. A batch is
 first applied to those remembered rows, without reading the database, and sent as ONE
 statement in autocommit mode (one round trip, one transaction): data-modifying CTEs
-update the holds, then the accounts (each from arrays sorted by id, the locked path's
-lock order), and insert the transfers, all rows of each kind at once (``unnest``).
+update the holds, then the accounts (rows sorted by id, the locked path's lock order),
+and insert the transfers, all rows of each kind at once (JSON, ``json_to_recordset``).
 Every update is a compare-and-set: if a row is not what was remembered (another process
 changed it), the update writes ``-1`` into a column whose ``CHECK`` forbids it, the
 statement aborts, and the batch is run again on the locked path, which reads (and
