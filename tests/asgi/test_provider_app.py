@@ -58,6 +58,29 @@ def test_a_paid_call_carries_its_charge(provider: Provider) -> None:
     assert provider.client.ledger.check_invariants().ok
 
 
+def test_the_balance_header_is_the_captures_and_reads_nothing_on_the_loop(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    led = provider.client.ledger
+    reads: list[str] = []
+    real = led.balance
+    monkeypatch.setattr(led, "balance", lambda account: reads.append(account) or real(account))
+    token = provider.session()
+    with provider.http(token) as http:
+        first = http.get("/search", params={"q": "a"})
+        provider.client.sync.topup("buyer", "0.5")  # another writer, between two calls
+        second = http.get("/search", params={"q": "b"})
+    assert Decimal(first.headers["x-drip-balance"]) == Decimal("0.993")
+    assert Decimal(second.headers["x-drip-balance"]) == Decimal("1.486")
+    assert reads == []  # from the ledger's memory of its own capture: no blocking read
+    # memory that does not know the wallet: the header is read, off the event loop
+    monkeypatch.setattr(led, "remembered_balance", lambda account: None)
+    with provider.http(token) as http:
+        third = http.get("/search", params={"q": "c"})
+    assert Decimal(third.headers["x-drip-balance"]) == Decimal("1.479")
+    assert reads == ["user:buyer"]
+
+
 def test_no_session_or_no_money_means_402_and_the_handler_never_runs(
     provider: Provider,
 ) -> None:

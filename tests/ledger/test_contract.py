@@ -32,6 +32,7 @@ from drip.errors import (
 from drip.ledger import (
     FEE_ACCOUNT_ID,
     AccountFlags,
+    Balance,
     HoldState,
     Ledger,
     Transfer,
@@ -272,6 +273,33 @@ async def test_no_overdraft(led: Ledger) -> None:
     await led.transfer("t2", "user:a", "rev:p", 1)
     assert bal(led, "user:a") == (0, 0, 0)
     assert bal(led, "rev:p") == (101, 0, 101)
+    assert_invariants(led)
+
+
+async def test_remembered_balance_is_what_this_process_last_wrote(
+    make_ledger: Callable[..., Ledger],
+) -> None:
+    led = make_ledger()
+    assert led.remembered_balance("user:a") is None  # never touched here
+    await wallet(led, funds=USD)
+    hold = await led.hold("h1", "user:a", "rev:p", 300_000, code="search", private=True)
+    assert led.remembered_balance("user:a") == Balance(USD, 300_000, USD - 300_000)
+    await led.post(hold, 100_000)
+    after = Balance(USD - 100_000, 0, USD - 100_000)
+    assert led.remembered_balance("user:a") == after == led.balance("user:a")
+    # another process charges the wallet: memory does not see it (it says "as my last
+    # batch left it"), a read does; this process's next batch starts from the file again
+    other = make_ledger()
+    await other.transfer("elsewhere", "user:a", "rev:p", 50_000, code="search")
+    assert led.remembered_balance("user:a") == after
+    assert led.balance("user:a").posted == USD - 150_000
+    await led.transfer("here", "user:a", "rev:p", 25_000, code="search")
+    assert led.remembered_balance("user:a") == Balance(USD - 175_000, 0, USD - 175_000)
+    # a blocking caller's batch (the writer thread) leaves memory exact or empty
+    led.sync.transfer("blocking", "user:a", "rev:p", 5_000, code="search")
+    remembered = led.remembered_balance("user:a")
+    assert remembered is None or remembered == led.balance("user:a")
+    assert led.balance("user:a").posted == USD - 180_000
     assert_invariants(led)
 
 

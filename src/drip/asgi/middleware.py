@@ -19,6 +19,7 @@ Nothing here reads a body into memory.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import logging
@@ -269,6 +270,15 @@ class _MeteredCall:
             else:
                 await self.void()  # the app never answered
 
+    async def _balance(self) -> int:
+        """What the payer has left: as this call's capture left it, from the ledger's
+        memory; read off the event loop when it is not remembered."""
+        led, wallet = self.client.ledger, self.hold.debit_account_id
+        balance = led.remembered_balance(wallet)
+        if balance is None:
+            balance = await asyncio.to_thread(led.balance, wallet)
+        return balance.available
+
     async def _headers(self, start: Message, *, more: bool) -> Message:
         headers = list(start.get("headers", []))
         if self.status >= 400:
@@ -276,10 +286,9 @@ class _MeteredCall:
             headers.append((b"x-drip-charged", b"0"))
         elif not more:
             charge = await self.capture()
-            balance = self.client.ledger.balance(self.hold.debit_account_id).available
             headers += [
                 (b"x-drip-charged", format_plain(charge.amount if charge else 0).encode()),
-                (b"x-drip-balance", format_plain(balance).encode()),
+                (b"x-drip-balance", format_plain(await self._balance()).encode()),
             ]
             if charge is not None:
                 headers.append((b"x-drip-receipt", charge.id.encode()))

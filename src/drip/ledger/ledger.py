@@ -441,6 +441,13 @@ class _Reads:
     def balance(self, account_id: str) -> Balance:
         return self.account(account_id).balance
 
+    def remembered_balance(self, account_id: str) -> Balance | None:
+        """The balance as this process's own latest batch on the account left it (right
+        after a capture: the balance that capture left), from memory. No I/O, so it
+        never blocks an event loop; it does not see other processes' later writes.
+        ``None`` when it is not remembered: ``balance()`` reads the database."""
+        return self.store.remembered_balance(account_id)
+
     def get_transfer(self, transfer_id: str) -> Transfer | None:
         return self.store.get_transfer(transfer_id)
 

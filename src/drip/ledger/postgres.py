@@ -39,7 +39,7 @@ from drip.ledger.store import (
     Store,
     wall_clock_us,
 )
-from drip.ledger.types import Account, Hold, Transfer
+from drip.ledger.types import Account, Balance, Hold, Transfer
 
 #: How many times a batch that lost a race is retried before its callers hear of it.
 BATCH_RETRIES_MAX = 8
@@ -198,6 +198,12 @@ class PostgresStore(Store):
 
     def applied(self, engine: Engine) -> None:
         self.shared_cache.remember(engine)
+
+    def remembered_balance(self, account_id: str) -> Balance | None:
+        # every batch of this process remembers the rows it wrote once its statement
+        # succeeded (compare-and-set checked), and never changes a remembered row in place
+        account = self.shared_cache.accounts.get(account_id)
+        return None if account is None else account.balance
 
     def _run_locked(self, ops: list[Op]) -> list[list[Result]]:
         """Read and lock current rows, apply, write; retried whole when it loses a race."""

@@ -56,6 +56,7 @@ from drip.ledger.types import (
     BATCH_OPS_MAX,
     DERIVED_SEP,
     Account,
+    Balance,
     Hold,
     Transfer,
 )
@@ -237,6 +238,10 @@ class SqliteStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
         with self._locked():
+            # another connection is about to commit: the loop's memory of rows is no
+            # longer the file's (its next batch would read them again anyway), and must
+            # not answer ``remembered_balance`` meanwhile
+            self._cache.clear()
             cur = self._writer.cursor()
             cur.execute("BEGIN IMMEDIATE")
             with _rollback_on_error(cur):
@@ -501,6 +506,13 @@ class SqliteStore(Store):
             self._write_lock.release()
         with self._locked():  # another process holds the file's lock: wait for it
             return super().execute(sql, params)
+
+    def remembered_balance(self, account_id: str) -> Balance | None:
+        # the loop's memory is the file's as of its own latest batch (each batch checks
+        # that nobody else committed since, or reads), or it was cleared; rows in it are
+        # replaced, never changed in place
+        account = self._cache.accounts.get(account_id)
+        return None if account is None else account.balance
 
     def get_account(self, account_id: str) -> Account | None:
         """From the loop connection's memory when it is provably the file's (nobody else

@@ -19,6 +19,7 @@ from drip.ledger.types import (
     Account,
     AccountFlags,
     AccountKind,
+    Balance,
     Hold,
     HoldState,
     InvariantReport,
@@ -218,6 +219,12 @@ class Store(abc.ABC):
         with self.read() as cur:
             cur.execute(self.sql(sql), tuple(params))
             return int(cur.rowcount)
+
+    def remembered_balance(self, account_id: str) -> Balance | None:
+        """The account's balance as this process's own latest batch that touched it left
+        it, from memory: no I/O, so it never blocks an event loop. ``None`` when the
+        store does not remember the account (then read it: ``get_account``)."""
+        return None
 
     def get_account(self, account_id: str) -> Account | None:
         rows = self.query(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
