@@ -58,7 +58,7 @@ def stub_ledger(app: object) -> None:
 
     mw.DripMeter._hold = held  # type: ignore[method-assign,assignment]
     mw._MeteredCall.capture = captured  # type: ignore[method-assign,assignment]
-    app.client.ledger.balance = lambda account_id: Balance(0, 0, 0)  # type: ignore[attr-defined]
+    app.client.ledger.remembered_balance = lambda account_id: Balance(0, 0, 0)  # type: ignore[attr-defined]
 
 
 def build_app(metered: bool, database_url: str) -> object:

@@ -396,6 +396,34 @@ async def test_full_post(led: Ledger) -> None:
     assert_invariants(led)
 
 
+async def test_a_cancelled_callers_private_hold_is_voided_when_it_lands(led: Ledger) -> None:
+    await wallet(led, funds=USD)
+    calls = [
+        asyncio.create_task(led.hold(hold_id, "user:a", "rev:p", 300_000, code="search",
+                                     private=private))
+        for hold_id, private in (("h-private", True), ("h-public", False))
+    ]  # fmt: skip
+    await asyncio.sleep(0)  # both batches are submitted, neither has landed
+    for call in calls:
+        call.cancel()
+    for call in calls:
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    for _ in range(500):
+        private = led.get_hold("h-private")
+        if private is not None and private.state != HoldState.PENDING:
+            break
+        await asyncio.sleep(0.01)
+    # nobody else knows a private hold's id: the ledger released it
+    assert private is not None and private.state == HoldState.VOIDED
+    # a hold whose id the caller chose stays: the caller can void it by that id
+    public = led.get_hold("h-public")
+    assert public is not None and public.state == HoldState.PENDING
+    assert bal(led, "user:a") == (USD, 300_000, USD - 300_000)
+    await led.void("h-public")
+    assert_invariants(led)
+
+
 async def test_void_releases(led: Ledger) -> None:
     await wallet(led, funds=1000)
     h = await led.hold("h1", "user:a", "rev:p", 300, code="llm")

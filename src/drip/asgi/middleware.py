@@ -32,7 +32,7 @@ from drip.ledger import Charge, Transfer
 from drip.ledger.ledger import Cap
 from drip.ledger.types import DERIVED_SEP, check_code
 from drip.metering.client import DripClient, new_call_id
-from drip.metering.meter import capture_async, hold_or_release
+from drip.metering.meter import capture_async
 from drip.money import AmountLike, format_plain, parse_amount
 
 log = logging.getLogger("drip.asgi")
@@ -176,11 +176,11 @@ class DripMeter:
         )
         led = client.ledger
         with refusals:
-            hold = await hold_or_release(led, caps, led.hold(
+            hold = await led.hold(
                 new_call_id("http"), wallet, client.revenue_account, route.hold,
                 code=route.event, timeout_s=client.config.hold_timeout_s, caps=caps,
                 private=True,  # captured or voided here; its id is not handed out first
-            ))  # fmt: skip
+            )  # fmt: skip
         return _MeteredCall(client, route, hold, caps)
 
     @staticmethod

@@ -8,8 +8,10 @@ submit call differs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -45,6 +47,8 @@ from drip.ledger.types import (
     encode_metadata,
 )
 from drip.money import USDC, Asset, check_atomic
+
+log = logging.getLogger("drip.ledger")
 
 T = TypeVar("T")
 
@@ -591,9 +595,34 @@ class Ledger(_Reads):
 
     async def hold(self, hold_id: str, wallet: str, revenue: str, amount: int,
                    **kw: Any) -> Transfer:  # fmt: skip
+        """As the plan says. A ``private`` hold's id is this caller's alone: if the caller
+        is cancelled while its batch is in flight, the hold is voided once it lands
+        (otherwise nobody could release it before its timeout)."""
         op, read = self.plans.hold(hold_id, wallet, revenue, amount, **kw)  # _run, inlined
-        result: Transfer = read(await self.store.submit_async(op))
+        landing = self.store.submit_async(op)
+        if not kw.get("private"):
+            result: Transfer = read(await landing)
+            return result
+        landed = asyncio.ensure_future(landing)  # the store's own future: no new task
+        try:
+            result = read(await asyncio.shield(landed))
+        except asyncio.CancelledError:
+            caps = kw.get("caps", ())
+            landed.add_done_callback(lambda done: self._void_orphan(done, read, caps))
+            raise
         return result
+
+    def _void_orphan(self, done: asyncio.Future[Any], read: Callable[[Any], Any],
+                     caps: Sequence[Cap]) -> None:  # fmt: skip
+        if done.cancelled() or done.exception() is not None:
+            return
+        try:
+            hold: Transfer = read(done.result())
+        except errors.DripError:
+            return  # refused: nothing is reserved
+        voiding = asyncio.ensure_future(self.void(hold, caps=caps))
+        _orphans.add(voiding)
+        voiding.add_done_callback(_orphan_voided)
 
     async def post(self, hold: Transfer | Hold | str, amount: int | None = None,
                    **kw: Any) -> Charge:  # fmt: skip
@@ -604,6 +633,16 @@ class Ledger(_Reads):
     async def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
         result: Transfer = await self._run(self.plans.void(hold, **kw))
         return result
+
+
+_orphans: set[asyncio.Future[Any]] = set()
+
+
+def _orphan_voided(done: asyncio.Future[Any]) -> None:
+    _orphans.discard(done)
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("could not void a cancelled caller's hold (its timeout releases it): %r",
+                    done.exception())  # fmt: skip
 
 
 class SyncLedger(_Reads):

@@ -19,7 +19,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drip import errors
@@ -140,11 +140,11 @@ def make_meter(
                 wallet, caps, refusals = resolve(client, payer(args, kwargs))
                 led = client.ledger
                 with refusals:
-                    hold = await hold_or_release(led, caps, led.hold(
+                    hold = await led.hold(
                         new_call_id("call"), wallet, client.revenue_account, pricing.hold,
                         code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
-                        private=True,
-                    ))  # fmt: skip
+                        private=True,  # voided by the ledger if this call is cancelled first
+                    )  # fmt: skip
                 try:
                     result = await fn(*args, **kwargs)
                     amount = pricing.actual(result)
@@ -186,27 +186,6 @@ def make_meter(
         return metered  # type: ignore[return-value]
 
     return decorate
-
-
-async def hold_or_release(led: Ledger, caps: list[Cap], holding: Awaitable[Transfer]) -> Transfer:
-    """Await a hold; if the caller is cancelled meanwhile, void the hold once it lands
-    (otherwise it would reserve the funds until its timeout)."""
-    task = asyncio.ensure_future(holding)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-
-        def release(done: asyncio.Future[Transfer]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                cleanup = asyncio.ensure_future(led.void(done.result(), caps=caps))
-                _background.add(cleanup)
-                cleanup.add_done_callback(_background.discard)
-
-        task.add_done_callback(release)
-        raise
-
-
-_background: set[asyncio.Future[Any]] = set()
 
 
 def _late(hold: Transfer, exc: errors.DripError) -> None:
