@@ -185,6 +185,22 @@ class GroupCommitter:
                 thread.join(timeout_s)
 
 
+class PinnedFuture(asyncio.Future[Any]):
+    """A private hold's result: its caller's cancellation cannot cancel it, so the
+    caller's task is cancelled only once the batch lands, and sees the hold it must void
+    (``Ledger.hold``). No task and no callback hop per call, unlike ``asyncio.shield``."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+def new_future(loop: asyncio.AbstractEventLoop, op: Any) -> asyncio.Future[Any]:
+    """The future a loop batcher answers ``op`` on (pinned for private holds)."""
+    if getattr(op, "private", False):
+        return PinnedFuture(loop=loop)
+    return loop.create_future()
+
+
 def as_store_error(exc: Exception) -> errors.DripError:
     """A failure as every waiter of its batch hears it: typed errors as they are, any
     other exception as a ``StoreError`` (its cause kept)."""

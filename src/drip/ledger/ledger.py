@@ -603,19 +603,21 @@ class Ledger(_Reads):
         if not kw.get("private"):
             result: Transfer = read(await landing)
             return result
-        landed = asyncio.ensure_future(landing)  # the store's own future: no new task
         try:
-            result = read(await asyncio.shield(landed))
+            # the loop batchers pin a private hold's future (``batching.PinnedFuture``):
+            # a cancellation reaches this task only once the batch has landed
+            results = await landing
         except asyncio.CancelledError:
-            caps = kw.get("caps", ())
-            landed.add_done_callback(lambda done: self._void_orphan(done, read, caps))
+            if isinstance(landing, asyncio.Future):
+                self._void_orphan(landing, read, kw.get("caps", ()))
             raise
+        result = read(results)
         return result
 
     def _void_orphan(self, done: asyncio.Future[Any], read: Callable[[Any], Any],
                      caps: Sequence[Cap]) -> None:  # fmt: skip
-        if done.cancelled() or done.exception() is not None:
-            return
+        if not done.done() or done.cancelled() or done.exception() is not None:
+            return  # it never ran, or failed: nothing is reserved
         try:
             hold: Transfer = read(done.result())
         except errors.DripError:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from drip import errors
-from drip.ledger.batching import answer, fail
+from drip.ledger.batching import answer, fail, new_future
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
@@ -38,7 +38,7 @@ class LoopBatcher:
         self.conn: psycopg.AsyncConnection[Any] | None = None
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
-        future: asyncio.Future[list[Result]] = self.loop.create_future()
+        future: asyncio.Future[list[Result]] = new_future(self.loop, op)
         self.pending.append((op, future))
         if not self.running:
             self.running = True

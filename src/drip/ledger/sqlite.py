@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.batching import answer, fail
+from drip.ledger.batching import answer, fail, new_future
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -854,7 +854,7 @@ class _LoopBatcher:
         self.scheduled = False
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
-        future: asyncio.Future[list[Result]] = self.loop.create_future()
+        future: asyncio.Future[list[Result]] = new_future(self.loop, op)
         self.pending.append((op, future))
         if not self.scheduled:
             self.scheduled = True
