@@ -290,3 +290,46 @@ def test_webhook_endpoints(server: Server) -> None:
         assert http.get("/v1/webhook-endpoints").json()["data"] == []
         gone = http.delete(f"/v1/webhook-endpoints/{created['id']}")
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+
+
+def test_a_request_waiting_on_the_database_does_not_stall_the_server(
+    postgres_url: str, run_app: Any
+) -> None:
+    """Every database call of an endpoint runs off the event loop: while one request
+    waits on a PostgreSQL lock, the others are answered."""
+    import time
+
+    import httpx
+    import psycopg
+
+    from drip.config import DripConfig
+    from drip.server import create_app
+
+    app = create_app(DripConfig(database_url=postgres_url))
+    admin, _ = app.state.keys.create("admin", "tests")
+    url = run_app(app)
+    auth = {"Authorization": f"Bearer {admin}"}
+    body = {"user_id": "u1", "initial_balance": "1"}
+    assert httpx.post(f"{url}/v1/wallets", json=body, headers=auth).status_code == 201
+    topup = {"amount": "0.5"}
+    locker = psycopg.connect(postgres_url)  # a transaction holding both tables' locks
+    try:
+        locker.execute("LOCK TABLE accounts, http_idempotency IN ACCESS EXCLUSIVE MODE")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = [
+                pool.submit(httpx.get, f"{url}/v1/wallets/u1", headers=auth, timeout=30),
+                pool.submit(httpx.post, f"{url}/v1/wallets/u1/topup", json=topup,
+                            headers=auth | {"Idempotency-Key": "t-1"}, timeout=30),
+            ]  # fmt: skip
+            time.sleep(0.5)
+            assert not any(w.done() for w in waiting)  # both wait for the lock
+            for _ in range(3):
+                started = time.perf_counter()
+                assert httpx.get(f"{url}/metrics", timeout=5).status_code == 200
+                assert time.perf_counter() - started < 1.0
+            locker.rollback()
+            responses = [w.result() for w in waiting]
+    finally:
+        locker.close()
+    assert [r.status_code for r in responses] == [200, 200]
+    assert responses[1].json()["wallet"]["available"]["usdc"] == "1.5"

@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
@@ -243,11 +244,13 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         idem_key = check_key(idem)
         method, path = request.method, request.url.path
         digest = Responses.body_digest(method, path, body)
-        found = responses.find(key.key_id, idem_key, method, path, digest)
+        # the records are database round trips: off the event loop, as every read here
+        record = (key.key_id, idem_key, method, path, digest)
+        found = await run_in_threadpool(responses.find, *record)
         if found is None:
-            if not responses.claim(key.key_id, idem_key, method, path, digest):
+            if not await run_in_threadpool(responses.claim, *record):
                 # claimed by a twin: its response, or a 409 while it runs
-                found = responses.find(key.key_id, idem_key, method, path, digest)
+                found = await run_in_threadpool(responses.find, *record)
                 if found is None:  # the twin failed and released the key just now
                     raise IdempotencyConflictHttp(
                         "a request with this Idempotency-Key just failed; retry",
@@ -257,9 +260,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                 try:
                     found = await run(f"idem:{key.key_id}:{idem_key}")
                 except BaseException:
-                    responses.release(key.key_id, idem_key)
+                    responses.release(key.key_id, idem_key)  # here, even when cancelled
                     raise
-                responses.complete(key.key_id, idem_key, *found)
+                await run_in_threadpool(responses.complete, key.key_id, idem_key, *found)
         status, payload = found
         return JSONResponse(payload, status_code=status)
 
@@ -267,7 +270,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     add_endpoint_routes(app, client.ledger.store, Admin)
 
     @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
+    def healthz() -> dict[str, str]:
         client.ledger.store.query("SELECT 1")
         return {"status": "ok"}
 
@@ -294,7 +297,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         return await once(key, idem, request, body.model_dump(mode="json"), run)
 
     @app.get("/v1/wallets", tags=["wallets"])
-    async def list_wallets(
+    def list_wallets(
         _: Reader,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Query(max_length=150)] = None,
@@ -307,7 +310,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         }
 
     @app.get("/v1/wallets/{user_id}", tags=["wallets"])
-    async def get_wallet(user_id: str, _: Reader) -> dict[str, Any]:
+    def get_wallet(user_id: str, _: Reader) -> dict[str, Any]:
         return wallet_json(client.get_user_now(user_id))
 
     @app.post("/v1/wallets/{user_id}/topup", tags=["wallets"])
@@ -320,8 +323,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
 
         async def run(transfer_id: str) -> tuple[int, Any]:
             transfer = await client.topup(user_id, body.amount, idempotency_key=transfer_id)
+            user = await run_in_threadpool(client.get_user_now, user_id)
             return 200, {"transfer_id": transfer.id, "amount": _money(transfer.amount),
-                         "wallet": wallet_json(client.get_user_now(user_id))}  # fmt: skip
+                         "wallet": wallet_json(user)}  # fmt: skip
 
         return await once(key, idem, request, body.model_dump(mode="json"), run)
 
@@ -338,15 +342,15 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         async def run(transfer_id: str) -> tuple[int, Any]:
             debit, credit = (funding, wallet) if amount > 0 else (wallet, funding)
             with user_errors(user_id, "adjustment"):
-                if led.account(wallet).kind != AccountKind.WALLET:
+                if (await run_in_threadpool(led.account, wallet)).kind != AccountKind.WALLET:
                     raise errors.UserNotFound(f"no user {user_id!r}", param="user_id")
                 transfer = await led.transfer(transfer_id, debit, credit, abs(amount),
                                               code="adjustment",
                                               metadata={"reason": body.reason})  # fmt: skip
             signed = transfer.amount if amount > 0 else -transfer.amount
+            user = await run_in_threadpool(client.get_user_now, user_id)
             return 200, {"transfer_id": transfer.id, "amount": _money(signed),
-                         "reason": body.reason,
-                         "wallet": wallet_json(client.get_user_now(user_id))}  # fmt: skip
+                         "reason": body.reason, "wallet": wallet_json(user)}  # fmt: skip
 
         return await once(key, idem, request, body.model_dump(mode="json"), run)
 
@@ -358,17 +362,18 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             body.user_id, body.provider, body.budget, expires_in=body.expires_in_s,
             policy=body.policy,
         )  # fmt: skip
-        return {"token": session.id} | session_json(client.get_session(session.public_id))
+        state = await run_in_threadpool(client.get_session, session.public_id)
+        return {"token": session.id} | session_json(state)
 
     @app.get("/v1/sessions/current", tags=["sessions"])
-    async def current_session(
+    def current_session(
         token: Annotated[str, Header(alias="X-Drip-Session")],
     ) -> dict[str, Any]:
         """The state of the session whose token is sent (no API key needed)."""
         return session_json(client.get_session(token) if token.startswith("ds_") else _no_session())
 
     @app.get("/v1/sessions/{public_id}", tags=["sessions"])
-    async def get_session(public_id: str, _: Reader) -> dict[str, Any]:
+    def get_session(public_id: str, _: Reader) -> dict[str, Any]:
         return session_json(client.get_session(public_id))
 
     @app.post("/v1/sessions/{public_id}/close", tags=["sessions"])
@@ -381,10 +386,10 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     ) -> JSONResponse:
         """A pending top-up; a signed payment webhook naming its id credits the wallet."""
         amount = parse_amount(body.amount, allow_zero=False)
-        client.get_user_now(body.user_id)
+        await run_in_threadpool(client.get_user_now, body.user_id)
 
         async def run(_: str) -> tuple[int, Any]:
-            return 201, checkouts.create(body.user_id, amount).to_json()
+            return 201, (await run_in_threadpool(checkouts.create, body.user_id, amount)).to_json()
 
         if idem is None:
             status, payload = await run("")
@@ -392,11 +397,11 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         return await once(key, idem, request, body.model_dump(mode="json"), run)
 
     @app.get("/v1/checkout/{checkout_id}", tags=["top-ups"])
-    async def get_checkout(checkout_id: str, _: Reader) -> dict[str, Any]:
+    def get_checkout(checkout_id: str, _: Reader) -> dict[str, Any]:
         return checkouts.get(checkout_id).to_json()
 
     async def settle(payment: Payment, currencies: tuple[str, ...]) -> dict[str, Any]:
-        checkout = checkouts.get(payment.checkout_id)
+        checkout = await run_in_threadpool(checkouts.get, payment.checkout_id)
         if payment.currency not in currencies or payment.amount != checkout.amount:
             log.warning("webhook %s: paid %s %s for checkout %s of %s; refused",
                         payment.event_id, payment.amount, payment.currency, checkout.id,
@@ -408,7 +413,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         transfer = await client.topup(
             checkout.user_id, to_decimal(checkout.amount), idempotency_key=f"checkout:{checkout.id}"
         )
-        checkouts.mark_paid(checkout.id, payment.event_id)
+        await run_in_threadpool(checkouts.mark_paid, checkout.id, payment.event_id)
         return {"received": True, "credited": _money(transfer.amount),
                 "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip
 
@@ -445,7 +450,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         return await settle(payment, ("USDC",))
 
     @app.get("/v1/usage", tags=["usage"], response_model=None)
-    async def usage(
+    def usage(
         _: Reader,
         user_id: Annotated[str | None, Query(max_length=150)] = None,
         event: Annotated[str | None, Query(max_length=64)] = None,
@@ -467,7 +472,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                           "calls": r.calls, "amount": _money(r.amount)} for r in rows]}  # fmt: skip
 
     @app.get("/v1/wallets/{user_id}/transfers", tags=["wallets"])
-    async def wallet_transfers(
+    def wallet_transfers(
         user_id: str,
         _: Reader,
         event: Annotated[str | None, Query(max_length=64)] = None,

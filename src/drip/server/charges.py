@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -88,7 +89,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
                 charge = await led.charge(transfer_id, wallet, client.revenue_account, amount,
                                           code=body.event, metadata=body.metadata,
                                           caps=caps)  # fmt: skip
-            return 200, charge_json(charge)
+            return 200, await run_in_threadpool(charge_json, charge)
 
         return await once(key, idem, request, _keyed(body, session), run)
 
@@ -108,7 +109,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
                 hold = await led.hold(hold_id, wallet, client.revenue_account, amount,
                                       code=body.event, timeout_s=body.timeout_s,
                                       metadata=body.metadata, caps=caps)  # fmt: skip
-            return 201, hold_json(hold)
+            return 201, await run_in_threadpool(hold_json, hold)
 
         return await once(key, idem, request, _keyed(body, session), run)
 
@@ -120,8 +121,9 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         amount = None if body.amount is None else parse_amount(body.amount)
 
         async def run(_: str) -> tuple[int, Any]:
-            charge = await led.post(hold_id, amount, caps=caps_of(hold_id))
-            return 200, charge_json(charge)
+            caps = await run_in_threadpool(caps_of, hold_id)
+            charge = await led.post(hold_id, amount, caps=caps)
+            return 200, await run_in_threadpool(charge_json, charge)
 
         return await once(key, idem, request, body.model_dump(mode="json"), run)
 
@@ -132,11 +134,11 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         """Release the hold: nothing is charged."""
 
         async def run(_: str) -> tuple[int, Any]:
-            await led.void(hold_id, caps=caps_of(hold_id))
-            hold = led.get_transfer(hold_id)
+            await led.void(hold_id, caps=await run_in_threadpool(caps_of, hold_id))
+            hold = await run_in_threadpool(led.get_transfer, hold_id)
             if hold is None:  # pragma: no cover - void would have raised HoldNotFound
                 raise errors.HoldNotFound(f"hold {hold_id!r} does not exist")
-            return 200, hold_json(hold)
+            return 200, await run_in_threadpool(hold_json, hold)
 
         return await once(key, idem, request, {}, run)
 

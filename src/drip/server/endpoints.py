@@ -94,14 +94,14 @@ def add_routes(app: FastAPI, store: Store, admin: Any) -> None:
     endpoints = Endpoints(store)
 
     @app.post("/v1/webhook-endpoints", tags=["webhooks"], status_code=201)
-    async def create_endpoint(body: EndpointCreate, _: admin) -> dict[str, Any]:
+    def create_endpoint(body: EndpointCreate, _: admin) -> dict[str, Any]:
         """Register an endpoint; the response's ``secret`` is shown only here."""
         return endpoints.create(body.url, body.events)
 
     @app.get("/v1/webhook-endpoints", tags=["webhooks"])
-    async def list_endpoints(_: admin) -> dict[str, Any]:
+    def list_endpoints(_: admin) -> dict[str, Any]:
         return {"data": endpoints.list()}
 
     @app.delete("/v1/webhook-endpoints/{endpoint_id}", tags=["webhooks"], status_code=204)
-    async def delete_endpoint(endpoint_id: str, _: admin) -> None:
+    def delete_endpoint(endpoint_id: str, _: admin) -> None:
         endpoints.delete(endpoint_id)
