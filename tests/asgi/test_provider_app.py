@@ -73,7 +73,7 @@ def test_the_balance_header_is_the_captures_and_reads_nothing_on_the_loop(
     assert Decimal(first.headers["x-drip-balance"]) == Decimal("0.993")
     assert Decimal(second.headers["x-drip-balance"]) == Decimal("1.486")
     assert reads == []  # from the ledger's memory of its own capture: no blocking read
-    # memory that does not know the wallet: the header is read, off the event loop
+    # memory that does not know the wallet: the header is read (on PostgreSQL, off the loop)
     monkeypatch.setattr(led, "remembered_balance", lambda account: None)
     with provider.http(token) as http:
         third = http.get("/search", params={"q": "c"})

@@ -329,3 +329,37 @@ def test_sync_client_mirrors_async_client(client: DripClient) -> None:
     assert [(r.code, r.calls, r.amount) for r in sync.usage("alice", bucket_s=10**9)] == [
         ("search", 3, 21_000)
     ]
+
+
+async def test_reads_wait_on_postgresql_without_blocking_the_event_loop(postgres_url: str) -> None:
+    """``await client.get_user(...)`` on PostgreSQL waits in a worker thread: while it
+    waits on a lock, the loop runs everything else."""
+    import asyncio
+    import threading
+    import time
+
+    import psycopg
+
+    from drip import DripConfig
+
+    client = DripClient(DripConfig(database_url=postgres_url))
+    locker = psycopg.connect(postgres_url)
+    try:
+        await client.provision_user("alice", initial_balance="1")
+        locker.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        release = threading.Timer(1.0, locker.rollback)
+        release.start()
+        reading = asyncio.create_task(client.get_user("alice"))
+        gaps = []
+        for _ in range(20):
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            gaps.append(time.perf_counter() - started)
+        assert not reading.done()  # still waiting for the lock
+        assert max(gaps) < 0.5  # and the loop kept turning meanwhile
+        user = await reading
+        release.join()
+    finally:
+        locker.close()
+        client.close()
+    assert user["balance_usdc"] == Decimal("1")

@@ -19,7 +19,6 @@ Nothing here reads a body into memory.
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import json
 import logging
@@ -272,11 +271,11 @@ class _MeteredCall:
 
     async def _balance(self) -> int:
         """What the payer has left: as this call's capture left it, from the ledger's
-        memory; read off the event loop when it is not remembered."""
+        memory; read (off the event loop on PostgreSQL) when it is not remembered."""
         led, wallet = self.client.ledger, self.hold.debit_account_id
         balance = led.remembered_balance(wallet)
         if balance is None:
-            balance = await asyncio.to_thread(led.balance, wallet)
+            balance = await led.off_loop(led.balance, wallet)
         return balance.available
 
     async def _headers(self, start: Message, *, more: bool) -> Message:

@@ -558,6 +558,14 @@ class Ledger(_Reads):
         op, read = plan
         return read(await self.store.submit_async(op))
 
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, a blocking read of this ledger's database, made without
+        blocking the event loop: in a worker thread when the store's reads are network
+        round trips (PostgreSQL); right here when they are local (SQLite, microseconds)."""
+        if self.store.remote_reads:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
     def close(self) -> None:
         self.store.close()
 

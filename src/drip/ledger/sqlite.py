@@ -142,6 +142,7 @@ class _SqliteLoader(LoaderBase):
 
 class SqliteStore(Store):
     dialect = "sqlite"
+    remote_reads = False  # a local file in WAL mode: readers never wait for writers
 
     def __init__(
         self,

@@ -93,6 +93,9 @@ class Store(abc.ABC):
     dialect: str = ""
     #: writer threads (batches in flight at once)
     workers: int = 1
+    #: a read is a network round trip (it may also wait on locks): async code makes it
+    #: in a worker thread (``Ledger.off_loop``), not on its event loop
+    remote_reads: bool = True
 
     def __init__(self, *, clock_us: Callable[[], int] = wall_clock_us) -> None:
         self.clock_us = clock_us

@@ -366,10 +366,10 @@ class DripClient(_Base):
         if amount:
             await led.transfer(f"provision:{user_id}", funding_account_id(led.asset.symbol),
                                account, amount, code="topup")  # fmt: skip
-        return self.get_user_now(user_id)
+        return await self.ledger.off_loop(self.get_user_now, user_id)
 
     async def get_user(self, user_id: str) -> dict[str, Any]:
-        return self.get_user_now(user_id)
+        return await self.ledger.off_loop(self.get_user_now, user_id)
 
     async def debit(
         self,
@@ -398,7 +398,7 @@ class DripClient(_Base):
                 idempotency_key or new_call_id("topup"), funding_account_id(led.asset.symbol),
                 wallet_id(user_id), atomic, code="topup",
             )  # fmt: skip
-        if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
+        if (await led.off_loop(led.account, wallet_id(user_id))).status == AccountStatus.FROZEN:
             await led.set_status(wallet_id(user_id), AccountStatus.OPEN)
         return transfer
 
@@ -424,17 +424,20 @@ class DripClient(_Base):
     ) -> Session:
         """A budget for ``provider`` on ``user_id``'s wallet; its ``id`` is the token
         callers send as ``X-Drip-Session``."""
-        token, info = self._session_plan(user_id, provider, budget, expires_in, policy)
         led = self.ledger
+        token, info = await led.off_loop(
+            self._session_plan, user_id, provider, budget, expires_in, policy
+        )
         for step, args, kw in self._session_steps(info):
             await getattr(led, step)(*args, **kw)
         return self._session(token, info)
 
     async def close_session(self, session: str) -> dict[str, Any]:
         """No new call may hold against the session; calls in flight still settle."""
-        state = self.get_session(session)
-        await self.ledger.set_status("session:" + state["public_id"], AccountStatus.FROZEN)
-        return self.get_session(session)
+        led = self.ledger
+        state = await led.off_loop(self.get_session, session)
+        await led.set_status("session:" + state["public_id"], AccountStatus.FROZEN)
+        return await led.off_loop(self.get_session, session)
 
     def meter(
         self,
