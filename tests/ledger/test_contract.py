@@ -8,6 +8,7 @@ expiry and usage buckets are deterministic. Each scenario ends with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -396,31 +397,78 @@ async def test_full_post(led: Ledger) -> None:
     assert_invariants(led)
 
 
-async def test_a_cancelled_callers_private_hold_is_voided_when_it_lands(led: Ledger) -> None:
+@contextlib.contextmanager
+def _writes_blocked(store_url: str) -> Iterator[None]:
+    """Another connection holds the database's write lock (SQLite) or the accounts'
+    table lock (PostgreSQL) until the block ends: batches wait in flight meanwhile."""
+    if store_url.startswith("sqlite"):
+        import sqlite3
+
+        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+            conn.close()
+        return
+    import psycopg
+
+    with psycopg.connect(store_url) as pg:
+        pg.execute("LOCK TABLE accounts IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            pg.rollback()
+
+
+async def test_a_cancelled_callers_private_hold_is_dropped_or_voided(
+    led: Ledger, store_url: str
+) -> None:
     await wallet(led, funds=USD)
-    calls = [
-        asyncio.create_task(led.hold(hold_id, "user:a", "rev:p", 300_000, code="search",
-                                     private=private))
-        for hold_id, private in (("h-private", True), ("h-public", False))
-    ]  # fmt: skip
-    await asyncio.sleep(0)  # both batches are submitted, neither has landed
-    for call in calls:
-        call.cancel()
-    for call in calls:
-        with pytest.raises(asyncio.CancelledError):
-            await call
+    # a session-like cap: each hold also reserves on it (a linked chain)
+    await led.create_account("session:s", "session",
+                             flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)  # fmt: skip
+    await led.create_account("budget:b", "funding")
+    await led.transfer("budget", "budget:b", "session:s", USD, code="budget")
+
+    caps = [("session:s", "budget:b")]  # plain (debit, credit) pairs are caps too
+
+    def hold(hold_id: str, private: bool = True) -> asyncio.Task[Transfer]:
+        return asyncio.create_task(led.hold(hold_id, "user:a", "rev:p", 300_000, code="search",
+                                            private=private, caps=caps))  # fmt: skip
+
+    async def cancel(*calls: asyncio.Task[Transfer]) -> None:
+        for call in calls:
+            call.cancel()
+        for call in calls:
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    early = hold("h-early")
+    await asyncio.sleep(0)  # submitted; its batch has not run yet
+    await cancel(early)
+    with _writes_blocked(store_url):
+        late, public = hold("h-late"), hold("h-public", private=False)
+        await asyncio.sleep(0.3)  # both batches are under way, waiting for the lock
+        await cancel(late, public)
     for _ in range(500):
-        private = led.get_hold("h-private")
-        if private is not None and private.state != HoldState.PENDING:
+        voided = led.get_hold("h-late")
+        if voided is not None and voided.state != HoldState.PENDING:
             break
         await asyncio.sleep(0.01)
-    # nobody else knows a private hold's id: the ledger released it
-    assert private is not None and private.state == HoldState.VOIDED
+    # a private hold nobody else can resolve: never taken, or voided once it landed
+    assert led.get_hold("h-early") is None
+    assert voided is not None and voided.state == HoldState.VOIDED
+    cap = led.get_hold("h-late~cap0")  # the whole chain
+    assert cap is not None and cap.state == HoldState.VOIDED
     # a hold whose id the caller chose stays: the caller can void it by that id
-    public = led.get_hold("h-public")
-    assert public is not None and public.state == HoldState.PENDING
+    kept = led.get_hold("h-public")
+    assert kept is not None and kept.state == HoldState.PENDING
     assert bal(led, "user:a") == (USD, 300_000, USD - 300_000)
-    await led.void("h-public")
+    assert bal(led, "session:s") == (USD, 300_000, USD - 300_000)
+    await led.void("h-public", caps=caps)
+    assert bal(led, "session:s") == (USD, 0, USD)
     assert_invariants(led)
 
 

@@ -332,3 +332,29 @@ async def test_compare_and_set_expects_the_rows_the_batch_read(
     )
     assert a.account("user:w").debits_posted == rows[0][0] == 5
     assert a.check_invariants().ok
+
+
+def test_a_late_remember_never_overwrites_a_later_row() -> None:
+    """The loop's fast path remembers its rows after its statement returns; a writer
+    thread may have committed on top of them and remembered the result first. The late
+    remember must keep the later row (what ``remembered_balance`` answers from)."""
+    from drip.ledger.engine import CreateTransfers
+    from drip.ledger.rowcache import RowCache, apply_remembered
+    from drip.ledger.types import Account, TransferSpec
+
+    cache = RowCache()
+    cache.accounts["user:a"] = Account("user:a", "wallet", "USDC", credits_posted=1_000)
+    cache.accounts["rev:p"] = Account("rev:p", "revenue", "USDC")
+    charge = CreateTransfers((TransferSpec("c1", "user:a", "rev:p", 100, "search"),))
+    applied = apply_remembered(cache, 0, [charge])
+    assert applied is not None
+    # meanwhile a writer thread commits on top of it and remembers first
+    later = Account("user:a", "wallet", "USDC", credits_posted=1_000, debits_posted=150)
+    cache.accounts["user:a"] = later
+    cache.remember(applied.engine, applied.before)
+    assert cache.accounts["user:a"] is later
+    assert cache.accounts["rev:p"].credits_posted == 100  # nobody else touched this one
+    # a cleared cache stays cleared for the rows the batch read
+    cache.clear()
+    cache.remember(applied.engine, applied.before)
+    assert "user:a" not in cache.accounts

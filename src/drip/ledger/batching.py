@@ -15,10 +15,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from drip import errors
+from drip.ledger.engine import orphan_voids
 
 log = logging.getLogger("drip.ledger")
 
@@ -185,22 +186,6 @@ class GroupCommitter:
                 thread.join(timeout_s)
 
 
-class PinnedFuture(asyncio.Future[Any]):
-    """A private hold's result: its caller's cancellation cannot cancel it, so the
-    caller's task is cancelled only once the batch lands, and sees the hold it must void
-    (``Ledger.hold``). No task and no callback hop per call, unlike ``asyncio.shield``."""
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-def new_future(loop: asyncio.AbstractEventLoop, op: Any) -> asyncio.Future[Any]:
-    """The future a loop batcher answers ``op`` on (pinned for private holds)."""
-    if getattr(op, "private", False):
-        return PinnedFuture(loop=loop)
-    return loop.create_future()
-
-
 def as_store_error(exc: Exception) -> errors.DripError:
     """A failure as every waiter of its batch hears it: typed errors as they are, any
     other exception as a ``StoreError`` (its cause kept)."""
@@ -213,6 +198,47 @@ def as_store_error(exc: Exception) -> errors.DripError:
 
 #: an event loop's batch: each operation with the future its caller awaits
 LoopBatch = list[tuple[Any, asyncio.Future[Any]]]
+#: how a loop batcher submits an operation of its own (the voids of an orphaned hold)
+Resubmit = Callable[[Any], Awaitable[Any]]
+
+
+def drop_orphans(batch: LoopBatch) -> LoopBatch:
+    """The batch without the private holds whose callers were cancelled before it ran:
+    nobody would ever resolve them."""
+    if not any(future.cancelled() for _, future in batch):
+        return batch
+    return [(op, f) for op, f in batch if not (f.cancelled() and getattr(op, "private", False))]
+
+
+_releasing: set[asyncio.Future[Any]] = set()
+
+
+def _release_orphan(op: Any, results: list[Any], resubmit: Resubmit) -> None:
+    """A private hold landed after its caller was cancelled: void it (else it would
+    reserve the funds until its timeout)."""
+    voids = orphan_voids(op)
+    if voids is None or any(isinstance(r, BaseException) for r in results):
+        return  # not a private hold, or refused: nothing is reserved
+    voiding = asyncio.ensure_future(resubmit(voids))
+    _releasing.add(voiding)
+    voiding.add_done_callback(_orphan_released)
+
+
+def _orphan_released(done: asyncio.Future[Any]) -> None:
+    _releasing.discard(done)
+    failure = None if done.cancelled() else done.exception()
+    if failure is None and not done.cancelled():
+        failure = next((r for r in done.result() if isinstance(r, BaseException)), None)
+    if failure is not None or done.cancelled():
+        log.warning("could not void a cancelled caller's hold (its timeout releases it): %r",
+                    failure)  # fmt: skip
+
+
+def _give(op: Any, future: asyncio.Future[Any], result: Any, resubmit: Resubmit | None) -> None:
+    if not future.done():
+        future.set_result(result)
+    elif future.cancelled() and resubmit is not None:
+        _release_orphan(op, result, resubmit)
 
 
 def fail(batch: LoopBatch, exc: Exception) -> None:
@@ -224,33 +250,40 @@ def fail(batch: LoopBatch, exc: Exception) -> None:
 
 
 def answer(
-    batch: LoopBatch, results: list[Any] | None, committer: Callable[[], GroupCommitter]
+    batch: LoopBatch,
+    results: list[Any] | None,
+    committer: Callable[[], GroupCommitter],
+    resubmit: Resubmit | None = None,
 ) -> None:
     """Give each waiter of a loop's batch its results; with ``None`` (the batch could not
-    run on the loop) hand it to the writer threads, or fail it if the store was closed."""
+    run on the loop) hand it to the writer threads, or fail it if the store was closed.
+    A private hold whose caller was cancelled meanwhile is voided through ``resubmit``."""
     if results is None:
         try:
             writer = committer()
             for op, future in batch:
-                chain_future(writer.submit_async(op), future)
+                chain_future(writer.submit_async(op), future, op, resubmit)
         except errors.DripError as exc:
             fail(batch, exc)
         return
-    for (_, future), result in zip(batch, results, strict=True):
-        if not future.done():
-            future.set_result(result)
+    for (op, future), result in zip(batch, results, strict=True):
+        _give(op, future, result, resubmit)
 
 
-def chain_future(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+def chain_future(
+    source: asyncio.Future[Any],
+    target: asyncio.Future[Any],
+    op: Any = None,
+    resubmit: Resubmit | None = None,
+) -> None:
     """Settle ``target`` as ``source`` settles (unless something settled it first)."""
 
     def copy(done: asyncio.Future[Any]) -> None:
-        if target.done():
-            return
         exc = done.exception()
         if exc is not None:
-            target.set_exception(exc)
+            if not target.done():
+                target.set_exception(exc)
         else:
-            target.set_result(done.result())
+            _give(op, target, done.result(), resubmit)
 
     source.add_done_callback(copy)

@@ -110,6 +110,20 @@ def private_holds_only(ops: Iterable[Op]) -> bool:
     return True
 
 
+def orphan_voids(op: Op) -> CreateTransfers | None:
+    """The linked voids that release a private hold chain (``private_holds_only``) whose
+    caller was cancelled before it got the hold, so that nobody else could resolve it;
+    the same transfers ``Ledger.void`` would write. ``None`` for any other operation."""
+    if type(op) is not CreateTransfers or not op.private:
+        return None
+    last = len(op.transfers) - 1
+    return CreateTransfers(tuple(
+        TransferSpec(f"{s.id}{DERIVED_SEP}void", s.debit_account_id, s.credit_account_id,
+                     None, s.code, _VOID | (_LINKED if i < last else 0), s.id)
+        for i, s in enumerate(op.transfers)
+    ))  # fmt: skip
+
+
 #: A result is a record or the error instance for that record.
 Result = Any
 

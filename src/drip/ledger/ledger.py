@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -47,8 +46,6 @@ from drip.ledger.types import (
     encode_metadata,
 )
 from drip.money import USDC, Asset, check_atomic
-
-log = logging.getLogger("drip.ledger")
 
 T = TypeVar("T")
 
@@ -144,7 +141,7 @@ class Cap(NamedTuple):
 
 def _as_caps(caps: Sequence[Any]) -> list[Cap]:
     """Caps as ``Cap``s (callers may pass plain ``(debit, credit)`` tuples)."""
-    return [c if type(c) is Cap else Cap._make(c) for c in caps]
+    return [c if type(c) is Cap else Cap(*c) for c in caps]
 
 
 def _cap_id(hold_id: str, index: int) -> str:
@@ -604,35 +601,11 @@ class Ledger(_Reads):
     async def hold(self, hold_id: str, wallet: str, revenue: str, amount: int,
                    **kw: Any) -> Transfer:  # fmt: skip
         """As the plan says. A ``private`` hold's id is this caller's alone: if the caller
-        is cancelled while its batch is in flight, the hold is voided once it lands
-        (otherwise nobody could release it before its timeout)."""
+        is cancelled before its batch runs, the store drops it; if the batch was already
+        under way, the store voids the hold once it lands (``batching.answer``)."""
         op, read = self.plans.hold(hold_id, wallet, revenue, amount, **kw)  # _run, inlined
-        landing = self.store.submit_async(op)
-        if not kw.get("private"):
-            result: Transfer = read(await landing)
-            return result
-        try:
-            # the loop batchers pin a private hold's future (``batching.PinnedFuture``):
-            # a cancellation reaches this task only once the batch has landed
-            results = await landing
-        except asyncio.CancelledError:
-            if isinstance(landing, asyncio.Future):
-                self._void_orphan(landing, read, kw.get("caps", ()))
-            raise
-        result = read(results)
+        result: Transfer = read(await self.store.submit_async(op))
         return result
-
-    def _void_orphan(self, done: asyncio.Future[Any], read: Callable[[Any], Any],
-                     caps: Sequence[Cap]) -> None:  # fmt: skip
-        if not done.done() or done.cancelled() or done.exception() is not None:
-            return  # it never ran, or failed: nothing is reserved
-        try:
-            hold: Transfer = read(done.result())
-        except errors.DripError:
-            return  # refused: nothing is reserved
-        voiding = asyncio.ensure_future(self.void(hold, caps=caps))
-        _orphans.add(voiding)
-        voiding.add_done_callback(_orphan_voided)
 
     async def post(self, hold: Transfer | Hold | str, amount: int | None = None,
                    **kw: Any) -> Charge:  # fmt: skip
@@ -643,16 +616,6 @@ class Ledger(_Reads):
     async def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
         result: Transfer = await self._run(self.plans.void(hold, **kw))
         return result
-
-
-_orphans: set[asyncio.Future[Any]] = set()
-
-
-def _orphan_voided(done: asyncio.Future[Any]) -> None:
-    _orphans.discard(done)
-    if not done.cancelled() and done.exception() is not None:
-        log.warning("could not void a cancelled caller's hold (its timeout releases it): %r",
-                    done.exception())  # fmt: skip
 
 
 class SyncLedger(_Reads):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from drip import errors
-from drip.ledger.batching import answer, fail, new_future
+from drip.ledger.batching import answer, drop_orphans, fail
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
@@ -38,7 +38,7 @@ class LoopBatcher:
         self.conn: psycopg.AsyncConnection[Any] | None = None
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
-        future: asyncio.Future[list[Result]] = new_future(self.loop, op)
+        future: asyncio.Future[list[Result]] = self.loop.create_future()
         self.pending.append((op, future))
         if not self.running:
             self.running = True
@@ -61,13 +61,24 @@ class LoopBatcher:
                 self.loop.call_soon(self._start)
 
     async def _run(self, batch: list[tuple[Op, asyncio.Future[list[Result]]]]) -> None:
+        batch = drop_orphans(batch)
+        if not batch:
+            return
         try:
             # None: the locked path, on the writer thread
             results = await self._fast([op for op, _ in batch])
+        except asyncio.CancelledError:
+            # this task was cancelled (the loop is shutting down) with the statement in
+            # flight, maybe committed: the writer thread runs the batch again (its ids
+            # make a committed one a replay), so no waiter is left without an answer
+            lost_race(self.store.shared_cache)
+            self.close()
+            answer(batch, None, lambda: self.store.committer, self.store.submit_async)
+            raise
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
             fail(batch, exc)
             return
-        answer(batch, results, lambda: self.store.committer)
+        answer(batch, results, lambda: self.store.committer, self.store.submit_async)
 
     async def _fast(self, ops: list[Op]) -> list[list[Result]] | None:
         if not self.store.is_open:
@@ -92,7 +103,7 @@ class LoopBatcher:
             await self._reset()
             return None
         take_seqs(writes, rows, asynchronous=asynchronous)
-        cache.remember(engine)
+        cache.remember(engine, before)
         return results
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

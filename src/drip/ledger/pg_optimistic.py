@@ -52,7 +52,7 @@ def try_batch(
         if isinstance(exc, psycopg.Error):  # aborts, lost races, a broken connection
             return None  # the locked path reads current rows (and reconnects if needed)
         raise
-    cache.remember(engine)
+    cache.remember(engine, before)
     return results
 
 

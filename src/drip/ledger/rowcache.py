@@ -8,6 +8,7 @@ exact.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 from drip.ledger.engine import Engine, Op, Result
@@ -30,17 +31,30 @@ class RowCache:
         self.accounts: dict[str, Account] = {}
         self.holds: dict[str, Hold] = {}
         self.backoff = 0
+        self._lock = threading.Lock()  # remember() from the loop and the writer threads
 
     def clear(self) -> None:
         self.accounts.clear()
         self.holds.clear()
 
-    def remember(self, engine: Engine) -> None:
+    def remember(self, engine: Engine, before: dict[str, Account] | None = None) -> None:
+        """Keep the rows ``engine`` left. With ``before`` (the rows a batch read from
+        this cache, ``CacheView``), an account is kept only if the cache still holds what
+        the batch read: otherwise another thread has remembered a later state since (it
+        committed after this batch, on rows that include it), or the cache was cleared."""
+        with self._lock:
+            self._remember(engine, before)
+
+    def _remember(self, engine: Engine, before: dict[str, Account] | None) -> None:
         if len(self.accounts) > CACHE_ROWS_MAX or len(self.holds) > CACHE_ROWS_MAX:
             self.clear()
+        accounts = self.accounts
         for account_id, account in engine.accounts.items():
-            if account is not None:
-                self.accounts[account_id] = account.copy()
+            if account is None:
+                continue
+            if before is not None and accounts.get(account_id) is not before.get(account_id):
+                continue
+            accounts[account_id] = account.copy()
         holds = self.holds
         for hold_id, hold in engine.holds.items():
             if hold is not None and hold.state == _PENDING:

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.batching import answer, fail, new_future
+from drip.ledger.batching import answer, drop_orphans, fail
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -855,7 +855,7 @@ class _LoopBatcher:
         self.scheduled = False
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
-        future: asyncio.Future[list[Result]] = new_future(self.loop, op)
+        future: asyncio.Future[list[Result]] = self.loop.create_future()
         self.pending.append((op, future))
         if not self.scheduled:
             self.scheduled = True
@@ -878,10 +878,13 @@ class _LoopBatcher:
             self.loop.call_soon(self.flush)
         else:
             self.scheduled = False
+        batch = drop_orphans(batch)
+        if not batch:
+            return
         try:
             # None: the lock is busy, the writer thread will wait for it
             results = self.store.try_run_batch_now([op for op, _ in batch], may_defer=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
             fail(batch, exc)
             return
-        answer(batch, results, lambda: self.store.committer)
+        answer(batch, results, lambda: self.store.committer, self.store.submit_async)
