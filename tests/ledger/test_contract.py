@@ -472,6 +472,36 @@ async def test_a_cancelled_callers_private_hold_is_dropped_or_voided(
     assert_invariants(led)
 
 
+async def test_a_private_hold_answered_as_its_caller_is_cancelled_is_voided(
+    led: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await wallet(led, funds=USD)
+    submit = led.store.submit_async
+    caller: asyncio.Task[Transfer] | None = None
+
+    def answered_then_cancelled(op: Any) -> Any:
+        future = submit(op)
+        # runs before the caller's own wake-up: the hold is answered, the caller is gone
+        future.add_done_callback(lambda _: caller.cancel() if caller else None)
+        return future
+
+    monkeypatch.setattr(led.store, "submit_async", answered_then_cancelled)
+    caller = asyncio.create_task(
+        led.hold("h-race", "user:a", "rev:p", 300_000, code="search", private=True)
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    monkeypatch.undo()
+    for _ in range(500):
+        hold = led.get_hold("h-race")
+        if hold is not None and hold.state != HoldState.PENDING:
+            break
+        await asyncio.sleep(0.01)
+    assert hold is not None and hold.state == HoldState.VOIDED
+    assert bal(led, "user:a") == (USD, 0, USD)
+    assert_invariants(led)
+
+
 async def test_void_releases(led: Ledger) -> None:
     await wallet(led, funds=1000)
     h = await led.hold("h1", "user:a", "rev:p", 300, code="llm")

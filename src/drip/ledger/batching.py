@@ -213,7 +213,7 @@ def drop_orphans(batch: LoopBatch) -> LoopBatch:
 _releasing: set[asyncio.Future[Any]] = set()
 
 
-def _release_orphan(op: Any, results: list[Any], resubmit: Resubmit) -> None:
+def release_orphan(op: Any, results: list[Any], resubmit: Resubmit) -> None:
     """A private hold landed after its caller was cancelled: void it (else it would
     reserve the funds until its timeout)."""
     voids = orphan_voids(op)
@@ -238,7 +238,7 @@ def _give(op: Any, future: asyncio.Future[Any], result: Any, resubmit: Resubmit 
     if not future.done():
         future.set_result(result)
     elif future.cancelled() and resubmit is not None:
-        _release_orphan(op, result, resubmit)
+        release_orphan(op, result, resubmit)
 
 
 def fail(batch: LoopBatch, exc: Exception) -> None:

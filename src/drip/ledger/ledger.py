@@ -13,10 +13,11 @@ import base64
 import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from drip import errors
+from drip.ledger.batching import release_orphan
 from drip.ledger.engine import (
     CreateAccounts,
     CreateTransfers,
@@ -604,7 +605,15 @@ class Ledger(_Reads):
         is cancelled before its batch runs, the store drops it; if the batch was already
         under way, the store voids the hold once it lands (``batching.answer``)."""
         op, read = self.plans.hold(hold_id, wallet, revenue, amount, **kw)  # _run, inlined
-        result: Transfer = read(await self.store.submit_async(op))
+        landing = self.store.submit_async(op)
+        try:
+            results = await landing
+        except asyncio.CancelledError:
+            if kw.get("private") and _answered(landing):
+                # answered, but this task was cancelled before it could take the hold
+                release_orphan(op, landing.result(), self.store.submit_async)
+            raise
+        result: Transfer = read(results)
         return result
 
     async def post(self, hold: Transfer | Hold | str, amount: int | None = None,
@@ -616,6 +625,11 @@ class Ledger(_Reads):
     async def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
         result: Transfer = await self._run(self.plans.void(hold, **kw))
         return result
+
+
+def _answered(future: object) -> TypeGuard[asyncio.Future[Any]]:
+    return (isinstance(future, asyncio.Future) and future.done() and not future.cancelled()
+            and future.exception() is None)  # fmt: skip
 
 
 class SyncLedger(_Reads):
