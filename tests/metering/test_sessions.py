@@ -52,6 +52,32 @@ async def test_calls_spend_the_session_and_the_wallet_exactly(client: DripClient
     assert client.ledger.check_invariants().ok
 
 
+async def test_a_sessions_facts_are_read_once_per_process_off_the_loop(
+    client: DripClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = await client.create_session("u", "api.example.com", "0.05")
+    fresh = DripClient(DripConfig(database_url=client.config.database_url,
+                                  provider="api.example.com"))  # fmt: skip
+    reads: list[object] = []
+    real = fresh.ledger.off_loop
+
+    async def off_loop(fn, *args):  # type: ignore[no-untyped-def]
+        reads.append(getattr(fn, "__name__", fn))
+        return await real(fn, *args)
+
+    monkeypatch.setattr(fresh.ledger, "off_loop", off_loop)
+    try:
+        call, ran = metered(fresh)
+        for q in ("a", "b", "c"):
+            await call(q, session=session.id)
+        with pytest.raises(errors.SessionNotFound):
+            await call("d", session="ds_" + "x" * 43)
+    finally:
+        fresh.close()
+    assert ran == ["a", "b", "c"]
+    assert reads == ["session_info", "session_info"]  # once per session, in off_loop
+
+
 async def test_the_wallet_still_limits_a_generous_session(client: DripClient) -> None:
     session = await client.create_session("u", "api.example.com", "100")
     call, ran = metered(client, cost="0.30")

@@ -170,7 +170,7 @@ class DripMeter:
         client = self.client
         user_id = self.payer(scope) if self.payer is not None else None
         token = None if user_id is not None else header(scope, SESSION_HEADER)
-        wallet, caps, refusals = client.payer(
+        wallet, caps, refusals = await client.payer_async(
             user_id=user_id, session=token, event=route.event, amount=route.hold
         )
         led = client.ledger

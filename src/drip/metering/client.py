@@ -368,6 +368,15 @@ class DripClient(_Base):
                                account, amount, code="topup")  # fmt: skip
         return await self.ledger.off_loop(self.get_user_now, user_id)
 
+    async def payer_async(
+        self, *, user_id: str | None, session: str | None, event: str, amount: int
+    ) -> tuple[str, list[Cap], AbstractContextManager[None]]:
+        """``payer`` for async code: a session's facts, read once per process, are read
+        off the event loop (``Ledger.off_loop``)."""
+        if session is not None and session_account_id(session) not in self._sessions:
+            await self.ledger.off_loop(self.session_info, session)
+        return self.payer(user_id=user_id, session=session, event=event, amount=amount)
+
     async def get_user(self, user_id: str) -> dict[str, Any]:
         return await self.ledger.off_loop(self.get_user_now, user_id)
 

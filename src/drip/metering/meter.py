@@ -126,6 +126,12 @@ def make_meter(
             return client.payer(user_id=value, session=None, event=event, amount=pricing.hold)
         return client.payer(user_id=None, session=value, event=event, amount=pricing.hold)
 
+    async def resolve_async(client: DripClient, value: str) -> tuple[str, list[Cap], Any]:
+        if session_param is None:
+            return resolve(client, value)
+        return await client.payer_async(user_id=None, session=value, event=event,
+                                        amount=pricing.hold)  # fmt: skip
+
     def decorate(fn: F) -> F:
         payer = _payer_getter(fn, session_param or user_id_param)
 
@@ -137,7 +143,7 @@ def make_meter(
             @functools.wraps(fn)
             async def metered_async(*args: Any, **kwargs: Any) -> Any:
                 client = get_client()
-                wallet, caps, refusals = resolve(client, payer(args, kwargs))
+                wallet, caps, refusals = await resolve_async(client, payer(args, kwargs))
                 led = client.ledger
                 with refusals:
                     hold = await led.hold(
