@@ -128,7 +128,7 @@ def create_app(facilitator: x402FacilitatorSync, store: Store) -> FastAPI:
             return {"isValid": False, "invalidReason": parsed}
         payload, requirements = parsed
         key = authorization_key(payload)
-        if await run_in_threadpool(settled_before, key):
+        if settled_before(key):
             return {"isValid": False, "invalidReason": "nonce_already_used",
                     "payer": key[0] if key else None}  # fmt: skip
         try:
@@ -147,8 +147,7 @@ def create_app(facilitator: x402FacilitatorSync, store: Store) -> FastAPI:
         payload, requirements = parsed
         network = str(requirements.network)
         key = authorization_key(payload)
-        if key is not None and not await run_in_threadpool(
-            store.execute,
+        if key is not None and not store.execute(
             "INSERT INTO x402_settlements (payer, nonce, network, asset, pay_to, amount, status,"
             " created_us) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?) ON CONFLICT DO NOTHING",
             (*key, network, requirements.asset, requirements.pay_to, requirements.amount,
@@ -161,8 +160,7 @@ def create_app(facilitator: x402FacilitatorSync, store: Store) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - the reservation stays: retrying is unsafe
             log.warning("settle failed: %s", type(exc).__name__)
             if key is not None:
-                await run_in_threadpool(
-                    store.execute,
+                store.execute(
                     "UPDATE x402_settlements SET status = 'unknown', reason = ? "
                     "WHERE payer = ? AND nonce = ?",
                     (type(exc).__name__, *key),
@@ -171,15 +169,13 @@ def create_app(facilitator: x402FacilitatorSync, store: Store) -> FastAPI:
                     "transaction": "", "network": network}  # fmt: skip
         if key is not None:
             if response.success:
-                await run_in_threadpool(
-                    store.execute,
+                store.execute(
                     "UPDATE x402_settlements SET status = 'settled', tx_hash = ? "
                     "WHERE payer = ? AND nonce = ?",
                     (response.transaction, *key),
                 )
             else:  # refused before any transaction: the nonce may be used again
-                await run_in_threadpool(
-                    store.execute,
+                store.execute(
                     "DELETE FROM x402_settlements WHERE payer = ? AND nonce = ? "
                     "AND status = 'pending'",
                     key,

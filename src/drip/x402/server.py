@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -267,9 +266,7 @@ class X402Meter:
             return
         key = authorization_key(payload) or ((verified.payer or "").lower(), signature[-64:])
         store = self.client.ledger.store
-        # the records of payments are database round trips: off the event loop
-        if not await asyncio.to_thread(
-            store.execute,
+        if not store.execute(
             "INSERT INTO x402_payments (payer, nonce, route, amount, status, created_us) "
             "VALUES (?, ?, ?, ?, 'reserved', ?) ON CONFLICT DO NOTHING",
             (*key, scope["path"], requirements.amount, wall_clock_us()),
@@ -370,18 +367,15 @@ class _PaidCall:
         try:
             result = await self.meter.facilitator.settle(self.payload, self.route.requirements)
         except Exception as exc:  # noqa: BLE001 - outcome unknown: keep the reservation
-            await asyncio.to_thread(
-                store.execute,
-                "UPDATE x402_payments SET status = 'unknown' WHERE payer = ? AND nonce = ?",
-                self.key,
-            )
+            store.execute("UPDATE x402_payments SET status = 'unknown' WHERE payer = ? AND "
+                          "nonce = ?", self.key)  # fmt: skip
             await _json(send, 502, {"error": {
                 "type": "api_error", "code": "settlement_pending", "param": None,
                 "message": f"the payment's settlement outcome is unknown ({type(exc).__name__})",
             }})  # fmt: skip
             return False
         if not result.success:
-            await asyncio.to_thread(self._release)
+            self._release()
             await self.meter._payment_required(
                 self.scope, send, self.route,
                 f"settlement failed: {result.error_reason or 'unknown'}",
@@ -390,9 +384,8 @@ class _PaidCall:
         # the money moved: say so first, then book it (a booking failure is logged and
         # left for reconciliation from this row; the payer is still served)
         self.transaction = result.transaction
-        await asyncio.to_thread(store.execute, "UPDATE x402_payments SET status = 'settled', "
-                                "tx_hash = ? WHERE payer = ? AND nonce = ?",
-                                (result.transaction, *self.key))  # fmt: skip
+        store.execute("UPDATE x402_payments SET status = 'settled', tx_hash = ? WHERE payer = ? "
+                      "AND nonce = ?", (result.transaction, *self.key))  # fmt: skip
         receipt = None
         try:
             if self.meter.signer is not None:
@@ -403,8 +396,7 @@ class _PaidCall:
                 extensions = {**(result.extensions or {}), **receipts.extension(receipt=receipt)}
                 result = result.model_copy(update={"extensions": extensions})
             self.transfer_id = await self._record(result.transaction, str(result.network))
-            await asyncio.to_thread(
-                store.execute,
+            store.execute(
                 "UPDATE x402_payments SET transfer_id = ?, receipt = ? WHERE payer = ? "
                 "AND nonce = ?",
                 (self.transfer_id, json.dumps(receipt) if receipt else None, *self.key),
@@ -449,7 +441,7 @@ class _PaidCall:
                 if int(held["status"]) >= 400:
                     if not self.done:
                         self.done = True
-                        await asyncio.to_thread(self._release)
+                        self._release()
                 elif not self.done and not await self.settle(send):
                     self.answered = True  # settle answered the client itself
                     return
@@ -466,7 +458,7 @@ class _PaidCall:
         except BaseException:
             if not self.done:
                 self.done = True
-                self._release()  # here, even when cancelled
+                self._release()
             raise
 
 
