@@ -219,7 +219,12 @@ def release_orphan(op: Any, results: list[Any], resubmit: Resubmit) -> None:
     voids = orphan_voids(op)
     if voids is None or any(isinstance(r, BaseException) for r in results):
         return  # not a private hold, or refused: nothing is reserved
-    voiding = asyncio.ensure_future(resubmit(voids))
+    try:
+        voiding = asyncio.ensure_future(resubmit(voids))
+    except Exception as exc:  # noqa: BLE001 - the store closed: its timeout releases it
+        log.warning("could not void a cancelled caller's hold (its timeout releases it): %r",
+                    exc)  # fmt: skip
+        return
     _releasing.add(voiding)
     voiding.add_done_callback(_orphan_released)
 
