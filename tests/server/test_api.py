@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any
 
 Server = Any  # the fixture in tests/server/conftest.py
@@ -105,6 +106,46 @@ def test_idempotency_key_replays_and_conflicts(server: Server) -> None:
         missing = http.post("/v1/wallets/bob/topup", json={"amount": "1"})
         assert missing.status_code == 400 and _error(missing)["param"] == "Idempotency-Key"
         assert http.get("/v1/wallets/bob").json()["available"]["atomic"] == 1_000_000
+
+
+def test_a_key_whose_request_died_is_taken_over_after_its_lease(
+    server: Server, store_url: str
+) -> None:
+    """A request that died between moving the money and storing its answer (a crash, a
+    forced shutdown) leaves its key claimed: retries get 409 until the claim's lease
+    runs out, then one of them runs again, which the ledger answers as a replay."""
+    from drip.ledger import open_ledger
+    from drip.server.idempotency import CLAIM_LEASE_S, IN_PROGRESS
+
+    headers = {"Idempotency-Key": "died"}
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "dan"})
+        first = http.post("/v1/wallets/dan/topup", json={"amount": "1"}, headers=headers)
+        assert first.status_code == 200
+    other = open_ledger(store_url)  # as if that request had died before answering
+    try:
+
+        def died(ago_s: float) -> None:
+            other.store.execute(
+                "UPDATE http_idempotency SET status = ?, response = 'null', created_us = ? "
+                "WHERE idem_key = 'died'",
+                (IN_PROGRESS, time.time_ns() // 1000 - int(ago_s * 1_000_000)),
+            )
+
+        died(1)
+        with server.client(server.admin) as http:
+            early = http.post("/v1/wallets/dan/topup", json={"amount": "1"}, headers=headers)
+        assert early.status_code == 409 and "being processed" in _error(early)["message"]
+        died(CLAIM_LEASE_S + 1)
+        with server.client(server.admin) as http:
+            late = http.post("/v1/wallets/dan/topup", json={"amount": "1"}, headers=headers)
+            again = http.post("/v1/wallets/dan/topup", json={"amount": "1"}, headers=headers)
+            balance = http.get("/v1/wallets/dan").json()["available"]["atomic"]
+    finally:
+        other.close()
+    assert late.status_code == again.status_code == 200
+    assert late.json()["transfer_id"] == first.json()["transfer_id"] == again.json()["transfer_id"]
+    assert balance == 1_000_000  # credited once
 
 
 def test_concurrent_duplicates_credit_once(server: Server) -> None:

@@ -34,6 +34,11 @@ IDEMPOTENCY_MIGRATIONS = (Migration(1, _V1, _V1),)
 _KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 #: Status of a key whose first request is still running.
 IN_PROGRESS = 0
+#: A claim older than this is taken over by the next request with its key (its request
+#: died between claiming and answering: a crash, a forced shutdown). Re-running it is
+#: safe: the ledger id of its money movement comes from the key, so a charge that went
+#: through is a replay. Longer than any request may run.
+CLAIM_LEASE_S = 60
 
 
 def check_key(value: str | None) -> str:
@@ -82,18 +87,37 @@ class Responses:
                 param="Idempotency-Key",
             )
         if status == IN_PROGRESS:
+            if self._stale(key_id, idem_key):
+                return None  # its request died: ``claim`` takes it over
             raise IdempotencyConflictHttp(
                 "a request with this Idempotency-Key is still being processed; retry shortly",
                 param="Idempotency-Key",
             )
         return int(status), json.loads(response)
 
+    def _stale(self, key_id: str, idem_key: str) -> bool:
+        rows = self.store.query(
+            "SELECT 1 FROM http_idempotency WHERE key_id = ? AND idem_key = ? AND status = ? "
+            "AND created_us < ?",
+            (key_id, idem_key, IN_PROGRESS, wall_clock_us() - CLAIM_LEASE_S * 1_000_000),
+        )
+        return bool(rows)
+
     def claim(self, key_id: str, idem_key: str, method: str, path: str, digest: str) -> bool:
-        """Reserve the key for this request; False if a row for it already exists."""
-        return bool(self.store.execute(
+        """Reserve the key for this request; False if another request holds it (or
+        answered it). A claim older than ``CLAIM_LEASE_S`` is taken over."""
+        now = wall_clock_us()
+        if self.store.execute(
             "INSERT INTO http_idempotency (key_id, idem_key, method, path, body_sha256, status, "
             "response, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            (key_id, idem_key, method, path, digest, IN_PROGRESS, "null", wall_clock_us()),
+            (key_id, idem_key, method, path, digest, IN_PROGRESS, "null", now),
+        ):  # fmt: skip
+            return True
+        return bool(self.store.execute(
+            "UPDATE http_idempotency SET created_us = ? WHERE key_id = ? AND idem_key = ? "
+            "AND method = ? AND path = ? AND body_sha256 = ? AND status = ? AND created_us < ?",
+            (now, key_id, idem_key, method, path, digest, IN_PROGRESS,
+             now - CLAIM_LEASE_S * 1_000_000),
         ))  # fmt: skip
 
     def complete(self, key_id: str, idem_key: str, status: int, response: Any) -> None:
