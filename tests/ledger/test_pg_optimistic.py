@@ -358,3 +358,50 @@ def test_a_late_remember_never_overwrites_a_later_row() -> None:
     cache.clear()
     cache.remember(applied.engine, applied.before)
     assert "user:a" not in cache.accounts
+
+
+def test_a_shutdown_mid_statement_leaves_no_private_hold_reserved(postgres_url: str) -> None:
+    """``asyncio.run``'s teardown (Ctrl-C, a main() that returns with metered calls in
+    flight) cancels the callers of private holds and the loop's batch task at once, its
+    statement in flight: no hold may be left reserving funds until its timeout."""
+    import asyncio
+    import threading
+    import time
+
+    import psycopg
+
+    from drip.ledger import HoldState
+
+    led = open_ledger(postgres_url)
+    try:
+        asyncio.run(_fund_async(led))
+        lock = psycopg.connect(postgres_url)
+        lock.execute("LOCK TABLE accounts IN EXCLUSIVE MODE")
+        threading.Timer(1.0, lock.rollback).start()  # released after the teardown
+
+        async def caller(i: int) -> None:
+            await led.hold(f"h{i}", "user:w", "rev:p", 10_000, code="search", private=True,
+                           timeout_s=300)  # fmt: skip
+
+        async def main() -> None:
+            calls = [asyncio.ensure_future(caller(i)) for i in range(5)]
+            await asyncio.sleep(0.3)
+            assert not any(c.done() for c in calls)  # the batch's statement waits on the lock
+            # returning now: asyncio.run cancels every task
+
+        asyncio.run(main())
+        time.sleep(2.0)
+        lock.close()
+        holds = [led.get_hold(f"h{i}") for i in range(5)]
+        assert all(h is None or h.state != HoldState.PENDING for h in holds)
+        assert led.balance("user:w").pending == 0
+        assert led.check_invariants().ok
+    finally:
+        led.close()
+
+
+async def _fund_async(led: Ledger) -> None:
+    await led.create_account("user:w", "wallet")
+    await led.create_account("rev:p", "revenue")
+    await led.transfer("fund", "funding:USDC", "user:w", 1_000_000, code="topup")
+    await led.charge("warm", "user:w", "rev:p", 1, code="search")  # rows remembered

@@ -239,6 +239,23 @@ def _orphan_released(done: asyncio.Future[Any]) -> None:
                     failure)  # fmt: skip
 
 
+def hand_off_cancelled(batch: LoopBatch, committer: Callable[[], GroupCommitter]) -> None:
+    """A loop's batch task was cancelled (shutdown) with the batch maybe committed: the
+    writer threads run it again (ids make a committed one a replay), so every waiter is
+    answered; a private hold whose caller is gone already goes as its voids instead
+    (refused, harmlessly, if the hold was never committed)."""
+    live = drop_orphans(batch)
+    answer(live, None, committer)
+    try:
+        writer = committer()
+        for op, future in batch:
+            voids = orphan_voids(op) if future.cancelled() else None
+            if voids is not None:
+                writer.submit_async(voids)  # nobody waits: refused if there was no hold
+    except errors.DripError:
+        pass  # the store closed: those holds' timeouts release them
+
+
 def _give(op: Any, future: asyncio.Future[Any], result: Any, resubmit: Resubmit | None) -> None:
     if not future.done():
         future.set_result(result)

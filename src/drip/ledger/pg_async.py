@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from drip import errors
-from drip.ledger.batching import answer, drop_orphans, fail
+from drip.ledger.batching import answer, drop_orphans, fail, hand_off_cancelled
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
@@ -69,11 +69,10 @@ class LoopBatcher:
             results = await self._fast([op for op, _ in batch])
         except asyncio.CancelledError:
             # this task was cancelled (the loop is shutting down) with the statement in
-            # flight, maybe committed: the writer thread runs the batch again (its ids
-            # make a committed one a replay), so no waiter is left without an answer
+            # flight, maybe committed: the writer thread settles it (see the function)
             lost_race(self.store.shared_cache)
             self.close()
-            answer(batch, None, lambda: self.store.committer, self.store.submit_async)
+            hand_off_cancelled(batch, lambda: self.store.committer)
             raise
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
             fail(batch, exc)
