@@ -702,3 +702,30 @@ def test_checkpoints_beside_blocking_writers_refuse_nothing(tmp_path: Any) -> No
         assert led.check_invariants().ok
     finally:
         led.close()
+
+
+def test_read_connections_of_ended_threads_are_closed(tmp_path: Any) -> None:
+    """Worker pools come and go: each thread's read connection ends with its thread."""
+    import gc
+    import os
+    import threading
+
+    led = open_ledger(f"sqlite:///{tmp_path}/ledger.db")
+    try:
+
+        def burst() -> None:
+            threads = [threading.Thread(target=led.list_accounts) for _ in range(10)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            gc.collect()
+
+        burst()
+        fds = len(os.listdir("/proc/self/fd"))
+        for _ in range(5):
+            burst()
+        # 50 threads' connections were opened; each kept would hold ~3 descriptors
+        assert len(os.listdir("/proc/self/fd")) < fds + 20
+    finally:
+        led.close()

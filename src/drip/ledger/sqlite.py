@@ -157,7 +157,10 @@ class SqliteStore(Store):
         self.path = path
         self.synchronous = _SYNCHRONOUS[synchronous.lower()]
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[sqlite3.Connection] = []  # the writer's and the loop's
+        #: each thread's read connection, closed when its thread ends (worker pools come
+        #: and go) or when the store closes
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._all_lock = threading.Lock()
         self._writer = self._connect()
         self._writer.execute("PRAGMA journal_mode=WAL")
@@ -186,7 +189,7 @@ class SqliteStore(Store):
         self._loop_batchers = weakref.WeakKeyDictionary()
         self._last_batcher: weakref.ref[_LoopBatcher] | None = None
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, keep: bool = True) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -203,8 +206,9 @@ class SqliteStore(Store):
         # commits never checkpoint (that would fsync on the hot path); housekeeping does
         conn.execute(f"PRAGMA wal_autocheckpoint={0 if self.synchronous != 'FULL' else 1000}")
         conn.execute("PRAGMA journal_size_limit=67108864")
-        with self._all_lock:
-            self._all.append(conn)
+        if keep:
+            with self._all_lock:
+                self._all.append(conn)
         return conn
 
     def _close_connections(self) -> None:
@@ -217,7 +221,7 @@ class SqliteStore(Store):
             self._watchdog.join(1.0)
         self._presence.close()
         with self._all_lock:
-            for conn in self._all:
+            for conn in [*self._all, *(r.conn for r in list(self._readers))]:
                 conn.close()
             self._all.clear()
 
@@ -577,10 +581,11 @@ class SqliteStore(Store):
     @contextmanager
     def read(self) -> Iterator[sqlite3.Cursor]:
         self.settle()
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        cur = conn.cursor()
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = _Reader(self._connect(keep=False))
+            self._readers.add(reader)
+        cur = reader.conn.cursor()
         try:
             yield cur
         finally:
@@ -775,6 +780,19 @@ class _Presence:
                     del _LOCK_FILES[self._name]
                 if shared.pid == os.getpid():
                     os.close(shared.fd)  # releases the process's lock
+
+
+class _Reader:
+    """A thread's read connection: it closes when its thread ends and lets it go."""
+
+    __slots__ = ("__weakref__", "conn")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.close()
 
 
 class _Window:
