@@ -82,7 +82,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         async def run(transfer_id: str) -> tuple[int, Any]:
             # resolved here, after the key's stored response was looked for: a retry of a
             # charge that went through is answered even if the session has since expired
-            wallet, caps, refusals = client.payer(
+            wallet, caps, refusals = await client.payer_async(
                 user_id=body.user_id, session=session, event=body.event, amount=amount
             )
             with refusals:
@@ -102,7 +102,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         amount = parse_amount(body.amount, allow_zero=False)
 
         async def run(hold_id: str) -> tuple[int, Any]:
-            wallet, caps, refusals = client.payer(
+            wallet, caps, refusals = await client.payer_async(
                 user_id=body.user_id, session=session, event=body.event, amount=amount
             )
             with refusals:
