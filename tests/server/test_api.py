@@ -148,6 +148,32 @@ def test_a_key_whose_request_died_is_taken_over_after_its_lease(
     assert balance == 1_000_000  # credited once
 
 
+def test_a_taken_over_request_can_neither_release_nor_answer_its_key(
+    store_url: str, monkeypatch: Any
+) -> None:
+    from drip.ledger import open_store
+    from drip.server import idempotency
+
+    store = open_store(store_url)
+    try:
+        responses = idempotency.Responses(store)
+        now = [1_000_000_000_000]
+        monkeypatch.setattr(idempotency, "wall_clock_us", lambda: now[0])
+        record = ("k1", "idem-1", "POST", "/v1/checkout", "digest")
+        slow = responses.claim(*record)  # request A: alive, but slower than the lease
+        now[0] += (idempotency.CLAIM_LEASE_S + 1) * 1_000_000
+        assert responses.find(*record) is None
+        newer = responses.claim(*record)  # request B takes the key over
+        assert slow is not None and newer is not None and newer != slow
+        responses.release("k1", "idem-1", slow)  # A fails: B's claim stays
+        assert responses.claim(*record) is None  # so a third request does not run
+        responses.complete("k1", "idem-1", newer, 201, {"id": "B"})
+        responses.complete("k1", "idem-1", slow, 201, {"id": "A"})  # too late: B's stays
+        assert responses.find(*record) == (201, {"id": "B"})
+    finally:
+        store.close()
+
+
 def test_concurrent_duplicates_credit_once(server: Server) -> None:
     with server.client(server.admin) as http:
         http.post("/v1/wallets", json={"user_id": "carol"})

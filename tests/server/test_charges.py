@@ -70,3 +70,44 @@ def test_holds_capture_and_void(server: Server) -> None:
         assert (state["spent"]["atomic"], state["pending"]["atomic"]) == (12_300, 0)
         wallet = http.get("/v1/wallets/ann").json()
         assert wallet["available"]["atomic"] == 1_000_000 - 12_300
+
+
+def test_a_charge_whose_answer_was_lost_is_answered_after_its_session_expired(
+    server: Server, store_url: str
+) -> None:
+    """A request that charged and died before answering; its key's claim expires, the
+    session too: the retry is answered with the charge that went through, not refused."""
+    import time
+
+    from drip.ledger import open_ledger
+    from drip.server.idempotency import CLAIM_LEASE_S, IN_PROGRESS
+
+    headers = {"Idempotency-Key": "lost"}
+    body = {"amount": "0.1", "event": "search"}
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "eve", "initial_balance": "1"})
+        session = {"user_id": "eve", "provider": "default", "budget": "0.5", "expires_in_s": 1}
+        token = http.post("/v1/sessions", json=session).json()["token"]
+        paid = {"X-Drip-Session": token}
+        first = http.post("/v1/charges", json=body, headers=headers | paid)
+        held = {"Idempotency-Key": "lost-hold"} | paid
+        hold = http.post("/v1/holds", json=body, headers=held)
+    assert first.status_code == 200 and hold.status_code == 201
+    other = open_ledger(store_url)  # as if both requests had died before answering
+    try:
+        other.store.execute(
+            "UPDATE http_idempotency SET status = ?, response = 'null', created_us = ?",
+            (IN_PROGRESS, time.time_ns() // 1000 - (CLAIM_LEASE_S + 1) * 1_000_000),
+        )
+    finally:
+        other.close()
+    time.sleep(1.2)  # the session expires
+    with server.client(server.admin) as http:
+        late = http.post("/v1/charges", json=body, headers=headers | paid)
+        late_hold = http.post("/v1/holds", json=body, headers=held)
+        fresh = http.post("/v1/charges", json=body, headers={"Idempotency-Key": "new"} | paid)
+        available = http.get("/v1/wallets/eve").json()["available"]["atomic"]
+    assert late.status_code == 200 and late.json()["transfer_id"] == first.json()["transfer_id"]
+    assert late_hold.status_code == 201 and late_hold.json()["hold_id"] == hold.json()["hold_id"]
+    assert fresh.status_code == 403  # a new charge on the expired session is refused
+    assert available == 1_000_000 - 100_000 - 100_000  # one charge, one open hold

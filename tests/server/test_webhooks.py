@@ -194,3 +194,23 @@ def test_undecodable_or_non_object_bodies_are_400(server: Server) -> None:
     with server.client(server.reader) as http:
         assert http.get("/v1/checkout/%00").status_code == 404
         assert http.get("/v1/usage", params={"event": "\x00"}).status_code == 400
+
+
+def test_a_checkout_request_run_again_returns_the_same_checkout(store_url: str) -> None:
+    """A request taken over after its claim's lease runs again: with the id taken from
+    its Idempotency-Key, it finds the checkout the first run created."""
+    from drip.ledger import open_store
+    from drip.server.topups import Checkouts
+
+    store = open_store(store_url)
+    try:
+        checkouts = Checkouts(store)
+        first = checkouts.create("u1", 5_000_000, "idem:k1:checkout-1")
+        again = checkouts.create("u1", 5_000_000, "idem:k1:checkout-1")
+        other = checkouts.create("u1", 5_000_000, "idem:k1:checkout-2")
+        unkeyed = checkouts.create("u1", 5_000_000)
+        assert first == again and len({first.id, other.id, unkeyed.id}) == 3
+        rows = store.query("SELECT count(*) FROM checkouts")
+        assert rows[0][0] == 3
+    finally:
+        store.close()

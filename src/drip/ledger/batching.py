@@ -245,7 +245,9 @@ def hand_off_cancelled(batch: LoopBatch, committer: Callable[[], GroupCommitter]
     answered; a private hold whose caller is gone already goes as its voids instead
     (refused, harmlessly, if the hold was never committed)."""
     live = drop_orphans(batch)
-    answer(live, None, committer)
+    # a live caller cancelled after this hand-off: its hold's voids go to the writer
+    # threads too (the loop may be closing)
+    answer(live, None, committer, lambda op: committer().submit_async(op))
     try:
         writer = committer()
         for op, future in batch:

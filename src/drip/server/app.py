@@ -256,7 +256,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         record = (key.key_id, idem_key, method, path, digest)
         found = await run_in_threadpool(responses.find, *record)
         if found is None:
-            if not await run_in_threadpool(responses.claim, *record):
+            token = await run_in_threadpool(responses.claim, *record)
+            if token is None:
                 # claimed by a twin: its response, or a 409 while it runs
                 found = await run_in_threadpool(responses.find, *record)
                 if found is None:  # the twin failed and released the key just now
@@ -268,9 +269,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                 try:
                     found = await run(f"idem:{key.key_id}:{idem_key}")
                 except BaseException:
-                    await _to_the_end(responses.release, key.key_id, idem_key)
+                    await _to_the_end(responses.release, key.key_id, idem_key, token)
                     raise
-                await _to_the_end(responses.complete, key.key_id, idem_key, *found)
+                await _to_the_end(responses.complete, key.key_id, idem_key, token, *found)
         status, payload = found
         return JSONResponse(payload, status_code=status)
 
@@ -396,8 +397,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         amount = parse_amount(body.amount, allow_zero=False)
         await run_in_threadpool(client.get_user_now, body.user_id)
 
-        async def run(_: str) -> tuple[int, Any]:
-            return 201, (await run_in_threadpool(checkouts.create, body.user_id, amount)).to_json()
+        async def run(request_id: str) -> tuple[int, Any]:
+            checkout = await run_in_threadpool(checkouts.create, body.user_id, amount, request_id)
+            return 201, checkout.to_json()
 
         if idem is None:
             status, payload = await run("")

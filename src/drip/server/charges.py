@@ -80,8 +80,12 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         amount = parse_amount(body.amount, allow_zero=False)
 
         async def run(transfer_id: str) -> tuple[int, Any]:
-            # resolved here, after the key's stored response was looked for: a retry of a
-            # charge that went through is answered even if the session has since expired
+            # a charge that went through (its answer was lost: a crash, a cancelled
+            # request) is answered as it was, even if the session has expired since
+            done = await run_in_threadpool(led.get_transfer, transfer_id)
+            if done is not None:
+                fee = await run_in_threadpool(led.get_transfer, f"{transfer_id}{DERIVED_SEP}fee")
+                return 200, await run_in_threadpool(charge_json, Charge(done, fee))
             wallet, caps, refusals = await client.payer_async(
                 user_id=body.user_id, session=session, event=body.event, amount=amount
             )
@@ -102,6 +106,9 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         amount = parse_amount(body.amount, allow_zero=False)
 
         async def run(hold_id: str) -> tuple[int, Any]:
+            done = await run_in_threadpool(led.get_transfer, hold_id)  # as for charges
+            if done is not None:
+                return 201, await run_in_threadpool(hold_json, done)
             wallet, caps, refusals = await client.payer_async(
                 user_id=body.user_id, session=session, event=body.event, amount=amount
             )

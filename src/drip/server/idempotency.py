@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from typing import Any
 
@@ -31,6 +32,7 @@ CREATE TABLE http_idempotency (
 )
 """
 IDEMPOTENCY_MIGRATIONS = (Migration(1, _V1, _V1),)
+log = logging.getLogger("drip.server")
 _KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 #: Status of a key whose first request is still running.
 IN_PROGRESS = 0
@@ -103,33 +105,42 @@ class Responses:
         )
         return bool(rows)
 
-    def claim(self, key_id: str, idem_key: str, method: str, path: str, digest: str) -> bool:
-        """Reserve the key for this request; False if another request holds it (or
-        answered it). A claim older than ``CLAIM_LEASE_S`` is taken over."""
+    def claim(self, key_id: str, idem_key: str, method: str, path: str, digest: str) -> int | None:
+        """Reserve the key for this request: its claim's token (for ``complete`` and
+        ``release``), or None if another request holds it (or answered it). A claim older
+        than ``CLAIM_LEASE_S`` is taken over; its old holder can then neither complete
+        nor release it."""
         now = wall_clock_us()
         if self.store.execute(
             "INSERT INTO http_idempotency (key_id, idem_key, method, path, body_sha256, status, "
             "response, created_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (key_id, idem_key, method, path, digest, IN_PROGRESS, "null", now),
         ):  # fmt: skip
-            return True
-        return bool(self.store.execute(
+            return now
+        if self.store.execute(
             "UPDATE http_idempotency SET created_us = ? WHERE key_id = ? AND idem_key = ? "
             "AND method = ? AND path = ? AND body_sha256 = ? AND status = ? AND created_us < ?",
             (now, key_id, idem_key, method, path, digest, IN_PROGRESS,
              now - CLAIM_LEASE_S * 1_000_000),
-        ))  # fmt: skip
+        ):  # fmt: skip
+            return now
+        return None
 
-    def complete(self, key_id: str, idem_key: str, status: int, response: Any) -> None:
-        self.store.execute(
+    def complete(self, key_id: str, idem_key: str, token: int, status: int, response: Any) -> None:
+        if not self.store.execute(
             "UPDATE http_idempotency SET status = ?, response = ? "
-            "WHERE key_id = ? AND idem_key = ?",
-            (status, json.dumps(response), key_id, idem_key),
-        )
+            "WHERE key_id = ? AND idem_key = ? AND status = ? AND created_us = ?",
+            (status, json.dumps(response), key_id, idem_key, IN_PROGRESS, token),
+        ):
+            log.warning(
+                "Idempotency-Key %r was taken over while its request ran (over %d s); the "
+                "newer run's answer is kept", idem_key, CLAIM_LEASE_S,
+            )  # fmt: skip
 
-    def release(self, key_id: str, idem_key: str) -> None:
+    def release(self, key_id: str, idem_key: str, token: int) -> None:
         """The request failed before it produced a response: the key may be used again."""
         self.store.execute(
-            "DELETE FROM http_idempotency WHERE key_id = ? AND idem_key = ? AND status = ?",
-            (key_id, idem_key, IN_PROGRESS),
+            "DELETE FROM http_idempotency WHERE key_id = ? AND idem_key = ? AND status = ? "
+            "AND created_us = ?",
+            (key_id, idem_key, IN_PROGRESS, token),
         )

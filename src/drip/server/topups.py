@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -81,15 +82,19 @@ class Checkouts:
         self.store = store
         store.migrate("checkouts", CHECKOUT_MIGRATIONS)
 
-    def create(self, user_id: str, amount: int) -> Checkout:
-        checkout = Checkout(f"co_{secrets.token_hex(12)}", user_id, amount, "pending",
-                            wall_clock_us(), None, None)  # fmt: skip
+    def create(self, user_id: str, amount: int, request_id: str = "") -> Checkout:
+        """A pending checkout. With ``request_id`` (an Idempotency-Key's), its id comes
+        from it, so running that request again returns the same checkout."""
+        if request_id:
+            checkout_id = "co_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
+        else:
+            checkout_id = f"co_{secrets.token_hex(12)}"
         self.store.execute(
             "INSERT INTO checkouts (id, user_id, amount, status, created_us) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (checkout.id, user_id, amount, checkout.status, checkout.created_us),
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (checkout_id, user_id, amount, "pending", wall_clock_us()),
         )
-        return checkout
+        return self.get(checkout_id)
 
     def get(self, checkout_id: str) -> Checkout:
         if not isinstance(checkout_id, str) or not _CHECKOUT_RE.fullmatch(checkout_id):
