@@ -162,7 +162,7 @@ class GroupCommitter:
         except Exception as exc:
             log.exception("ledger batch of %d operations failed", len(batch))
             results, failed = [as_store_error(exc)] * len(batch), True
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, Any]]] = {}
         for item, result in zip(batch, results, strict=True):
             if item.loop is None:
                 if failed:
@@ -170,11 +170,24 @@ class GroupCommitter:
                 else:
                     item.future.set_result(result)
             else:
-                by_loop.setdefault(item.loop, []).append((item.future, result, failed))
-        for loop, pairs in by_loop.items():
-            # a closed loop raises RuntimeError: its callers are gone, nobody is waiting
-            with contextlib.suppress(RuntimeError):
+                by_loop.setdefault(item.loop, []).append((item, result))
+        for loop, answers in by_loop.items():
+            pairs = [(item.future, result, failed) for item, result in answers]
+            try:
                 loop.call_soon_threadsafe(_resolve_async, pairs)
+            except RuntimeError:  # the loop is closed: its callers are gone
+                if not failed:
+                    self._void_orphans(answers)
+
+    def _void_orphans(self, answers: list[tuple[_Item, Any]]) -> None:
+        """Private holds committed for callers whose event loop closed meanwhile: nobody
+        can resolve them, so void them here (the loop cannot)."""
+        for item, result in answers:
+            voids = orphan_voids(item.op)
+            if voids is None or any(isinstance(r, BaseException) for r in result):
+                continue
+            with contextlib.suppress(errors.DripError):  # closing: the timeout releases it
+                self._push(_Item(voids, None, concurrent.futures.Future()))
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Finish queued work, then stop the writer threads."""
