@@ -111,3 +111,51 @@ def test_a_charge_whose_answer_was_lost_is_answered_after_its_session_expired(
     assert late_hold.status_code == 201 and late_hold.json()["hold_id"] == hold.json()["hold_id"]
     assert fresh.status_code == 403  # a new charge on the expired session is refused
     assert available == 1_000_000 - 100_000 - 100_000  # one charge, one open hold
+
+
+def _fail_once(monkeypatch: Any, obj: Any, name: str) -> None:
+    """The first call of ``obj.name`` fails: a request that committed, then answered 500."""
+    real = getattr(obj, name)
+    calls = [0]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a store error after the commit")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, flaky)
+
+
+def test_a_released_key_reused_by_another_request_is_a_conflict(
+    server: Server, monkeypatch: Any
+) -> None:
+    """A request that moved money and then failed releases its key; another request
+    reusing that key must not be answered with the first one's charge, hold or checkout."""
+    from drip.ledger.ledger import Ledger
+    from drip.server import topups
+
+    def post(path: str, body: dict[str, Any], key: str) -> Any:
+        with server.client(server.admin) as http:
+            return http.post(path, json=body, headers={"Idempotency-Key": key})
+
+    for user in ("eve", "bob"):
+        wallet = {"user_id": user, "initial_balance": "1"}
+        assert post("/v1/wallets", wallet, f"w-{user}").is_success
+    eve = {"user_id": "eve", "amount": "0.1", "event": "search"}
+    bob = {"user_id": "bob", "amount": "0.5", "event": "other"}
+    _fail_once(monkeypatch, Ledger, "balance")  # the answer fails after the charge
+    assert post("/v1/charges", eve, "K").status_code == 500
+    assert post("/v1/charges", bob, "K").status_code == 409
+    assert post("/v1/holds", bob, "K").status_code == 409
+    again = post("/v1/charges", eve, "K")  # the same request: its charge, once
+    assert again.status_code == 200 and again.json()["charged"]["atomic"] == 100_000
+    _fail_once(monkeypatch, topups.Checkouts, "get")  # the answer fails after the insert
+    alice = {"user_id": "eve", "amount": "10"}
+    assert post("/v1/checkout", alice, "co").status_code == 500
+    assert post("/v1/checkout", {"user_id": "bob", "amount": "10"}, "co").status_code == 409
+    first = post("/v1/checkout", alice, "co")
+    assert first.status_code == 201 and first.json()["user_id"] == "eve"
+    with server.client(server.admin) as http:
+        assert http.get("/v1/wallets/bob").json()["available"]["atomic"] == 1_000_000
+        assert http.get("/v1/wallets/eve").json()["available"]["atomic"] == 900_000

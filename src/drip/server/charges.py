@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from drip import errors
-from drip.ledger import Charge, Transfer
+from drip.ledger import Charge, Transfer, TransferFlags
 from drip.ledger.ledger import Cap
-from drip.ledger.types import DERIVED_SEP, TIMEOUT_S_MAX
-from drip.metering import DripClient
+from drip.ledger.types import DERIVED_SEP, TIMEOUT_S_MAX, encode_metadata
+from drip.metering import DripClient, wallet_id
 from drip.money import format_plain, parse_amount
 
 Amount = Annotated[str | int | float, Field(description='USDC as a decimal string, e.g. "0.007"')]
@@ -58,6 +58,27 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
             caps.append(Cap(cap.debit_account_id, cap.credit_account_id))
         return caps
 
+    def earlier(transfer_id: str, body: ChargeCreate, amount: int, session: str | None,
+                held: bool) -> Transfer | None:  # fmt: skip
+        """The transfer this very request made before (same payer, amount, event,
+        metadata, kind), or None: then the ledger decides (a replay, or a conflict)."""
+        done = led.get_transfer(transfer_id)
+        if done is None:
+            return None
+        try:
+            user_id = client.session_info(session).user_id if session else body.user_id
+        except errors.DripError:
+            return None
+        timeout_s = body.timeout_s if isinstance(body, HoldCreate) else 0
+        meta = None if body.metadata is None else encode_metadata(body.metadata)
+        same = (
+            user_id is not None and done.debit_account_id == wallet_id(user_id)
+            and done.credit_account_id == client.revenue_account and done.amount == amount
+            and done.code == body.event and done.metadata == meta
+            and bool(done.flags & TransferFlags.PENDING) == held and done.timeout_s == timeout_s
+        )  # fmt: skip
+        return done if same else None
+
     def hold_json(hold: Transfer) -> dict[str, Any]:
         state = led.get_hold(hold.id)
         return {"hold_id": hold.id, "event": hold.code, "amount": _money(hold.amount),
@@ -81,8 +102,9 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
 
         async def run(transfer_id: str) -> tuple[int, Any]:
             # a charge that went through (its answer was lost: a crash, a cancelled
-            # request) is answered as it was, even if the session has expired since
-            done = await run_in_threadpool(led.get_transfer, transfer_id)
+            # request) is answered as it was, even if the session has expired since;
+            # a different request with its key falls through to the ledger's conflict
+            done = await run_in_threadpool(earlier, transfer_id, body, amount, session, False)
             if done is not None:
                 fee = await run_in_threadpool(led.get_transfer, f"{transfer_id}{DERIVED_SEP}fee")
                 return 200, await run_in_threadpool(charge_json, Charge(done, fee))
@@ -106,8 +128,8 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         amount = parse_amount(body.amount, allow_zero=False)
 
         async def run(hold_id: str) -> tuple[int, Any]:
-            done = await run_in_threadpool(led.get_transfer, hold_id)  # as for charges
-            if done is not None:
+            done = await run_in_threadpool(earlier, hold_id, body, amount, session, True)
+            if done is not None:  # as for charges
                 return 201, await run_in_threadpool(hold_json, done)
             wallet, caps, refusals = await client.payer_async(
                 user_id=body.user_id, session=session, event=body.event, amount=amount

@@ -94,7 +94,13 @@ class Checkouts:
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (checkout_id, user_id, amount, "pending", wall_clock_us()),
         )
-        return self.get(checkout_id)
+        checkout = self.get(checkout_id)
+        if (checkout.user_id, checkout.amount) != (user_id, amount):
+            raise errors.IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request",
+                param="Idempotency-Key",
+            )
+        return checkout
 
     def get(self, checkout_id: str) -> Checkout:
         if not isinstance(checkout_id, str) or not _CHECKOUT_RE.fullmatch(checkout_id):
