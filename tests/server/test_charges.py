@@ -159,3 +159,31 @@ def test_a_released_key_reused_by_another_request_is_a_conflict(
     with server.client(server.admin) as http:
         assert http.get("/v1/wallets/bob").json()["available"]["atomic"] == 1_000_000
         assert http.get("/v1/wallets/eve").json()["available"]["atomic"] == 900_000
+
+
+def test_a_released_key_reused_with_another_session_is_a_conflict(
+    server: Server, monkeypatch: Any
+) -> None:
+    """The same body paid by another session of the same user is another request."""
+    from drip.ledger.ledger import Ledger
+
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "eve", "initial_balance": "1"})
+        sessions = [
+            http.post("/v1/sessions", json={"user_id": "eve", "provider": "default",
+                                            "budget": "0.5"}).json()["token"]
+            for _ in range(2)
+        ]  # fmt: skip
+    body = {"amount": "0.1", "event": "search"}
+
+    def charge(session: str) -> Any:
+        headers = {"Idempotency-Key": "K", "X-Drip-Session": session}
+        with server.client(server.admin) as http:
+            return http.post("/v1/charges", json=body, headers=headers)
+
+    _fail_once(monkeypatch, Ledger, "balance")  # the answer fails after the charge
+    assert charge(sessions[0]).status_code == 500
+    assert charge(sessions[1]).status_code == 409
+    assert charge(sessions[0]).status_code == 200  # the same request: its charge
+    with server.client(server.admin) as http:
+        assert http.get("/v1/wallets/eve").json()["available"]["atomic"] == 900_000

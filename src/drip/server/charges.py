@@ -65,10 +65,20 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         done = led.get_transfer(transfer_id)
         if done is None:
             return None
+        # the payer too: which session paid (its cap row) or that none did
+        cap = led.get_transfer(f"{transfer_id}{DERIVED_SEP}cap0")
         try:
-            user_id = client.session_info(session).user_id if session else body.user_id
+            info = client.session_info(session) if session else None
         except errors.DripError:
             return None
+        if info is not None:
+            user_id: str | None = info.user_id
+            if cap is None or cap.debit_account_id != info.account_id:
+                return None
+        elif cap is not None:
+            return None
+        else:
+            user_id = body.user_id
         timeout_s = body.timeout_s if isinstance(body, HoldCreate) else 0
         meta = None if body.metadata is None else encode_metadata(body.metadata)
         same = (
