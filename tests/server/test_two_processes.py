@@ -98,9 +98,13 @@ def test_two_processes_one_session_no_overspend(
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(send, jobs))
-    # a twin that arrived while its key's first request ran was told 409 (in progress);
-    # retried now, it gets the stored answer
-    assert all(status != 409 or "being processed" in str(body) for _, status, body in results)
+    # a twin that arrived while its key's first request ran was told 409: in progress, or
+    # (if that request was refused meanwhile, and so released the key) "just failed;
+    # retry"; retried now, it gets the stored answer, or is refused the same way
+    transient = ("being processed", "just failed; retry")
+    odd = [(k, s, b) for k, s, b in results
+           if s == 409 and not any(t in str(b) for t in transient)]  # fmt: skip
+    assert not odd, odd[:3]
     results = [
         send(job) if status == 409 else (key, status, body)
         for (key, status, body), job in zip(results, jobs, strict=True)
