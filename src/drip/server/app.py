@@ -127,6 +127,10 @@ def _money(units: int) -> dict[str, Any]:
     return {"usdc": format_plain(units), "atomic": units}
 
 
+#: claims of a key a request makes while twins holding it keep failing and releasing it
+CLAIM_ATTEMPTS = 3
+
+
 async def _to_the_end(fn: Callable[..., object], *args: Any) -> None:
     """``fn(*args)`` in a worker thread, carried to its end even if the awaiting request
     is cancelled meanwhile (a forced shutdown): the thread is not given up, only waited
@@ -255,23 +259,28 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         # the records are database round trips: off the event loop, as every read here
         record = (key.key_id, idem_key, method, path, digest)
         found = await run_in_threadpool(responses.find, *record)
-        if found is None:
+        token = None
+        for _ in range(CLAIM_ATTEMPTS if found is None else 0):
             token = await run_in_threadpool(responses.claim, *record)
-            if token is None:
-                # claimed by a twin: its response, or a 409 while it runs
-                found = await run_in_threadpool(responses.find, *record)
-                if found is None:  # the twin failed and released the key just now
-                    raise IdempotencyConflictHttp(
-                        "a request with this Idempotency-Key just failed; retry",
-                        param="Idempotency-Key",
-                    )
-            else:
-                try:
-                    found = await run(f"idem:{key.key_id}:{idem_key}")
-                except BaseException:
-                    await _to_the_end(responses.release, key.key_id, idem_key, token)
-                    raise
-                await _to_the_end(responses.complete, key.key_id, idem_key, token, *found)
+            if token is not None:
+                break
+            # claimed by a twin: its response, or a 409 while it runs (``find`` raises);
+            # none means the twin failed and released the key just now: claim again
+            found = await run_in_threadpool(responses.find, *record)
+            if found is not None:
+                break
+        if token is not None:
+            try:
+                found = await run(f"idem:{key.key_id}:{idem_key}")
+            except BaseException:
+                await _to_the_end(responses.release, key.key_id, idem_key, token)
+                raise
+            await _to_the_end(responses.complete, key.key_id, idem_key, token, *found)
+        if found is None:
+            raise IdempotencyConflictHttp(
+                "a request with this Idempotency-Key just failed; retry",
+                param="Idempotency-Key",
+            )
         status, payload = found
         return JSONResponse(payload, status_code=status)
 
