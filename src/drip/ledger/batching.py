@@ -183,8 +183,8 @@ class GroupCommitter:
         """Private holds committed for callers whose event loop closed meanwhile: nobody
         can resolve them, so void them here (the loop cannot)."""
         for item, result in answers:
-            voids = orphan_voids(item.op)
-            if voids is None or any(isinstance(r, BaseException) for r in result):
+            voids = _landed_voids(item.op, result)
+            if voids is None:
                 continue
             with contextlib.suppress(errors.DripError):  # closing: the timeout releases it
                 self._push(_Item(voids, None, concurrent.futures.Future()))
@@ -226,12 +226,20 @@ def drop_orphans(batch: LoopBatch) -> LoopBatch:
 _releasing: set[asyncio.Future[Any]] = set()
 
 
+def _landed_voids(op: Any, results: list[Any]) -> Any:
+    """The voids of a private hold chain that landed; None if ``op`` is not one, or
+    was refused (then nothing is reserved)."""
+    if any(isinstance(r, BaseException) for r in results):
+        return None
+    return orphan_voids(op)
+
+
 def release_orphan(op: Any, results: list[Any], resubmit: Resubmit) -> None:
     """A private hold landed after its caller was cancelled: void it (else it would
     reserve the funds until its timeout)."""
-    voids = orphan_voids(op)
-    if voids is None or any(isinstance(r, BaseException) for r in results):
-        return  # not a private hold, or refused: nothing is reserved
+    voids = _landed_voids(op, results)
+    if voids is None:
+        return
     try:
         voiding = asyncio.ensure_future(resubmit(voids))
     except Exception as exc:  # noqa: BLE001 - the store closed: its timeout releases it

@@ -56,6 +56,11 @@ def check_key(value: str | None) -> str:
     return value
 
 
+def _lease_start(now_us: int) -> int:
+    """Claims made before this are stale: their requests are taken to have died."""
+    return now_us - CLAIM_LEASE_S * 1_000_000
+
+
 class IdempotencyConflictHttp(errors.IdempotencyConflict):
     """The Idempotency-Key was used before with a different request."""
 
@@ -76,34 +81,26 @@ class Responses:
         """The stored response of this key, None if there is none; 409 if the key was used
         for another request, or if its first request is still running."""
         rows = self.store.query(
-            "SELECT method, path, body_sha256, status, response FROM http_idempotency "
-            "WHERE key_id = ? AND idem_key = ?",
+            "SELECT method, path, body_sha256, status, response, created_us "
+            "FROM http_idempotency WHERE key_id = ? AND idem_key = ?",
             (key_id, idem_key),
         )
         if not rows:
             return None
-        r_method, r_path, r_digest, status, response = rows[0]
+        r_method, r_path, r_digest, status, response, claimed_us = rows[0]
         if (r_method, r_path, r_digest) != (method, path, digest):
             raise IdempotencyConflictHttp(
                 "this Idempotency-Key was already used with a different request",
                 param="Idempotency-Key",
             )
         if status == IN_PROGRESS:
-            if self._stale(key_id, idem_key):
+            if claimed_us < _lease_start(wall_clock_us()):
                 return None  # its request died: ``claim`` takes it over
             raise IdempotencyConflictHttp(
                 "a request with this Idempotency-Key is still being processed; retry shortly",
                 param="Idempotency-Key",
             )
         return int(status), json.loads(response)
-
-    def _stale(self, key_id: str, idem_key: str) -> bool:
-        rows = self.store.query(
-            "SELECT 1 FROM http_idempotency WHERE key_id = ? AND idem_key = ? AND status = ? "
-            "AND created_us < ?",
-            (key_id, idem_key, IN_PROGRESS, wall_clock_us() - CLAIM_LEASE_S * 1_000_000),
-        )
-        return bool(rows)
 
     def claim(self, key_id: str, idem_key: str, method: str, path: str, digest: str) -> int | None:
         """Reserve the key for this request: its claim's token (for ``complete`` and
@@ -120,8 +117,7 @@ class Responses:
         if self.store.execute(
             "UPDATE http_idempotency SET created_us = ? WHERE key_id = ? AND idem_key = ? "
             "AND method = ? AND path = ? AND body_sha256 = ? AND status = ? AND created_us < ?",
-            (now, key_id, idem_key, method, path, digest, IN_PROGRESS,
-             now - CLAIM_LEASE_S * 1_000_000),
+            (now, key_id, idem_key, method, path, digest, IN_PROGRESS, _lease_start(now)),
         ):  # fmt: skip
             return now
         return None
