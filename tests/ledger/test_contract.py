@@ -401,25 +401,37 @@ async def test_full_post(led: Ledger) -> None:
 def _writes_blocked(store_url: str) -> Iterator[None]:
     """Another connection holds the database's write lock (SQLite) or the accounts'
     table lock (PostgreSQL) until the block ends: batches wait in flight meanwhile."""
+    release = _block_writes(store_url)
+    try:
+        yield
+    finally:
+        release()
+
+
+def _block_writes(store_url: str) -> Callable[[], None]:
+    """``_writes_blocked`` until the returned function is called (from any thread)."""
     if store_url.startswith("sqlite"):
         import sqlite3
 
-        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None)
+        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"), isolation_level=None,
+                               check_same_thread=False)  # fmt: skip
         conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
+
+        def release() -> None:
             conn.execute("COMMIT")
             conn.close()
-        return
+
+        return release
     import psycopg
 
-    with psycopg.connect(store_url) as pg:
-        pg.execute("LOCK TABLE accounts IN EXCLUSIVE MODE")
-        try:
-            yield
-        finally:
-            pg.rollback()
+    pg = psycopg.connect(store_url)
+    pg.execute("LOCK TABLE accounts IN EXCLUSIVE MODE")
+
+    def unlock() -> None:
+        pg.rollback()
+        pg.close()
+
+    return unlock
 
 
 async def test_a_cancelled_callers_private_hold_is_dropped_or_voided(
@@ -470,6 +482,46 @@ async def test_a_cancelled_callers_private_hold_is_dropped_or_voided(
     await led.void("h-public", caps=caps)
     assert bal(led, "session:s") == (USD, 0, USD)
     assert_invariants(led)
+
+
+def test_a_shutdown_with_private_holds_in_flight_leaves_none_reserved(store_url: str) -> None:
+    """``asyncio.run``'s teardown (Ctrl-C, a main() that returns with metered calls in
+    flight) cancels the callers of private holds while their batch waits for the
+    database (PostgreSQL: a statement in flight; SQLite: handed to the writer thread),
+    and closes their loop: no hold may be left reserving funds until its timeout."""
+    import threading
+    import time
+
+    led = open_ledger(store_url)
+    try:
+
+        async def funded() -> None:
+            await wallet(led, funds=USD)
+            await led.charge("warm", "user:a", "rev:p", 1, code="search")  # rows remembered
+
+        asyncio.run(funded())
+        release = threading.Timer(1.0, _block_writes(store_url))  # after the teardown
+        release.start()
+
+        async def caller(i: int) -> None:
+            await led.hold(f"h{i}", "user:a", "rev:p", 10_000, code="search", private=True,
+                           timeout_s=300)  # fmt: skip
+
+        async def main() -> None:
+            calls = [asyncio.ensure_future(caller(i)) for i in range(5)]
+            await asyncio.sleep(0.3)  # the batch waits for the lock
+            assert not any(c.done() for c in calls)
+            # returning now: asyncio.run cancels every task and closes the loop
+
+        asyncio.run(main())
+        release.join()
+        time.sleep(1.5)  # the writer finishes, then voids
+        holds = [led.get_hold(f"h{i}") for i in range(5)]
+        assert all(h is None or h.state != HoldState.PENDING for h in holds)
+        assert led.balance("user:a").pending == 0
+        assert_invariants(led)
+    finally:
+        led.close()
 
 
 async def test_a_private_hold_answered_as_its_caller_is_cancelled_is_voided(

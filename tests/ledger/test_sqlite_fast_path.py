@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from drip import errors
-from drip.ledger import HoldState, Ledger, open_ledger
+from drip.ledger import Ledger, open_ledger
 from drip.ledger import sqlite as sqlite_store
 
 
@@ -728,41 +728,4 @@ def test_read_connections_of_ended_threads_are_closed(tmp_path: Any) -> None:
         # 50 threads' connections were opened; each kept would hold ~3 descriptors
         assert len(os.listdir("/proc/self/fd")) < fds + 20
     finally:
-        led.close()
-
-
-def test_holds_committed_after_their_loop_closed_are_voided(tmp_path: Any) -> None:
-    """Private holds handed to the writer thread (another connection held the lock) and
-    committed after ``asyncio.run`` tore their loop down: nobody can resolve them, so the
-    writer voids them instead of leaving them to their timeout."""
-    import sqlite3
-    import threading
-    import time
-
-    path = f"{tmp_path}/ledger.db"
-    led = open_ledger(f"sqlite:///{path}")
-    lock = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        asyncio.run(_fund(led, 1_000_000))
-        lock.execute("BEGIN IMMEDIATE")  # another writer: the loop hands its batch off
-        threading.Timer(1.0, lambda: lock.execute("COMMIT")).start()
-
-        async def caller(i: int) -> None:
-            await led.hold(f"h{i}", "user:w", "rev:p", 10_000, code="search", private=True,
-                           timeout_s=300)  # fmt: skip
-
-        async def main() -> None:
-            calls = [asyncio.ensure_future(caller(i)) for i in range(5)]
-            await asyncio.sleep(0.3)  # handed off, waiting for the lock
-            assert not any(c.done() for c in calls)
-            # returning now: asyncio.run cancels every task and closes the loop
-
-        asyncio.run(main())
-        time.sleep(2.0)
-        holds = [led.get_hold(f"h{i}") for i in range(5)]
-        assert all(h is None or h.state != HoldState.PENDING for h in holds)
-        assert led.balance("user:w").pending == 0
-        assert led.check_invariants().ok
-    finally:
-        lock.close()
         led.close()
