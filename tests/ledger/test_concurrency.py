@@ -225,3 +225,38 @@ def test_many_processes_never_overspend_one_wallet(store_url: str, mode: str) ->
     """``threads``: the blocking API (the writer threads' batches); ``tasks``: asyncio
     callers (batches on each process's event loop, SQLite's open windows of holds)."""
     _race(store_url, mode)
+
+
+def test_invariants_checked_while_money_moves_see_one_state(store_url: str) -> None:
+    """``check_invariants`` (``drip doctor``) reads accounts and journal in one snapshot:
+    a batch landing between two of its queries must not look like a broken ledger."""
+    led = open_ledger(store_url)
+    other = open_ledger(store_url)  # another process's connections, as a live server's
+    try:
+        led.sync.create_account("live-w", "wallet")
+        led.sync.create_account("live-r", "revenue")
+        led.sync.transfer("live-fund", FUND, "live-w", 10**12, code="topup")
+        stop = threading.Event()
+        moved = [0]
+
+        def spend() -> None:
+            while not stop.is_set():
+                i = moved[0]
+                hold = other.sync.hold(f"live-h{i}", "live-w", "live-r", 500, code="e")
+                other.sync.post(hold, 300)
+                other.sync.charge(f"live-c{i}", "live-w", "live-r", 200, code="e")
+                moved[0] += 1
+
+        worker = threading.Thread(target=spend)
+        worker.start()
+        try:
+            reports = [led.check_invariants() for _ in range(15)]
+        finally:
+            stop.set()
+            worker.join()
+        assert moved[0] > 0
+        failed = [r.checks for r in reports if not r.ok]
+        assert not failed, failed[0]
+    finally:
+        other.close()
+        led.close()

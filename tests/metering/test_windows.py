@@ -132,3 +132,67 @@ def test_windows_survive_restart(store_url: str) -> None:
         assert time.monotonic() - started < 30
     finally:
         second.close()
+
+
+async def test_route_budgets_follow_their_patterns_in_any_order(client: DripClient) -> None:
+    """Patterns not given in sorted order: each draws on its own budget (the stored policy
+    comes back sorted, and so are the route accounts)."""
+    session = await client.create_session(
+        "w", "default", "1",
+        policy={"routes": {"search": {"budget": "0.50"}, "llm_*": {"budget": "0.03"}}},
+    )  # fmt: skip
+    llm = meter(client, "llm_chat")
+    for _ in range(3):
+        await llm(session=session.id)
+    with pytest.raises(errors.SessionBudgetExhausted) as info:
+        await llm(session=session.id)
+    assert "'llm_*'" in info.value.message
+    search = meter(client, "search", cost="0.10")
+    for _ in range(5):
+        await search(session=session.id)
+    with pytest.raises(errors.SessionBudgetExhausted) as info:
+        await search(session=session.id)
+    assert "'search'" in info.value.message
+    assert client.get_session(session.id)["spent"] == 530_000
+    fresh = DripClient(DripConfig(database_url=client.config.database_url))
+    try:  # another process reads the policy back from the ledger
+        with pytest.raises(errors.SessionBudgetExhausted):
+            await meter(fresh, "llm_other")(session=session.id)
+    finally:
+        fresh.close()
+
+
+async def test_refusals_no_wait_can_cure_are_not_rate_limits(client: DripClient) -> None:
+    """A closed session, an exhausted budget, or a call bigger than a window's amount is
+    refused as such, never as a 429 inviting retries that cannot pass."""
+    policy = {"windows": [{"per": "hour", "max_calls": 1}, {"per": 60, "max_amount": "0.05"}]}
+    session = await client.create_session("w", "default", "0.02", policy=policy)
+    call = meter(client, "search")
+    await call(session=session.id)
+    with pytest.raises(errors.RateLimited):
+        await call(session=session.id)  # the hour's one call is used: a wait does cure it
+    await client.close_session(session.id)
+    with pytest.raises(errors.SessionClosed):
+        await call(session=session.id)
+    spent = await client.create_session("w", "default", "0.01", policy=policy)
+    await call(session=spent.id)
+    with pytest.raises(errors.SessionBudgetExhausted):
+        await call(session=spent.id)
+    big = await client.create_session("w", "default", "1", policy=policy)
+    with pytest.raises(errors.PolicyViolation) as info:
+        await meter(client, "llm", cost="0.06")(session=big.id)
+    assert not isinstance(info.value, errors.RateLimited)
+    assert info.value.status == 403 and info.value.details["policy"] == "window_60s"
+    assert client.get_session(big.id)["spent"] == 0
+    assert client.ledger.check_invariants().ok
+
+
+async def test_each_session_has_its_own_budget_source(client: DripClient) -> None:
+    """No counter shared by every session: budgets near the ledger's largest amount do
+    not add up to an overflow that blocks the next session."""
+    for _ in range(3):
+        await client.create_session("w", "default", "9000000000000")
+    session = await client.create_session("w", "default", "0.05")
+    await meter(client, "search")(session=session.id)
+    assert client.get_session(session.id)["spent"] == 10_000
+    assert client.ledger.check_invariants().ok

@@ -187,3 +187,26 @@ def test_a_released_key_reused_with_another_session_is_a_conflict(
     assert charge(sessions[0]).status_code == 200  # the same request: its charge
     with server.client(server.admin) as http:
         assert http.get("/v1/wallets/eve").json()["available"]["atomic"] == 900_000
+
+
+def test_a_sessions_half_of_a_hold_cannot_be_settled_alone(server: Server) -> None:
+    """``<hold>~cap0`` is the session's part of a linked hold: it settles with its hold,
+    never on its own (which would charge the session with no revenue, and leave the
+    wallet's part reserved until it expires)."""
+    token = _setup(server, budget="1")
+    with server.client(server.admin) as http:
+        r = http.post("/v1/holds", json={"amount": "0.5", "event": "llm"},
+                      headers={"X-Drip-Session": token, "Idempotency-Key": "linked"})  # fmt: skip
+        hold_id = r.json()["hold_id"]
+        for action, body in (("capture", {"amount": "0.1"}), ("void", None)):
+            alone = http.post(f"/v1/holds/{hold_id}~cap0/{action}", json=body,
+                              headers={"Idempotency-Key": f"alone-{action}"})  # fmt: skip
+            assert alone.status_code == 404, alone.text
+            assert alone.json()["error"]["code"] == "hold_not_found"
+        session = http.get("/v1/sessions/current", headers={"X-Drip-Session": token}).json()
+        assert (session["spent"]["atomic"], session["pending"]["atomic"]) == (0, 500_000)
+        whole = http.post(f"/v1/holds/{hold_id}/capture", json={"amount": "0.1"},
+                          headers={"Idempotency-Key": "whole"})  # fmt: skip
+        assert whole.status_code == 200, whole.text
+        session = http.get("/v1/sessions/current", headers={"X-Drip-Session": token}).json()
+        assert (session["spent"]["atomic"], session["pending"]["atomic"]) == (100_000, 0)

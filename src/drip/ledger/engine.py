@@ -425,8 +425,6 @@ class Engine:
                 f"cannot move {debit.asset} into a {credit.asset} account",
                 param="credit_account_id",
             )
-        if spec.limits:
-            self._check_limits(debit.id, spec)
         if debit.status == _FROZEN:
             raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)", account=debit.id)
         amount = spec.amount
@@ -449,6 +447,8 @@ class Engine:
                     needed=amount,
                     account=credit.id,
                 )
+        if spec.limits:  # after the refusals that retrying cannot cure (a 429 invites one)
+            self._check_limits(debit.id, spec)
         pending = bool(flags & _PENDING)
         if pending:
             if (debit.debits_pending + amount > AMOUNT_ATOMIC_MAX
@@ -480,6 +480,14 @@ class Engine:
             if t.debit_account_id == account_id and not t.flags & (_POST | _VOID | _EXPIRE):
                 batch_amount += t.amount
                 batch_calls += 1
+        for limit in spec.limits:
+            if limit.max_amount is not None and amount > limit.max_amount:
+                # no wait would let it through: a refusal, not a rate limit
+                raise errors.PolicyViolation(
+                    f"this call reserves {amount}, more than the {limit.name} limit allows in "
+                    f"{limit.window_s} s ({limit.max_amount})",
+                    param=limit.name, policy=limit.name, account=account_id,
+                )  # fmt: skip
         for limit in spec.limits:
             since_us = self.now_us - limit.window_s * 1_000_000
             used_amount, used_calls, oldest_us = self.loader.window_usage(account_id, since_us)

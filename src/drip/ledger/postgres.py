@@ -170,6 +170,13 @@ class PostgresStore(Store):
         with self._pool.connection() as conn, conn.cursor() as cur:
             yield cur
 
+    @contextmanager
+    def snapshot(self) -> Iterator[psycopg.Cursor[Any]]:
+        """A REPEATABLE READ, READ ONLY transaction: one snapshot for every query."""
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield cur
+
     def loader(self, cur: psycopg.Cursor[Any]) -> _PgLoader:
         return _PgLoader(cur, self.window_usage_sql())
 

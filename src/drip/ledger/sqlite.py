@@ -591,6 +591,17 @@ class SqliteStore(Store):
         finally:
             cur.close()
 
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Cursor]:
+        """A read transaction on this thread's reader: WAL keeps its first read's state
+        for every later query until it ends."""
+        with self.read() as cur:
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+
     def insert_transfer_rows(self, cur: Any, rows: list[tuple[Any, ...]]) -> None:
         """One multi-row INSERT per chunk: one statement step instead of one per row
         (about 15% less time for a batch's rows than ``executemany``)."""

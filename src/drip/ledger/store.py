@@ -145,6 +145,11 @@ class Store(abc.ABC):
         """A read-only cursor (outside any write transaction)."""
 
     @abc.abstractmethod
+    def snapshot(self) -> AbstractContextManager[Any]:
+        """A read-only cursor whose queries all see one state of the database (checks
+        that compare several queries must not see a batch land between two of them)."""
+
+    @abc.abstractmethod
     def loader(self, cur: Any) -> Loader: ...
 
     @abc.abstractmethod
@@ -326,21 +331,37 @@ class Store(abc.ABC):
 
     def check_invariants(self) -> InvariantReport:
         """Check the ledger's invariants against the database; see DESIGN.md section 3."""
+        with self.snapshot() as cur:
+
+            def query(sql: str) -> list[tuple[Any, ...]]:
+                cur.execute(self.sql(sql))
+                return list(cur.fetchall())
+
+            return self._invariants(query)
+
+    def _invariants(self, query: Callable[[str], list[tuple[Any, ...]]]) -> InvariantReport:
         report = InvariantReport()
-        rows = self.query(
-            "SELECT asset, sum(debits_posted), sum(credits_posted), sum(debits_pending), "
-            "sum(credits_pending), count(*) FROM accounts GROUP BY asset ORDER BY asset"
+        accounts = query(
+            "SELECT id, asset, debits_posted, credits_posted, debits_pending, credits_pending "
+            "FROM accounts"
         )
-        if not rows:
+        # summed here, exactly: SQLite's sum() of many large counters overflows 64 bits
+        totals: dict[str, list[int]] = {}
+        for _, asset, *counters in accounts:
+            total = totals.setdefault(asset, [0, 0, 0, 0, 0])
+            for i, value in enumerate(counters):
+                total[i] += int(value)
+            total[4] += 1
+        if not totals:
             report.add("debits equal credits per asset", True, "no accounts yet")
-        for asset, dp, cp, dpe, cpe, n in rows:
-            ok = int(dp) == int(cp) and int(dpe) == int(cpe)
+        for asset, (dp, cp, dpe, cpe, n) in sorted(totals.items()):
+            ok = dp == cp and dpe == cpe
             report.add(
                 f"debits equal credits ({asset})",
                 ok,
-                f"{n} accounts; posted {int(dp)} = {int(cp)}; pending {int(dpe)} = {int(cpe)}",
+                f"{n} accounts; posted {dp} = {cp}; pending {dpe} = {cpe}",
             )
-        overdrawn = self.query(
+        overdrawn = query(
             "SELECT id, credits_posted - debits_posted - debits_pending FROM accounts "
             f"WHERE (flags & {int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)}) <> 0 "
             "AND credits_posted - debits_posted - debits_pending < 0 LIMIT 5"
@@ -350,16 +371,16 @@ class Store(abc.ABC):
             not overdrawn,
             "none" if not overdrawn else f"overdrawn: {overdrawn}",
         )
-        multi = self.query(
+        multi = query(
             "SELECT pending_id, count(*) FROM transfers WHERE pending_id IS NOT NULL "
             "GROUP BY pending_id HAVING count(*) > 1 LIMIT 5"
         )
         # non-correlated IN/NOT IN subqueries: each is built once (hashed), never per row
         resolved_ids = "SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL"
-        mismatched = self.query(
+        mismatched = query(
             f"SELECT id FROM transfers WHERE (hold_state = 0 AND id IN ({resolved_ids})) "
             f"OR (hold_state <> 0 AND id NOT IN ({resolved_ids})) LIMIT 5"
-        ) + self.query(
+        ) + query(
             f"SELECT pending_id FROM transfers WHERE (flags & {int(TransferFlags.POST_PENDING)}) "
             "<> 0 AND (pending_id, amount) NOT IN (SELECT id, hold_resolved_amount FROM "
             "transfers WHERE hold_state = 1) LIMIT 5"
@@ -371,27 +392,30 @@ class Store(abc.ABC):
             if not multi and not mismatched
             else f"resolved twice: {multi}; state mismatch: {mismatched}",
         )
-        report.add(*self._fold_check())
+        report.add(*self._fold_check(query, accounts))
         return report
 
-    def _fold_check(self) -> tuple[str, bool, str]:
+    @staticmethod
+    def _fold_check(
+        query: Callable[[str], list[tuple[Any, ...]]], accounts: list[tuple[Any, ...]]
+    ) -> tuple[str, bool, str]:
         """Recompute every account's four counters from the journal and compare."""
         folded: dict[str, list[int]] = {}
 
         def add(account: str, index: int, amount: Any) -> None:
             folded.setdefault(account, [0, 0, 0, 0])[index] += int(amount)
 
-        for account, amount in self.query(
+        for account, amount in query(
             f"SELECT debit_account_id, sum(amount) FROM transfers "
             f"WHERE (flags & {NOT_POSTED_FLAGS}) = 0 GROUP BY debit_account_id"
         ):
             add(account, 0, amount)
-        for account, amount in self.query(
+        for account, amount in query(
             f"SELECT credit_account_id, sum(amount) FROM transfers "
             f"WHERE (flags & {NOT_POSTED_FLAGS}) = 0 GROUP BY credit_account_id"
         ):
             add(account, 1, amount)
-        for debit, credit, amount in self.query(
+        for debit, credit, amount in query(
             "SELECT debit_account_id, credit_account_id, sum(amount) FROM transfers t "
             f"WHERE (flags & {int(TransferFlags.PENDING)}) <> 0 AND t.id NOT IN "
             "(SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL) "
@@ -400,11 +424,7 @@ class Store(abc.ABC):
             add(debit, 2, amount)
             add(credit, 3, amount)
         bad: list[str] = []
-        accounts = self.query(
-            "SELECT id, debits_posted, credits_posted, debits_pending, credits_pending "
-            "FROM accounts"
-        )
-        for account_id, *counters in accounts:
+        for account_id, _, *counters in accounts:
             if [int(c) for c in counters] != folded.pop(account_id, [0, 0, 0, 0]):
                 bad.append(account_id)
         bad.extend(folded)  # journal entries naming accounts that do not exist

@@ -36,7 +36,6 @@ from drip.metering.sessions import (
     SESSION_CACHE_MAX,
     Session,
     SessionInfo,
-    budget_account_id,
     public_account_id,
     session_account_id,
     session_specs,
@@ -231,7 +230,7 @@ class _Base:
         if info.expired():
             raise errors.SessionExpired("this session has expired", param="X-Drip-Session")
         info.policy.check(event, amount)
-        source = budget_account_id(self.ledger.asset.symbol)
+        source = info.source_account(self.ledger.asset.symbol)
         caps = [Cap(info.account_id, source, info.policy.windows)]
         caps += [Cap(info.route_account(i), source) for i in info.policy.route_indexes(event)]
         return wallet_id(info.user_id), caps, info
@@ -275,7 +274,7 @@ class _Base:
     ) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
         """The ledger calls that open a session (each idempotent), for either twin to run:
         the budget source, the session account and its budget, then each route budget."""
-        source = budget_account_id(self.ledger.asset.symbol)
+        source = info.source_account(self.ledger.asset.symbol)
         steps: list[Step] = [
             ("create_account", (source, AccountKind.FUNDING), {}),
             ("create_account", (info.account_id, AccountKind.SESSION),

@@ -2,9 +2,10 @@
 ``X-Drip-Session``; every call holds against the session's budget and the user's wallet
 in one linked chain, so neither can be overspent.
 
-A session is a ``session`` account in the ledger, credited with its budget from the
-memo account ``budget:<asset>`` (the wallet's money does not move until calls are
-captured). Only the SHA-256 of the token is stored: the account id is derived from it.
+A session is a ``session`` account in the ledger, credited with its budget from a memo
+account of its own, ``<session account>:src`` (the wallet's money does not move until
+calls are captured; sessions opened by older versions use the shared ``budget:<asset>``).
+Only the SHA-256 of the token is stored: the account id is derived from it.
 Closing freezes the account, so no new call can hold against it; calls in flight still
 capture or void. The session's facts (user, provider, expiry, policy) are fixed at
 creation and kept in the account's metadata.
@@ -69,8 +70,16 @@ class Policy:
     deny_events: tuple[str, ...] = ()
     #: rolling caps on the session: amount and/or calls per minute, hour, day or N seconds
     windows: tuple[WindowLimit, ...] = ()
-    #: a budget of its own for the events matching each pattern (within the session's)
+    #: a budget of its own for the events matching each pattern (within the session's),
+    #: sorted by pattern: route ``i`` draws on the session's account ``:r<i>``, and the
+    #: stored policy (JSON with sorted keys) must give back the same order
     routes: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        routes = tuple(sorted(self.routes))
+        if len({pattern for pattern, _ in routes}) != len(routes):
+            raise errors.InvalidRequest("a route pattern appears twice", param="policy.routes")
+        object.__setattr__(self, "routes", routes)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | Policy | None) -> Policy:
@@ -223,21 +232,29 @@ class SessionInfo:
     budget: int
     expires_us: int | None
     policy: Policy = field(default_factory=Policy)
+    #: the memo account its budgets come from and its calls credit: the session's own
+    #: (``<account>:src``), so no counter is shared by every session; ``None`` for
+    #: sessions opened before it existed, which use ``budget:<asset>``
+    source: str | None = None
 
     @classmethod
     def from_account(cls, account: Account) -> SessionInfo:
         meta = account.meta
         return cls(
             account.id, meta["user_id"], meta["provider"], int(meta["budget"]),
-            meta.get("expires_us"), Policy.parse(meta.get("policy")),
+            meta.get("expires_us"), Policy.parse(meta.get("policy")), meta.get("source"),
         )  # fmt: skip
 
     def route_account(self, index: int) -> str:
         return f"{self.account_id}:r{index}"
 
+    def source_account(self, asset: str) -> str:
+        return self.source or budget_account_id(asset)
+
     def metadata(self) -> dict[str, Any]:
         return {"user_id": self.user_id, "provider": self.provider, "budget": self.budget,
-                "expires_us": self.expires_us, "policy": self.policy.to_json()}  # fmt: skip
+                "expires_us": self.expires_us, "policy": self.policy.to_json(),
+                "source": self.source}  # fmt: skip
 
     def expired(self, now_us: int | None = None) -> bool:
         now_us = time.time_ns() // 1000 if now_us is None else now_us
@@ -307,9 +324,10 @@ def session_specs(
     amount = parse_amount(budget, allow_zero=False, param="budget")
     parsed = Policy.parse(policy)  # type: ignore[arg-type]
     token = new_token()
+    account_id = session_account_id(token)
     info = SessionInfo(
-        session_account_id(token), user_id, provider, amount,
-        expires_at(expires_in, time.time_ns() // 1000), parsed,
+        account_id, user_id, provider, amount,
+        expires_at(expires_in, time.time_ns() // 1000), parsed, f"{account_id}:src",
     )  # fmt: skip
     return token, info
 

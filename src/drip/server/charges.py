@@ -53,6 +53,10 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     led = client.ledger
 
     def caps_of(hold_id: str) -> list[Cap]:
+        if DERIVED_SEP in hold_id:
+            # a session's or route's half of a linked hold (``<hold>~cap0``): it settles
+            # with its hold, never alone (the API never hands such an id out)
+            raise errors.HoldNotFound(f"hold {hold_id!r} does not exist", param="hold_id")
         caps: list[Cap] = []
         while (cap := led.get_hold(f"{hold_id}{DERIVED_SEP}cap{len(caps)}")) is not None:
             caps.append(Cap(cap.debit_account_id, cap.credit_account_id))
