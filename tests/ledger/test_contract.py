@@ -484,6 +484,54 @@ async def test_a_cancelled_callers_private_hold_is_dropped_or_voided(
     assert_invariants(led)
 
 
+def test_an_interrupted_blocking_wait_for_a_private_hold_voids_it(store_url: str) -> None:
+    """A thread blocked on a private hold (``@meter`` on a sync function) and interrupted
+    (Ctrl-C, or what a signal handler raises) never gets the hold: once it lands it is
+    voided, not left reserving the funds until its timeout."""
+    import signal
+    import threading
+    import time
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    led = open_ledger(store_url)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        asyncio.run(wallet(led, funds=USD))
+        release = threading.Timer(0.6, _block_writes(store_url))
+        release.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            led.sync.hold("h-sync", "user:a", "rev:p", 300_000, code="search", private=True)
+        release.join()
+        for _ in range(300):
+            held = led.get_hold("h-sync")
+            if held is not None and held.state != HoldState.PENDING:
+                break
+            time.sleep(0.01)
+        assert held is not None and held.state == HoldState.VOIDED
+        assert bal(led, "user:a") == (USD, 0, USD)
+        # a hold whose id the caller chose is the caller's to resolve: it stays
+        release = threading.Timer(0.6, _block_writes(store_url))
+        release.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            led.sync.hold("h-public", "user:a", "rev:p", 300_000, code="search")
+        release.join()
+        time.sleep(0.5)
+        kept = led.get_hold("h-public")
+        assert kept is not None and kept.state == HoldState.PENDING
+        assert_invariants(led)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        led.close()
+
+
 def test_a_shutdown_with_private_holds_in_flight_leaves_none_reserved(store_url: str) -> None:
     """``asyncio.run``'s teardown (Ctrl-C, a main() that returns with metered calls in
     flight) cancels the callers of private holds while their batch waits for the

@@ -363,3 +363,19 @@ async def test_reads_wait_on_postgresql_without_blocking_the_event_loop(postgres
         locker.close()
         client.close()
     assert user["balance_usdc"] == Decimal("1")
+
+
+async def test_a_replayed_topup_resumes_nobody(client: DripClient) -> None:
+    """The same idempotency key again moves nothing, so it must not undo a pause made
+    since (a payment processor re-sends deliveries for days)."""
+    await client.provision_user("p", initial_balance="1")
+    await client.hibernate("p")
+    first = await client.topup("p", "2", idempotency_key="pay-1")
+    assert not first.replayed and (await client.get_user("p"))["status"] == "active"
+    await client.hibernate("p")
+    again = await client.topup("p", "2", idempotency_key="pay-1")
+    assert again.replayed and again.id == first.id
+    assert (await client.get_user("p"))["status"] == "paused"
+    assert client.sync.topup("p", "2", idempotency_key="pay-1").replayed
+    user = await client.get_user("p")
+    assert (user["status"], user["balance_usdc"]) == ("paused", Decimal("3"))

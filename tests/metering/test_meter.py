@@ -743,3 +743,143 @@ def test_configure_again_replaces_the_client(tmp_path: Any, meter_module: Module
         assert user_state(check, "alice")[0] == Decimal("1")  # the old database untouched
     finally:
         check.close()
+
+
+# --- calls that must never be billed (review findings) ----------------------------------
+
+
+def test_generators_cannot_be_metered(client: DripClient) -> None:
+    """A generator's body runs only as it is iterated, after the call returned: metering
+    it would bill a body that may fail or never run. Refused at decoration."""
+
+    def sync_gen(user_id: str) -> Iterator[int]:
+        yield 1
+
+    async def async_gen(user_id: str) -> Any:
+        yield 1
+
+    class Streams:
+        def __call__(self, user_id: str) -> Iterator[int]:
+            yield 1
+
+    for fn in (sync_gen, async_gen, Streams()):
+        with pytest.raises(errors.ConfigError, match="generator"):
+            client.meter(cost="0.1", event="gen")(fn)
+
+
+async def test_an_object_with_an_async_call_is_metered_as_async(client: DripClient) -> None:
+    await client.provision_user("obj", initial_balance="1")
+
+    class Tool:
+        async def __call__(self, user_id: str, fail: bool = False) -> str:
+            if fail:
+                raise ValueError("boom")
+            return "done"
+
+    tool = client.meter(cost="0.1", event="tool")(Tool())
+    assert await tool(user_id="obj") == "done"
+    with pytest.raises(ValueError, match="boom"):
+        await tool(user_id="obj", fail=True)
+    assert user_state(client, "obj") == (Decimal("0.9"), Decimal("0.9"), Decimal("0"))
+
+
+def test_a_lazy_result_is_refused_and_not_billed(client: DripClient) -> None:
+    """A plain function handing back a coroutine or generator has not done its work."""
+    client.sync.provision_user("lazy", initial_balance="1")
+
+    async def work() -> str:
+        return "never run"
+
+    @client.meter(cost="0.1", event="lazy")
+    def returns_coroutine(user_id: str) -> Any:
+        return work()
+
+    @client.meter(cost="0.1", event="lazy")
+    def returns_generator(user_id: str) -> Any:
+        return (i for i in range(3))
+
+    for fn in (returns_coroutine, returns_generator):
+        with pytest.raises(errors.ConfigError, match="instead of its result"):
+            in_fresh_context(fn, user_id="lazy")
+    assert user_state(client, "lazy") == (Decimal("1"), Decimal("1"), Decimal("0"))
+
+
+async def test_the_payer_is_found_as_python_binds_the_call(client: DripClient) -> None:
+    """A keyword-only payer after ``*args`` is not read from the positional arguments, and
+    a positional-only payer is not read from ``**kwargs``."""
+    await client.provision_user("alice", initial_balance="1")
+    await client.provision_user("bob", initial_balance="1")
+
+    @client.meter(cost="0.1", event="tag")
+    async def tag(*labels: str, user_id: str) -> tuple[str, ...]:
+        return labels
+
+    @client.meter(cost="0.1", event="opts")
+    async def opts(user_id: str, /, **options: str) -> dict[str, str]:
+        return options
+
+    assert await tag("urgent", "bob", user_id="alice") == ("urgent", "bob")
+    assert await opts("alice", user_id="bob") == {"user_id": "bob"}
+    assert (await client.get_user("alice"))["balance_usdc"] == Decimal("0.8")
+    assert (await client.get_user("bob"))["balance_usdc"] == Decimal("1")
+
+    async def by_star(*user_id: str) -> None:
+        return None
+
+    with pytest.raises(errors.ConfigError, match="user_id"):
+        client.meter(cost="0.1", event="x")(by_star)
+
+
+async def test_last_charge_is_none_after_an_uncharged_call(client: DripClient) -> None:
+    await client.provision_user("lc", initial_balance="0.25")
+
+    @client.meter(cost="0.1", event="e")
+    async def call(user_id: str, fail: bool = False) -> None:
+        if fail:
+            raise RuntimeError("failed")
+
+    await call(user_id="lc")
+    assert drip.last_charge() is not None
+    with pytest.raises(RuntimeError):
+        await call(user_id="lc", fail=True)
+    assert drip.last_charge() is None  # voided: nothing was charged by the last call
+    await call(user_id="lc")
+    with pytest.raises(DripInsufficientCredits):
+        await call(user_id="lc")
+    assert drip.last_charge() is None
+
+
+@pytest.mark.parametrize("void_on_error", [True, False])
+async def test_a_call_failing_after_its_hold_expired_raises_its_own_error(
+    store_url: str, void_on_error: bool
+) -> None:
+    client = DripClient(DripConfig(database_url=store_url, hold_timeout_s=1,
+                                   void_on_error=void_on_error))  # fmt: skip
+    try:
+        await client.provision_user("slow", initial_balance="1")
+
+        @client.meter(cost="0.1", event="slow")
+        async def slow(user_id: str) -> None:
+            await asyncio.sleep(1.3)
+            client.ledger.expire_holds()
+            raise ValueError("boom")
+
+        @client.meter(cost="0.1", event="slow")
+        def slow_sync(user_id: str) -> None:
+            import time
+
+            time.sleep(1.3)
+            client.ledger.expire_holds()
+            raise ValueError("boom sync")
+
+        with pytest.raises(ValueError, match="boom"):
+            await slow(user_id="slow")
+        with pytest.raises(ValueError, match="boom sync"):
+            await asyncio.to_thread(in_fresh_context, slow_sync, user_id="slow")
+        # void_on_error=False charges the whole hold afresh (the late charge), else nothing
+        charged = Decimal("0.2") if not void_on_error else Decimal("0")
+        state = (await client.get_user("slow"))["balance_usdc"], Decimal("1") - charged
+        assert state[0] == state[1]
+        assert client.ledger.check_invariants().ok
+    finally:
+        client.close()

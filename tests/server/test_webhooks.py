@@ -183,6 +183,46 @@ def test_a_top_up_resumes_a_paused_user(server: Server, store_url: str) -> None:
     with server.client(server.admin) as http:
         wallet = http.get("/v1/wallets/sleepy").json()
     assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
+    # paused again by the operator; the processor re-sends the delivery: nothing moves
+    asyncio.run(pause())
+    for event_id in ("evt_wake", "evt_wake_again"):
+        again = stripe_event(checkout, 100, event_id=event_id)
+        r = post_stripe(server, again, stripe_header(again, server.stripe_secret))
+        assert r.status_code == 200, r.text
+    with server.client(server.admin) as http:
+        wallet = http.get("/v1/wallets/sleepy").json()
+    assert wallet["status"] == "paused" and wallet["available"]["atomic"] == 1_000_000
+
+
+def test_a_delivery_that_stopped_before_marking_its_checkout_paid_is_finished(
+    server: Server, store_url: str
+) -> None:
+    """Credited, then the server died before it marked the checkout paid: the processor's
+    retry credits nothing more, and finishes the resume the first delivery began."""
+    import asyncio
+
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+
+    checkout = _checkout(server, "crashed", "1.00")
+
+    async def credit_without_finishing() -> None:
+        client = DripClient(DripConfig(database_url=store_url))
+        try:
+            await client.hibernate("crashed")
+            await client.topup("crashed", "1", idempotency_key=f"checkout:{checkout}")
+            await client.hibernate("crashed")  # as it stood: credited, not resumed
+        finally:
+            client.close()
+
+    asyncio.run(credit_without_finishing())
+    payload = stripe_event(checkout, 100, event_id="evt_retry")
+    r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+    assert r.status_code == 200, r.text
+    with server.client(server.admin) as http:
+        wallet = http.get("/v1/wallets/crashed").json()
+        assert http.get(f"/v1/checkout/{checkout}").json()["status"] == "paid"
+    assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
 
 
 def test_undecodable_or_non_object_bodies_are_400(server: Server) -> None:

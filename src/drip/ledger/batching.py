@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -112,10 +113,23 @@ class GroupCommitter:
                     item.future.set_exception(exc)
 
     def submit(self, op: Any) -> Any:
-        """Queue ``op`` and block this thread until its batch commits; return its result."""
+        """Queue ``op`` and block this thread until its batch commits; return its result.
+
+        A private hold whose waiter is interrupted meanwhile (``KeyboardInterrupt``, or
+        whatever a signal handler raises) is voided once it lands: nobody else knows its
+        id, so it would reserve the funds until its timeout."""
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._push(_Item(op, None, future))
-        return future.result()
+        try:
+            return future.result()
+        except BaseException:
+            if getattr(op, "private", False):
+                future.add_done_callback(functools.partial(self._void_interrupted, op))
+            raise
+
+    def _void_interrupted(self, op: Any, future: concurrent.futures.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._void_orphans([(_Item(op, None, future), future.result())])
 
     def housekeep_soon(self) -> None:
         """Run the housekeeping at the writer thread's next turn, not at its interval."""

@@ -604,7 +604,13 @@ class Engine:
             raise errors.IdempotencyConflict(
                 f"transfer id {spec.id!r} was already used with different fields", param="id"
             )
-        return existing
+        if not existing.seq:
+            # created by this very batch (its seq comes when it is written): the same
+            # record, not a replay of an earlier one
+            return existing
+        replay = existing.copy()
+        replay.replayed = True
+        return replay
 
 
 def _resolved_error(hold: Hold) -> errors.DripError:

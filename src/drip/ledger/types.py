@@ -182,6 +182,9 @@ class Transfer:
     metadata: str | None = None
     ts_us: int = 0
     seq: int = 0
+    #: set on what a create returns when the id existed already (an idempotent replay:
+    #: nothing moved this time); never stored
+    replayed: bool = field(default=False, compare=False, repr=False)
 
     @property
     def meta(self) -> dict[str, Any]:

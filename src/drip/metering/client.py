@@ -398,7 +398,8 @@ class DripClient(_Base):
     async def topup(
         self, user_id: str, amount: AmountLike, *, idempotency_key: str | None = None
     ) -> Transfer:
-        """Credit the wallet from the outside world; a paused user is resumed."""
+        """Credit the wallet from the outside world; a paused user is resumed. A replay
+        (an ``idempotency_key`` already credited) moves nothing and resumes nobody."""
         atomic = parse_amount(amount, allow_zero=False)
         led = self.ledger
         with user_errors(user_id):
@@ -406,6 +407,8 @@ class DripClient(_Base):
                 idempotency_key or new_call_id("topup"), funding_account_id(led.asset.symbol),
                 wallet_id(user_id), atomic, code="topup",
             )  # fmt: skip
+        if transfer.replayed:
+            return transfer
         if (await led.off_loop(led.account, wallet_id(user_id))).status == AccountStatus.FROZEN:
             await led.set_status(wallet_id(user_id), AccountStatus.OPEN)
         return transfer
@@ -538,6 +541,8 @@ class SyncDripClient:
                 funding_account_id(self._client.ledger.asset.symbol), wallet_id(user_id), atomic,
                 code="topup",
             )  # fmt: skip
+        if transfer.replayed:
+            return transfer
         if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
             led.set_status(wallet_id(user_id), AccountStatus.OPEN)
         return transfer

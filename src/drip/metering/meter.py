@@ -15,11 +15,12 @@ available as :func:`last_charge`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drip import errors
@@ -82,22 +83,27 @@ Payer = Callable[[tuple[Any, ...], dict[str, Any]], str]
 
 
 def _payer_getter(fn: Callable[..., Any], param: str) -> Payer:
+    """Where the payer's argument is in a call, exactly as Python binds it: a positional
+    slot (unless keyword-only), a keyword (unless positional-only), or its default."""
     signature = inspect.signature(fn)
-    if param not in signature.parameters:
+    parameter = signature.parameters.get(param)
+    if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
         raise errors.ConfigError(
-            f"meter: {fn.__qualname__} has no parameter {param!r} naming the payer "
-            f"(set user_id_param=...)",
+            f"meter: {_name(fn)} has no parameter {param!r} naming the payer "
+            f"(set user_id_param=...; not a *args or **kwargs parameter)",
             param="user_id_param",
         )
     position = list(signature.parameters).index(param)
+    by_position = parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    by_keyword = parameter.kind != parameter.POSITIONAL_ONLY  # else **kwargs takes the name
 
     def payer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        if param in kwargs:
+        if by_keyword and param in kwargs:
             value = kwargs[param]
-        elif position < len(args):
+        elif by_position and position < len(args):
             value = args[position]
         else:
-            default = signature.parameters[param].default
+            default = parameter.default
             if default is inspect.Parameter.empty:
                 raise errors.InvalidRequest(f"{param} is required to bill this call", param=param)
             value = default
@@ -133,15 +139,25 @@ def make_meter(
                                         amount=pricing.hold)  # fmt: skip
 
     def decorate(fn: F) -> F:
+        call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's own method
+        if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)
+               for f in (fn, call)):  # fmt: skip
+            raise errors.ConfigError(
+                f"meter: {_name(fn)} is a generator: its body runs as it is iterated, after "
+                "the call returned. Meter the function that consumes it, or hold and capture "
+                "with client.ledger",
+                param="fn",
+            )
         payer = _payer_getter(fn, session_param or user_id_param)
 
         def void_wanted(client: DripClient) -> bool:
             return client.config.void_on_error if void_on_error is None else void_on_error
 
-        if inspect.iscoroutinefunction(fn):
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call):
 
             @functools.wraps(fn)
             async def metered_async(*args: Any, **kwargs: Any) -> Any:
+                _last_charge.set(None)
                 client = get_client()
                 wallet, caps, refusals = await resolve_async(client, payer(args, kwargs))
                 led = client.ledger
@@ -168,6 +184,7 @@ def make_meter(
 
         @functools.wraps(fn)
         def metered(*args: Any, **kwargs: Any) -> Any:
+            _last_charge.set(None)
             client = get_client()
             wallet, caps, refusals = resolve(client, payer(args, kwargs))
             led = client.ledger.sync
@@ -175,15 +192,22 @@ def make_meter(
                 hold = led.hold(
                     new_call_id("call"), wallet, client.revenue_account, pricing.hold,
                     code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
+                    private=True,  # voided by the ledger if this thread is interrupted first
                 )  # fmt: skip
             try:
                 result = fn(*args, **kwargs)
+                _refuse_lazy(fn, result)
                 amount = pricing.actual(result)
-            except BaseException:
-                if void_wanted(client):
+            except _LazyResult as lazy:
+                with _settling_failed(hold):
                     led.void(hold, caps=caps)
-                else:
-                    _last_charge.set(led.post(hold, caps=caps))
+                raise lazy.error from None
+            except BaseException:
+                with _settling_failed(hold):
+                    if void_wanted(client):
+                        led.void(hold, caps=caps)
+                    else:
+                        _last_charge.set(capture_sync(led, hold, hold.amount, caps))
                 raise
             charge = capture_sync(led, hold, amount, caps)
             _last_charge.set(charge)
@@ -192,6 +216,42 @@ def make_meter(
         return metered  # type: ignore[return-value]
 
     return decorate
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+
+
+class _LazyResult(Exception):
+    def __init__(self, error: errors.ConfigError) -> None:
+        self.error = error
+
+
+def _refuse_lazy(fn: Callable[..., Any], result: Any) -> None:
+    """A plain function that hands back a coroutine or a generator has not done its work
+    yet: charging for it would bill a body that may never run, or fail."""
+    if inspect.isawaitable(result) or inspect.isgenerator(result) or inspect.isasyncgen(result):
+        close = getattr(result, "close", None)
+        if callable(close) and not inspect.isasyncgen(result):
+            close()  # never run: no "coroutine was never awaited" warning later
+        raise _LazyResult(errors.ConfigError(
+            f"meter: {_name(fn)} returned {type(result).__name__} instead of its result; "
+            "meter an async def with async code, and not a generator", param="fn",
+        ))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _settling_failed(hold: Transfer) -> Iterator[None]:
+    """Settle a failed call's hold without hiding the call's own exception: a hold that
+    expired meanwhile reserves nothing already; any other failure is logged (the hold's
+    timeout releases it)."""
+    try:
+        yield
+    except errors.HoldExpired:
+        pass
+    except errors.DripError as exc:
+        log.error("could not settle the hold %s of a failed call (%s); its timeout will",
+                  hold.id, exc.code)  # fmt: skip
 
 
 def _late(hold: Transfer, exc: errors.DripError) -> None:
@@ -243,10 +303,12 @@ async def _settle_failed_async(
 ) -> Charge | None:
     """Void the hold of a failed call (or capture all of it); runs shielded from cancellation,
     so the caller sets ``last_charge`` from the returned charge in its own context."""
-    if void:
-        await client.ledger.void(hold, caps=caps)
-        return None
-    return await client.ledger.post(hold, caps=caps)
+    led = client.ledger
+    with _settling_failed(hold):
+        if not void:  # capture all of it (charged afresh if the hold expired meanwhile)
+            return await capture_async(led, hold, hold.amount, caps)
+        await led.void(hold, caps=caps)
+    return None
 
 
 # --- module-level configuration (the seed's ``drip.configure()`` + ``@meter``) ---------

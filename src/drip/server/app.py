@@ -432,6 +432,11 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         transfer = await client.topup(
             checkout.user_id, to_decimal(checkout.amount), idempotency_key=f"checkout:{checkout.id}"
         )
+        if transfer.replayed and checkout.status == "pending":
+            # credited by a delivery that stopped before marking the checkout paid: finish
+            # what it began (a duplicate of a finished delivery resumes nobody: the user
+            # may have been paused since)
+            await client.restore(checkout.user_id)
         await run_in_threadpool(checkouts.mark_paid, checkout.id, payment.event_id)
         return {"received": True, "credited": _money(transfer.amount),
                 "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip
