@@ -121,6 +121,9 @@ def test_zero_refused_when_not_allowed() -> None:
         "inf",
         "nan",
         "Infinity",
+        "\u0665",  # ARABIC-INDIC DIGIT FIVE: a digit, but not one an amount is written in
+        "\uff15.5",  # FULLWIDTH DIGIT FIVE
+        "1\u0660",
         "1" * 65,  # longer than any amount the ledger can hold
         "0." + "0" * 70 + "1",
         "9" * 60,  # fits the length limit, far outside the range

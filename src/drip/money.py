@@ -19,7 +19,8 @@ AMOUNT_ATOMIC_MAX = 2**63 - 1
 
 #: Whole-unit digits an amount may have (the ledger's range is about 9.2e12 USDC).
 _WHOLE_DIGITS_MAX = 18
-_DECIMAL_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,4})?$")
+#: ASCII digits only: ``\d`` alone takes any Unicode digit (Arabic-Indic, full-width)
+_DECIMAL_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?")
 
 
 @dataclass(frozen=True, slots=True)

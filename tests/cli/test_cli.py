@@ -223,6 +223,7 @@ def test_doctor_prints_each_invariant(db_url: str) -> None:
         (["wallet", "topup", "u1", "0"], "invalid_amount"),
         (["wallet", "create", "u9", "--initial-balance", "0.0000001"], "invalid_amount"),
         (["usage", "--bucket", "week"], "invalid_request"),
+        (["usage", "--user", "ghost"], "user_not_found"),
     ],
     ids=[
         "show-unknown",
@@ -231,6 +232,7 @@ def test_doctor_prints_each_invariant(db_url: str) -> None:
         "topup-zero",
         "create-precision",
         "usage-bucket",
+        "usage-unknown",
     ],
 )
 def test_errors_are_one_line(db_url: str, args: list[str], code: str) -> None:
@@ -259,6 +261,38 @@ def test_unsupported_url_scheme_is_one_line(command: list[str]) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error (config_error): ")
     assert "mysql" in lines[0]
+
+
+def _one_error_line(result: Result) -> str:
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [["wallet", "show", "u"], ["doctor"]], ids=" ".join)
+def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database, just some bytes\n" * 10)
+    line = _one_error_line(drip_cli(*command, url=f"sqlite:///{junk}", columns="80"))
+    assert line.startswith("error (store_unavailable): ") and "not a database" in line
+    assert junk.read_bytes().startswith(b"not a database")  # left as it was
+
+
+def test_an_unreachable_postgresql_is_one_line_at_once() -> None:
+    """Not a pool retrying and logging for 30 s: the first connection's refusal."""
+    result = drip_cli("wallet", "list", url="postgresql://u:secret@127.0.0.1:1/db", columns="80")
+    line = _one_error_line(result)
+    assert line.startswith("error (store_unavailable): cannot connect to PostgreSQL"), line
+    assert "secret" not in result.output
+
+
+def test_a_bad_setting_names_the_setting(db_url: str) -> None:
+    result = CliRunner().invoke(app, ["wallet", "list", "--database-url", db_url],
+                                env={"DRIP_FEE_BPS": "abc", "COLUMNS": "80"})  # fmt: skip
+    line = _one_error_line(result)
+    assert line.startswith("error (config_error): fee_bps: "), line
 
 
 def test_no_arguments_shows_help() -> None:

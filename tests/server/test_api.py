@@ -400,3 +400,53 @@ def test_a_request_waiting_on_the_database_does_not_stall_the_server(
         locker.close()
     assert [r.status_code for r in responses] == [200, 200]
     assert responses[1].json()["wallet"]["available"]["usdc"] == "1.5"
+
+
+def test_amounts_are_exact_or_refused(server: Server) -> None:
+    """``true`` is not 1 USDC, and a JSON number with a fraction is a binary float by the
+    time it is read (``1.00000000000000001`` reads as 1): both are refused, nothing moves.
+    Decimal strings and whole-USDC integers are exact."""
+    with server.client(server.admin) as http:
+        assert http.post("/v1/wallets", json={"user_id": "exact"}).status_code == 201
+        refused = [
+            ("/v1/wallets", {"user_id": "exact2", "initial_balance": True}),
+            ("/v1/wallets/exact/topup", {"amount": True}),
+            ("/v1/wallets/exact/topup", {"amount": 1.00000000000000001}),
+            ("/v1/wallets/exact/topup", {"amount": 90071992547.409921}),
+            ("/v1/wallets/exact/topup", {"amount": 0.5}),
+            ("/v1/checkout", {"user_id": "exact", "amount": True}),
+            ("/v1/sessions", {"user_id": "exact", "provider": "default", "budget": True}),
+            ("/v1/sessions", {"user_id": "exact", "provider": "default", "budget": "1",
+                              "expires_in_s": True}),
+            ("/v1/holds", {"amount": "0.1", "event": "e", "user_id": "exact",
+                           "timeout_s": True}),
+        ]  # fmt: skip
+        for i, (path, body) in enumerate(refused):
+            r = http.post(path, json=body, headers={"Idempotency-Key": f"exact-{i}"})
+            assert r.status_code == 422, (path, body, r.text)
+            assert set(_error(r)) == {"type", "code", "message", "param"}
+        assert http.get("/v1/wallets/exact").json()["available"]["atomic"] == 0
+        assert http.get("/v1/wallets/exact2").status_code == 404
+        for i, amount in enumerate(("90071992547.409921", 3)):
+            r = http.post("/v1/wallets/exact/topup", json={"amount": amount},
+                          headers={"Idempotency-Key": f"exact-ok-{i}"})  # fmt: skip
+            assert r.status_code == 200, r.text
+        assert http.get("/v1/wallets/exact").json()["available"]["atomic"] == 90071992550409921
+
+
+def test_malformed_ids_and_urls_are_4xx_never_500(server: Server) -> None:
+    """NUL characters in path ids (PostgreSQL refuses them in text) and URLs that
+    ``urlsplit`` cannot parse are the client's mistakes."""
+    with server.client(server.admin) as http:
+        for url in ("http://[::1", "http://[zz]/x", "http://exa\x00mple.com/hook",
+                    "http://example.com/a b"):  # fmt: skip
+            r = http.post("/v1/webhook-endpoints", json={"url": url})
+            assert r.status_code == 400, (url, r.text)
+            assert _error(r)["param"] == "url"
+        assert http.delete("/v1/webhook-endpoints/a%00").status_code == 404
+        for action in ("capture", "void"):
+            r = http.post(f"/v1/holds/a%00b/{action}", json={},
+                          headers={"Idempotency-Key": f"nul-{action}"})  # fmt: skip
+            assert r.status_code in (400, 404), r.text
+            assert set(_error(r)) == {"type", "code", "message", "param"}
+        assert http.post("/v1/wallets", json={"user_id": "still-fine"}).status_code == 201

@@ -254,3 +254,67 @@ def test_a_checkout_request_run_again_returns_the_same_checkout(store_url: str) 
         assert rows[0][0] == 3
     finally:
         store.close()
+
+
+def test_a_delayed_stripe_payment_credits_when_it_succeeds(server: Server) -> None:
+    """Bank debits complete the Checkout Session ``unpaid``; the money is there only at
+    ``checkout.session.async_payment_succeeded``."""
+    checkout = _checkout(server, "ach", "3.00")
+    completed = json.loads(stripe_event(checkout, 300, event_id="evt_done"))
+    completed["data"]["object"]["payment_status"] = "unpaid"
+    payload = json.dumps(completed).encode()
+    r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+    assert r.status_code == 200 and r.json()["ignored"] == "checkout.session.completed"
+    assert _balance(server, "ach") == 0
+    paid = json.loads(stripe_event(checkout, 300, event_id="evt_paid"))
+    paid["type"] = "checkout.session.async_payment_succeeded"
+    payload = json.dumps(paid).encode()
+    r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+    assert r.status_code == 200, r.text
+    assert _balance(server, "ach") == 3_000_000
+
+
+def test_odd_but_signed_stripe_events_credit_nothing_and_are_not_500s(server: Server) -> None:
+    checkout = _checkout(server, "odd", "1.00")
+    odd_metadata = json.loads(stripe_event(checkout, 100, event_id="evt_odd"))
+    odd_metadata["data"]["object"]["metadata"] = ["drip_checkout_id", checkout]
+    bad_id = json.loads(stripe_event(checkout, 100, event_id="evt_\u0000nul"))
+    for event, status in ((odd_metadata, 200), (bad_id, 400)):
+        payload = json.dumps(event).encode()
+        r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+        assert r.status_code == status, r.text
+    assert _balance(server, "odd") == 0
+    with server.client(server.reader) as http:
+        assert http.get(f"/v1/checkout/{checkout}").json()["status"] == "pending"
+
+
+def test_an_oversized_webhook_body_is_refused_before_it_is_read(server: Server) -> None:
+    """The route takes no key: a declared size past the cap is refused at once, and an
+    undeclared (chunked) body is read only up to the cap."""
+    from drip.server.app import WEBHOOK_BYTES_MAX
+
+    big = b"x" * (WEBHOOK_BYTES_MAX + 1)
+    with server.client() as http:
+        r = http.post("/v1/webhooks/stripe", content=big,
+                      headers={"Stripe-Signature": "t=1,v1=00"})  # fmt: skip
+        assert r.status_code == 400 and "too large" in r.json()["error"]["message"]
+
+
+async def test_an_undeclared_webhook_body_is_read_only_up_to_the_cap() -> None:
+    import pytest
+    from starlette.requests import Request
+
+    from drip import errors
+    from drip.server.app import WEBHOOK_BYTES_MAX, webhook_body
+
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        sent += 1  # 64 MiB in all, if it were all read
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": sent < 64}
+
+    request = Request({"type": "http", "method": "POST", "headers": []}, receive)
+    with pytest.raises(errors.InvalidRequest, match="too large"):
+        await webhook_body(request)
+    assert sent == WEBHOOK_BYTES_MAX // (1 << 20) + 1

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -67,8 +68,20 @@ def friendly(fn: F) -> F:
         except errors.DripError as exc:
             err.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
             raise typer.Exit(1) from None
-        except ValueError as exc:  # pydantic ValidationError of DripConfig
+        except ValidationError as exc:  # DripConfig from flags, environment or drip.toml
+            problems = exc.errors()
+            where = ".".join(str(p) for p in problems[0]["loc"]) if problems else ""
+            what = problems[0]["msg"] if problems else str(exc)
+            err.print(f"[bold red]error[/] (config_error): {where or 'settings'}: {what}",
+                      highlight=False)  # fmt: skip
+            raise typer.Exit(1) from None
+        except ValueError as exc:
             err.print(f"[bold red]error[/] (config_error): {exc}".splitlines()[0], highlight=False)
+            raise typer.Exit(1) from None
+        except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            err.print(f"[bold red]error[/] (internal_error): {type(exc).__name__}: {text}",
+                      highlight=False)  # fmt: skip
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -176,6 +189,8 @@ def usage(
         raise errors.InvalidRequest("bucket must be minute, hour or day", param="bucket")
     client = _client(database_url)
     try:
+        if user_id is not None:
+            client.sync.get_user(user_id)  # a mistyped user is an error, not an empty table
         rows = client.sync.usage(user_id, bucket_s=sizes[bucket])
     finally:
         client.close()

@@ -45,6 +45,8 @@ from drip.ledger.types import Account, Balance, Hold, Transfer
 BATCH_RETRIES_MAX = 8
 #: Writer threads per process: batches in flight at once.
 WRITERS = 1
+#: Longest wait for the server to answer a new connection (psycopg: whole seconds).
+CONNECT_TIMEOUT_S = 10
 _MIGRATION_LOCK_KEY = 0x44524950  # "DRIP"
 _RETRYABLE = (
     pg_errors.DeadlockDetected,
@@ -116,6 +118,9 @@ class PostgresStore(Store):
         self._loop_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopBatcher]
         self._loop_batchers = weakref.WeakKeyDictionary()
         try:
+            # one plain connection first: a server that is down or refuses the login is a
+            # clear error now, not a pool retrying (and logging) for 30 s
+            psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
             self._pool = ConnectionPool(
                 url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True, timeout=30
             )

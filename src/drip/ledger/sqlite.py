@@ -163,7 +163,11 @@ class SqliteStore(Store):
         self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._all_lock = threading.Lock()
         self._writer = self._connect()
-        self._writer.execute("PRAGMA journal_mode=WAL")
+        try:
+            self._writer.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:  # e.g. "file is not a database"
+            self._writer.close()
+            raise errors.StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
         # the loop's connection never waits for the lock: busy means "hand off"
         self._fast = self._connect()
         self._fast.execute("PRAGMA busy_timeout=0")
@@ -199,13 +203,20 @@ class SqliteStore(Store):
             )
         except sqlite3.Error as exc:
             raise errors.StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        conn.execute("PRAGMA cache_size=-65536")
-        # commits never checkpoint (that would fsync on the hot path); housekeeping does
-        conn.execute(f"PRAGMA wal_autocheckpoint={0 if self.synchronous != 'FULL' else 1000}")
-        conn.execute("PRAGMA journal_size_limit=67108864")
+        try:
+            for pragma in (
+                f"busy_timeout={BUSY_TIMEOUT_MS}",
+                f"synchronous={self.synchronous}",
+                "foreign_keys=OFF",
+                "cache_size=-65536",
+                # commits never checkpoint (that would fsync on the hot path); housekeeping
+                f"wal_autocheckpoint={0 if self.synchronous != 'FULL' else 1000}",
+                "journal_size_limit=67108864",
+            ):
+                conn.execute(f"PRAGMA {pragma}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise errors.StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         if keep:
             with self._all_lock:
                 self._all.append(conn)
@@ -623,7 +634,12 @@ class SqliteStore(Store):
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         with self._locked():
-            self._migrate(component, migrations)
+            try:
+                self._migrate(component, migrations)
+            except sqlite3.Error as exc:  # not a database, locked past the timeout, ...
+                raise errors.StoreError(
+                    f"cannot prepare SQLite database {self.path!r}: {exc}"
+                ) from exc
 
     def _migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         cur = self._writer.cursor()

@@ -30,7 +30,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from drip import errors
@@ -39,6 +39,7 @@ from drip.ledger import AccountKind, Transfer, UsageRow, funding_account_id
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
+from drip.server.charges import Amount
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.endpoints import add_routes as add_endpoint_routes
 from drip.server.idempotency import IdempotencyConflictHttp, Responses, check_key
@@ -58,8 +59,6 @@ from drip.server.topups import (
 WEBHOOK_BYTES_MAX = 256 * 1024
 
 log = logging.getLogger("drip.server")
-
-Amount = Annotated[str | int | float, Field(description='USDC as a decimal string, e.g. "2.50"')]
 
 
 class WalletCreate(BaseModel):
@@ -82,13 +81,29 @@ class SessionCreate(BaseModel):
     user_id: str = Field(min_length=1, max_length=150)
     provider: str = Field(min_length=1, max_length=150)
     budget: Amount
-    expires_in_s: int | None = Field(default=None, gt=0)
+    expires_in_s: StrictInt | None = Field(default=None, gt=0)
     policy: dict[str, Any] | None = None
 
 
 class Adjust(BaseModel):
     amount: Amount = Field(description="Signed: positive credits the wallet, negative debits it")
     reason: str = Field(min_length=1, max_length=200)
+
+
+async def webhook_body(request: Request) -> bytes:
+    """The body, read no further than ``WEBHOOK_BYTES_MAX`` (the route needs no key)."""
+    too_large = errors.InvalidRequest("the webhook body is too large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > WEBHOOK_BYTES_MAX:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > WEBHOOK_BYTES_MAX:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_response(exc: errors.DripError) -> JSONResponse:
@@ -255,6 +270,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         first, so a concurrent twin gets a 409 instead of running too."""
         idem_key = check_key(idem)
         method, path = request.method, request.url.path
+        if not path.isprintable():  # a %00 in a path id: no such resource (and no record)
+            raise errors.NotFound("no such resource")
         digest = Responses.body_digest(method, path, body)
         # the records are database round trips: off the event loop, as every read here
         record = (key.key_id, idem_key, method, path, digest)
@@ -440,12 +457,6 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         await run_in_threadpool(checkouts.mark_paid, checkout.id, payment.event_id)
         return {"received": True, "credited": _money(transfer.amount),
                 "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip
-
-    async def webhook_body(request: Request) -> bytes:
-        body = await request.body()
-        if len(body) > WEBHOOK_BYTES_MAX:
-            raise errors.InvalidRequest("the webhook body is too large")
-        return body
 
     @app.post("/v1/webhooks/stripe", tags=["top-ups"])
     async def stripe_webhook(request: Request) -> dict[str, Any]:

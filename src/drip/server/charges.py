@@ -14,16 +14,33 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, StrictInt
 
 from drip import errors
 from drip.ledger import Charge, Transfer, TransferFlags
 from drip.ledger.ledger import Cap
-from drip.ledger.types import DERIVED_SEP, TIMEOUT_S_MAX, encode_metadata
+from drip.ledger.types import DERIVED_SEP, TIMEOUT_S_MAX, check_id, encode_metadata
 from drip.metering import DripClient, wallet_id
 from drip.money import format_plain, parse_amount
 
-Amount = Annotated[str | int | float, Field(description='USDC as a decimal string, e.g. "0.007"')]
+
+def _exact_amount(value: object) -> object:
+    """Amounts arrive as decimal strings, or whole USDC as JSON integers. A JSON number
+    with a fraction is a binary float by the time it is parsed (``1.00000000000000001``
+    reads as 1, ``90071992547.409921`` as ``...40993``), and ``true`` is not an amount."""
+    if isinstance(value, bool | float):
+        raise ValueError(
+            'amounts are decimal strings, e.g. "0.007" (or whole USDC as an integer): '
+            "a JSON number with a fraction is not exact"
+        )
+    return value
+
+
+Amount = Annotated[
+    str | int,
+    BeforeValidator(_exact_amount),
+    Field(description='USDC as a decimal string, e.g. "0.007"'),
+]
 Once = Callable[..., Awaitable[JSONResponse]]
 
 
@@ -35,7 +52,7 @@ class ChargeCreate(BaseModel):
 
 
 class HoldCreate(ChargeCreate):
-    timeout_s: int = Field(default=300, gt=0, le=TIMEOUT_S_MAX)
+    timeout_s: StrictInt = Field(default=300, gt=0, le=TIMEOUT_S_MAX)
 
 
 class Capture(BaseModel):
@@ -53,10 +70,6 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     led = client.ledger
 
     def caps_of(hold_id: str) -> list[Cap]:
-        if DERIVED_SEP in hold_id:
-            # a session's or route's half of a linked hold (``<hold>~cap0``): it settles
-            # with its hold, never alone (the API never hands such an id out)
-            raise errors.HoldNotFound(f"hold {hold_id!r} does not exist", param="hold_id")
         caps: list[Cap] = []
         while (cap := led.get_hold(f"{hold_id}{DERIVED_SEP}cap{len(caps)}")) is not None:
             caps.append(Cap(cap.debit_account_id, cap.credit_account_id))
@@ -161,6 +174,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         hold_id: str, body: Capture, key: admin, request: Request, idem: IdemKey = None
     ) -> JSONResponse:
         """Capture up to the held amount; the rest is released at once."""
+        _check_hold_id(hold_id)
         amount = None if body.amount is None else parse_amount(body.amount)
 
         async def run(_: str) -> tuple[int, Any]:
@@ -175,6 +189,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
         hold_id: str, key: admin, request: Request, idem: IdemKey = None
     ) -> JSONResponse:
         """Release the hold: nothing is charged."""
+        _check_hold_id(hold_id)
 
         async def run(_: str) -> tuple[int, Any]:
             await led.void(hold_id, caps=await run_in_threadpool(caps_of, hold_id))
@@ -184,6 +199,14 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
             return 200, await run_in_threadpool(hold_json, hold)
 
         return await once(key, idem, request, {}, run)
+
+
+def _check_hold_id(hold_id: str) -> None:
+    """A hold this API handed out: a valid id, and not a session's or route's half of a
+    linked hold (``<hold>~cap0``), which settles with its hold, never alone."""
+    check_id(hold_id, "hold_id")
+    if DERIVED_SEP in hold_id:
+        raise errors.HoldNotFound(f"hold {hold_id!r} does not exist", param="hold_id")
 
 
 def _keyed(body: BaseModel, session: str | None) -> dict[str, Any]:

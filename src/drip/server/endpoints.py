@@ -9,6 +9,7 @@ pause, resume, top-up) belong to the lifecycle work.
 """
 
 import base64
+import re
 import secrets
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ ENDPOINT_MIGRATIONS = (Migration(1, _V1, _V1),)
 #: Most endpoints one service keeps, and most event patterns one endpoint names.
 ENDPOINTS_MAX = 100
 EVENTS_MAX = 20
+_ENDPOINT_ID = re.compile(r"we_[0-9a-f]{24}")
 
 
 class EndpointCreate(BaseModel):
@@ -42,9 +44,16 @@ class EndpointCreate(BaseModel):
 
 
 def _check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.username:
-        raise errors.InvalidRequest("url must be an http(s) URL without credentials", param="url")
+    refused = errors.InvalidRequest("url must be an http(s) URL without credentials", param="url")
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise refused
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname  # raises on a malformed IPv6 literal
+    except ValueError:
+        raise refused from None
+    if parts.scheme not in ("https", "http") or not hostname or parts.username:
+        raise refused
     return url
 
 
@@ -83,6 +92,8 @@ class Endpoints:
         raise errors.NotFound(f"no webhook endpoint {endpoint_id[:40]!r}", param="id")
 
     def delete(self, endpoint_id: str) -> None:
+        if not _ENDPOINT_ID.fullmatch(endpoint_id):
+            raise errors.NotFound(f"no webhook endpoint {endpoint_id[:40]!r}", param="id")
         if not self.store.execute(
             "UPDATE webhook_endpoints SET deleted_us = ? WHERE id = ? AND deleted_us IS NULL",
             (wall_clock_us(), endpoint_id),

@@ -158,21 +158,35 @@ def verify_stripe(
     return _json(payload)
 
 
+#: Stripe's events that say a Checkout Session is paid: at completion (cards), or later
+#: for delayed methods (bank debits), whose completion comes first with ``unpaid``.
+STRIPE_PAID_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+
+
 def stripe_payment(event: Any) -> Payment | None:
     """A paid Drip checkout from a Stripe event, or None for events Drip does not use."""
-    if not isinstance(event, dict) or event.get("type") != "checkout.session.completed":
+    if not isinstance(event, dict) or event.get("type") not in STRIPE_PAID_EVENTS:
         return None
     obj = event.get("data", {}).get("object", {})
     if not isinstance(obj, dict):
         return None
-    checkout_id = (obj.get("metadata") or {}).get("drip_checkout_id")
+    metadata = obj.get("metadata") or {}
+    checkout_id = metadata.get("drip_checkout_id") if isinstance(metadata, dict) else None
     if obj.get("payment_status") not in (None, "paid") or not isinstance(checkout_id, str):
         return None
     cents = obj.get("amount_total")
     if not isinstance(cents, int) or isinstance(cents, bool) or cents <= 0:
         raise PaymentMismatch("amount_total must be a positive integer of cents")
-    return Payment(str(event.get("id")), checkout_id, cents * ATOMIC_PER_CENT,
+    return Payment(event_id(event.get("id")), checkout_id, cents * ATOMIC_PER_CENT,
                    str(obj.get("currency", "")).upper())  # fmt: skip
+
+
+def event_id(value: object) -> str:
+    """A delivery's event id as it is recorded with the checkout it paid."""
+    if not isinstance(value, str) or not 0 < len(value) <= 255 or not value.isprintable():
+        raise errors.InvalidRequest("the event id must be 1-255 printable characters",
+                                    param="id")  # fmt: skip
+    return value
 
 
 def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> dict[str, Any]:
@@ -191,7 +205,7 @@ def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> dic
     return _json(payload)
 
 
-def standard_payment(message: Any, event_id: str) -> Payment | None:
+def standard_payment(message: Any, msg_id: str) -> Payment | None:
     if not isinstance(message, dict) or message.get("type") != "checkout.paid":
         return None
     data = message.get("data") or {}
@@ -201,7 +215,7 @@ def standard_payment(message: Any, event_id: str) -> Payment | None:
     from drip.money import parse_amount
 
     amount = parse_amount(data.get("amount"), allow_zero=False, param="data.amount")
-    return Payment(event_id, checkout_id, amount, str(data.get("currency", "")).upper())
+    return Payment(event_id(msg_id), checkout_id, amount, str(data.get("currency", "")).upper())
 
 
 def _json(payload: bytes) -> dict[str, Any]:
