@@ -320,3 +320,23 @@ async def test_a_booking_failure_after_settlement_still_serves_the_payer(
     # the row says the money moved, for reconciliation
     [(status, tx)] = shop.client.ledger.store.query("SELECT status, tx_hash FROM x402_payments", ())
     assert status == "settled" and tx == settlement.transaction
+
+
+def test_head_and_prefixed_paths_find_their_priced_route(chain: Devnet, tmp_path: Any) -> None:
+    """As DripMeter: HEAD runs the GET handler, and a Mount or proxy prefix (root_path,
+    in ``path`` too) does not hide the route the app serves."""
+    base = {"pay_to": chain.accounts[2][0], "asset": chain.usdc}
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/route.db"))
+    try:
+        answer = x402_price("answer", "0.01", network=NETWORK, **base)
+        meter = X402Meter(FastAPI(), client=client, facilitator=None, signer=SIGNER,
+                          public_url="https://p.test", routes={"GET /answer": answer},
+                          sessions={"GET /answer": price("answer", "0.01")})  # fmt: skip
+        for method, path, root in (("GET", "/answer", ""), ("HEAD", "/answer", ""),
+                                   ("get", "/v1/answer", "/v1")):  # fmt: skip
+            scope = {"type": "http", "method": method, "path": path, "root_path": root}
+            assert meter._route(scope) is answer, (method, path)
+            assert meter._session_price(scope) is not None
+        assert meter._route({"method": "POST", "path": "/answer", "root_path": ""}) is None
+    finally:
+        client.close()

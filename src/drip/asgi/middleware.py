@@ -22,8 +22,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from drip import errors
@@ -31,8 +33,8 @@ from drip.ledger import Charge, Transfer
 from drip.ledger.ledger import Cap
 from drip.ledger.types import DERIVED_SEP, check_code
 from drip.metering.client import DripClient, new_call_id
-from drip.metering.meter import capture_async
-from drip.money import AmountLike, format_plain, parse_amount
+from drip.metering.meter import capture_async, settling_failed
+from drip.money import AMOUNT_ATOMIC_MAX, AmountLike, format_plain, parse_amount
 
 log = logging.getLogger("drip.asgi")
 
@@ -44,6 +46,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SESSION_HEADER = b"x-drip-session"
 UNITS_KEY = "drip_units"
+#: what carries a response's body (the last two are ASGI extensions some servers offer)
+_BODY_MESSAGES = ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,9 @@ def price(
     result = Price(event, fixed, unit, max_units if unit else 0)
     if result.hold <= 0:
         raise errors.ConfigError(f"price({event!r}) must cost something")
+    if result.hold > AMOUNT_ATOMIC_MAX:
+        raise errors.ConfigError(f"price({event!r}): the hold (per_call + per_unit * "
+                                 "max_units) is more than the ledger can hold")  # fmt: skip
     return result
 
 
@@ -108,6 +115,13 @@ class _Routes:
                 self.exact[(method.upper(), path)] = value
 
     def find(self, method: str, path: str) -> Price | None:
+        method = method.upper()
+        found = self._find(method, path)
+        if found is None and method == "HEAD":  # Starlette answers HEAD with the GET handler
+            found = self._find("GET", path)
+        return found
+
+    def _find(self, method: str, path: str) -> Price | None:
         found = self.exact.get((method, path)) or self.exact.get(("*", path))
         if found is not None:
             return found
@@ -115,6 +129,35 @@ class _Routes:
             if m in ("*", method) and fnmatch.fnmatchcase(path, pattern):
                 return value
         return None
+
+    def for_scope(self, scope: Scope) -> Price | None:
+        return self.find(str(scope["method"]), route_path(scope))
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``path`` without the ``root_path`` prefix (a proxy's
+    prefix, or a ``Mount``: servers and Starlette put it in both), as Starlette does."""
+    path = str(scope["path"])
+    root = str(scope.get("root_path") or "")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root) :]
+    if not rest:
+        return "/"
+    return rest if rest.startswith("/") else path
+
+
+def _whole_units(value: object) -> int | None:
+    """Units given as ``3.0`` or ``Decimal(3)`` are 3; ``True``, ``2.5`` or ``"3"`` are
+    not units at all."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Decimal) and not value.is_finite():
+        return None
+    whole = int(value)
+    return whole if whole == value and whole >= 0 else None
 
 
 def _error_body(exc: errors.DripError) -> bytes:
@@ -144,7 +187,7 @@ class DripMeter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = self.routes.find(scope["method"], scope["path"])
+        route = self.routes.for_scope(scope)
         if route is None:
             await self.app(scope, receive, send)
             return
@@ -220,7 +263,14 @@ class _MeteredCall:
 
     def units(self) -> int:
         value = self.scope.get("state", {}).get(UNITS_KEY, 0)
-        return value if isinstance(value, int) and value >= 0 else 0
+        if type(value) is int and value >= 0:
+            return value
+        units = _whole_units(value)
+        if units is None:
+            log.error("route %r: drip_units must be a whole number >= 0, got %r; charging "
+                      "the per-call price only", self.route.event, value)  # fmt: skip
+            return 0
+        return units
 
     async def capture(self) -> Charge | None:
         self.settled = True
@@ -230,7 +280,8 @@ class _MeteredCall:
 
     async def void(self) -> None:
         self.settled = True
-        await self.client.ledger.void(self.hold, caps=self.caps)
+        with settling_failed(self.hold):  # expired meanwhile: it reserves nothing already
+            await self.client.ledger.void(self.hold, caps=self.caps)
 
     async def run(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
@@ -242,8 +293,9 @@ class _MeteredCall:
                 self.start = message
                 self.status = int(message["status"])
                 return
-            if kind == "http.response.body":
-                more = bool(message.get("more_body", False))
+            if kind in _BODY_MESSAGES:
+                # pathsend (a file the server sends itself) is the whole body at once
+                more = kind != "http.response.pathsend" and bool(message.get("more_body"))
                 if self.start is not None:
                     start, self.start = self.start, None
                     await send(await self._headers(start, more=more))

@@ -295,6 +295,29 @@ class _Plans:
         """A one-step charge: wallet -> revenue (and each cap, all or nothing), then the
         platform fee out of revenue."""
         _caller_id(transfer_id)
+        return self._charge(transfer_id, wallet_id, revenue_id, amount, code=code,
+                            metadata=metadata, caps=caps)  # fmt: skip
+
+    def charge_after_expiry(self, hold: Transfer, amount: int, *, caps: Sequence[Cap] = ()) -> Plan:
+        """A call whose hold expired before its capture, charged afresh under the id its
+        capture would have had (``<hold>~post``): a receipt announced for that capture
+        exists, and capturing the hold again is refused as resolved."""
+        return self._charge(
+            f"{hold.id}{DERIVED_SEP}post", hold.debit_account_id, hold.credit_account_id,
+            amount, code=hold.code, metadata={"expired_hold": hold.id}, caps=caps,
+        )  # fmt: skip
+
+    def _charge(
+        self,
+        transfer_id: str,
+        wallet_id: str,
+        revenue_id: str,
+        amount: int,
+        *,
+        code: str,
+        metadata: Mapping[str, Any] | None,
+        caps: Sequence[Cap],
+    ) -> Plan:
         check_atomic(amount, allow_zero=False)
         code = check_code(code)
         spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, code,
@@ -599,6 +622,10 @@ class Ledger(_Reads):
         )
         return result
 
+    async def charge_after_expiry(self, hold: Transfer, amount: int, **kw: Any) -> Charge:
+        result: Charge = await self._run(self.plans.charge_after_expiry(hold, amount, **kw))
+        return result
+
     async def hold(self, hold_id: str, wallet: str, revenue: str, amount: int,
                    **kw: Any) -> Transfer:  # fmt: skip
         """As the plan says. A ``private`` hold's id is this caller's alone: if the caller
@@ -663,6 +690,10 @@ class SyncLedger(_Reads):
     def charge(self, transfer_id: str, wallet: str, revenue: str, amount: int,
                **kw: Any) -> Charge:  # fmt: skip
         result: Charge = self._run(self.plans.charge(transfer_id, wallet, revenue, amount, **kw))
+        return result
+
+    def charge_after_expiry(self, hold: Transfer, amount: int, **kw: Any) -> Charge:
+        result: Charge = self._run(self.plans.charge_after_expiry(hold, amount, **kw))
         return result
 
     def hold(self, hold_id: str, wallet: str, revenue: str, amount: int, **kw: Any) -> Transfer:

@@ -199,11 +199,11 @@ def make_meter(
                 _refuse_lazy(fn, result)
                 amount = pricing.actual(result)
             except _LazyResult as lazy:
-                with _settling_failed(hold):
+                with settling_failed(hold):
                     led.void(hold, caps=caps)
                 raise lazy.error from None
             except BaseException:
-                with _settling_failed(hold):
+                with settling_failed(hold):
                     if void_wanted(client):
                         led.void(hold, caps=caps)
                     else:
@@ -241,7 +241,7 @@ def _refuse_lazy(fn: Callable[..., Any], result: Any) -> None:
 
 
 @contextlib.contextmanager
-def _settling_failed(hold: Transfer) -> Iterator[None]:
+def settling_failed(hold: Transfer) -> Iterator[None]:
     """Settle a failed call's hold without hiding the call's own exception: a hold that
     expired meanwhile reserves nothing already; any other failure is logged (the hold's
     timeout releases it)."""
@@ -254,15 +254,17 @@ def _settling_failed(hold: Transfer) -> Iterator[None]:
                   hold.id, exc.code)  # fmt: skip
 
 
+def _late_caps(caps: list[Cap]) -> list[Cap]:
+    """The caps of a late charge, without their rolling windows: the call was admitted
+    when it was held, and has run."""
+    return [Cap(c[0], c[1]) for c in caps]
+
+
 def _late(hold: Transfer, exc: errors.DripError) -> None:
     log.warning(
         "hold %s expired before its capture (raise hold_timeout_s above the longest call); "
         "charging it afresh: %s", hold.id, exc.code,
     )  # fmt: skip
-
-
-def _late_charge_args(hold: Transfer, amount: int) -> tuple[Any, ...]:
-    return (f"{hold.id}-late", hold.debit_account_id, hold.credit_account_id, amount)
 
 
 async def capture_async(led: Ledger, hold: Transfer, amount: int, caps: list[Cap]) -> Charge | None:
@@ -275,8 +277,7 @@ async def capture_async(led: Ledger, hold: Transfer, amount: int, caps: list[Cap
         if not amount:
             return None
         try:
-            return await led.charge(*_late_charge_args(hold, amount), code=hold.code,
-                                    caps=[Cap(c[0], c[1]) for c in caps])  # fmt: skip
+            return await led.charge_after_expiry(hold, amount, caps=_late_caps(caps))
         except errors.DripError as refused:
             log.error("late charge of %s refused (%s): the call is unbilled", hold.id, refused.code)
             return None
@@ -291,8 +292,7 @@ def capture_sync(led: SyncLedger, hold: Transfer, amount: int, caps: list[Cap]) 
         if not amount:
             return None
         try:
-            return led.charge(*_late_charge_args(hold, amount), code=hold.code,
-                              caps=[Cap(c[0], c[1]) for c in caps])  # fmt: skip
+            return led.charge_after_expiry(hold, amount, caps=_late_caps(caps))
         except errors.DripError as refused:
             log.error("late charge of %s refused (%s): the call is unbilled", hold.id, refused.code)
             return None
@@ -304,7 +304,7 @@ async def _settle_failed_async(
     """Void the hold of a failed call (or capture all of it); runs shielded from cancellation,
     so the caller sets ``last_charge`` from the returned charge in its own context."""
     led = client.ledger
-    with _settling_failed(hold):
+    with settling_failed(hold):
         if not void:  # capture all of it (charged afresh if the hold expired meanwhile)
             return await capture_async(led, hold, hold.amount, caps)
         await led.void(hold, caps=caps)

@@ -57,6 +57,7 @@ from drip.asgi.middleware import (
     Scope,
     Send,
     header,
+    route_path,
 )
 from drip.ledger import AccountKind
 from drip.ledger.store import Migration, wall_clock_us
@@ -200,9 +201,12 @@ class X402Meter:
             self._ready = True
 
     def _route(self, scope: Scope) -> X402Price | None:
-        return self.routes.get(f"{scope['method']} {scope['path']}") or self.routes.get(
-            scope["path"]
-        )
+        path, method = route_path(scope), str(scope["method"]).upper()
+        for m in (method, "GET") if method == "HEAD" else (method,):  # HEAD runs GET's handler
+            found = self.routes.get(f"{m} {path}")
+            if found is not None:
+                return found
+        return self.routes.get(path)
 
     def _names_payer(self, scope: Scope) -> bool:
         assert self.sessions is not None
@@ -214,7 +218,7 @@ class X402Meter:
     def _session_price(self, scope: Scope) -> Price | None:
         if self.sessions is None:
             return None
-        return self.sessions.routes.find(scope["method"], scope["path"])
+        return self.sessions.routes.for_scope(scope)
 
     def url(self, scope: Scope) -> str:
         """The resource's URL (no query string: it may hold secrets)."""
