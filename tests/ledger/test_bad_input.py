@@ -280,6 +280,48 @@ CASES: dict[str, tuple[type[DripError], Case]] = {
         InvalidRequest,
         lambda led: led.hold("t-new", W, R, 1, code="c", timeout_s=10**9),
     ),
+    "timeout-none": (
+        InvalidRequest,
+        lambda led: led.hold("t-new", W, R, 1, code="c", timeout_s=None),
+    ),
+    "spec-post-account-not-a-string": (
+        InvalidId,
+        spec(
+            TransferSpec(
+                "t-new",
+                ["w"],
+                "",
+                None,
+                flags=TransferFlags.POST_PENDING,  # type: ignore[arg-type]
+                pending_id="open-hold",
+            )
+        ),
+    ),
+    "spec-void-account-an-int": (
+        InvalidId,
+        spec(
+            TransferSpec(
+                "t-new",
+                "",
+                7,
+                None,
+                flags=TransferFlags.VOID_PENDING,  # type: ignore[arg-type]
+                pending_id="open-hold",
+            )
+        ),
+    ),
+    "spec-metadata-a-dict": (
+        InvalidRequest,
+        spec(TransferSpec("t-new", W, R, 1, metadata={"a": 1})),  # type: ignore[arg-type]
+    ),
+    "spec-metadata-oversized": (
+        InvalidRequest,
+        spec(TransferSpec("t-new", W, R, 1, metadata='{"a":"' + "x" * 5000 + '"}')),
+    ),
+    "spec-metadata-not-an-object": (
+        InvalidRequest,
+        spec(TransferSpec("t-new", W, R, 1, metadata="[1, 2]")),
+    ),
     "spec-unknown-flag": (InvalidRequest, spec(TransferSpec("t-new", W, R, 1, flags=64))),
     "spec-expire-flag": (
         InvalidRequest,
@@ -378,3 +420,95 @@ async def test_bad_input_does_not_fail_other_callers_in_the_same_batch(led: Ledg
     assert led.balance("user:b").posted == FUNDS - 2
     report = led.check_invariants()
     assert report.ok, report.checks
+
+
+async def test_a_post_that_would_overflow_fails_alone(led: Ledger) -> None:
+    """A posted counter near its limit: the hold that could never be captured is refused
+    when taken, and a post that would still overflow (the counter grew meanwhile) fails
+    alone, never its batch-mates (the database would refuse the whole batch)."""
+    await led.create_account("rev:full", "revenue")
+    for source in ("funding:a", "funding:b"):
+        await led.create_account(source, "funding")
+    await led.transfer("fill", "funding:a", "rev:full", AMOUNT_ATOMIC_MAX - 1_000, code="topup")
+    with pytest.raises(InvalidTransfer, match="overflow"):
+        await led.hold("never-capturable", W, "rev:full", 2_000, code="c")
+    hold = await led.hold("fits", W, "rev:full", 600, code="c")
+    await led.transfer("grew", "funding:b", "rev:full", 500, code="topup")  # 1,100 past fill
+    results = await asyncio.gather(
+        led.post(hold, 600), led.transfer("innocent", FUND, W, 5, code="topup"),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[0], InvalidTransfer), results[0]
+    assert isinstance(results[1], Transfer), results[1]
+    await led.void(hold)
+    report = led.check_invariants()
+    assert report.ok, report.checks
+
+
+async def test_a_callers_longest_id_still_has_room_for_the_ids_derived_from_it(
+    led: Ledger,
+) -> None:
+    longest = "h" * 160
+    await led.create_account("session:s", "session")
+    await led.create_account("budget:s", "funding")
+    await led.transfer("budget-s", "budget:s", "session:s", FUNDS, code="budget")
+    caps = [("session:s", "budget:s")]
+    hold = await led.hold(longest, W, R, 400, code="c", caps=caps)
+    charge = await led.post(hold, 100, caps=caps)
+    assert charge.id == longest + "~post"
+    second = await led.hold("c" * 160, W, R, 50, code="c")
+    assert (await led.void(second)).id == "c" * 160 + "~void"
+    assert (await led.charge("d" * 160, W, R, 10, code="c", caps=caps)).amount == 10
+    with pytest.raises(InvalidId):
+        await led.transfer("e" * 161, W, R, 1)
+    report = led.check_invariants()
+    assert report.ok, report.checks
+
+
+def test_a_replay_after_the_fee_rate_changed_moves_nothing(store_url: str) -> None:
+    """The fee is the ledger's setting, not part of the caller's request: a charge or a
+    capture replayed under another rate answers as first written (its fee, or none)."""
+    from drip.ledger import fee_account_id, open_ledger
+
+    first = open_ledger(store_url)
+    try:
+        first.sync.create_account(W, "wallet")
+        first.sync.create_account(R, "revenue")
+        first.sync.transfer("topup", FUND, W, FUNDS, code="topup")
+        charged = first.sync.charge("c1", W, R, 1_000, code="e")
+        held = first.sync.hold("h1", W, R, 1_000, code="e")
+        posted = first.sync.post(held, 1_000)
+    finally:
+        first.close()
+    for bps in (250, 300):
+        later = open_ledger(store_url, fee_bps=bps)
+        try:
+            again = later.sync.charge("c1", W, R, 1_000, code="e")
+            assert again.transfer.replayed and again.fee is None and again.id == charged.id
+            reposted = later.sync.post("h1", 1_000)
+            assert reposted.transfer.replayed and reposted.fee is None
+            assert reposted.id == posted.id
+            assert later.balance(fee_account_id("USDC")).posted == 0
+            assert later.balance(W).posted == FUNDS - 2_000
+            report = later.check_invariants()
+            assert report.ok, report.checks
+        finally:
+            later.close()
+
+
+def test_usage_adds_up_amounts_past_64_bits(store_url: str) -> None:
+    from drip.ledger import open_ledger
+
+    led = open_ledger(store_url)
+    try:
+        half = AMOUNT_ATOMIC_MAX // 2 + 1
+        for user in ("user:x", "user:y"):
+            led.sync.create_account(user, "wallet")
+            led.sync.create_account(f"rev:{user}", "revenue")
+            led.sync.create_account(f"funding:{user}", "funding")
+            led.sync.transfer(f"fund-{user}", f"funding:{user}", user, half, code="topup")
+            led.sync.charge(f"big-{user}", user, f"rev:{user}", half, code="big")
+        [row] = led.usage(None, bucket_s=10**9, code="big")
+        assert (row.calls, row.amount) == (2, 2 * half)
+    finally:
+        led.close()

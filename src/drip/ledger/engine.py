@@ -150,6 +150,10 @@ _HOLD_PENDING = int(HoldState.PENDING)
 _MISSING: Any = object()
 
 
+#: the platform fee leg a ledger chain ends with (``<charge>~fee``, ``<hold>~post~fee``)
+_FEE_SUFFIX = f"{DERIVED_SEP}fee"
+
+
 class _ChainFailed(Exception):
     def __init__(self, index: int, error: errors.DripError) -> None:
         self.index = index
@@ -363,6 +367,9 @@ class Engine:
         done: list[Result] = []
         try:
             for index, spec in enumerate(chain):
+                if index and done[0].replayed and spec.id.endswith(_FEE_SUFFIX):
+                    done.append(self._earlier_fee(spec))
+                    continue
                 try:
                     done.append(self._transfer_one(spec))
                 except errors.DripError as exc:
@@ -386,6 +393,17 @@ class Engine:
         finally:
             self._undo = None
         return done
+
+    def _earlier_fee(self, spec: TransferSpec) -> Transfer | None:
+        """A replayed charge's fee leg as it was first written, or None if it carried
+        none: the fee rate is the ledger's setting, not the caller's, and may have changed
+        since; a replay neither moves money for it nor conflicts on it."""
+        existing = self._transfer(spec.id)
+        if existing is None:
+            return None
+        replay = existing.copy()
+        replay.replayed = True
+        return replay
 
     def finish(self) -> Writes:
         """What to persist: every written row as it stands now (after any rollbacks)."""
@@ -451,8 +469,10 @@ class Engine:
             self._check_limits(debit.id, spec)
         pending = bool(flags & _PENDING)
         if pending:
-            if (debit.debits_pending + amount > AMOUNT_ATOMIC_MAX
-                    or credit.credits_pending + amount > AMOUNT_ATOMIC_MAX):  # fmt: skip
+            # a hold must fit the pending counters now, and the posted ones when captured
+            if (debit.debits_posted + debit.debits_pending + amount > AMOUNT_ATOMIC_MAX
+                    or credit.credits_posted + credit.credits_pending + amount
+                    > AMOUNT_ATOMIC_MAX):  # fmt: skip
                 raise errors.InvalidTransfer("the transfer would overflow an account counter")
             self._touch_account(debit).debits_pending += amount
             self._touch_account(credit).credits_pending += amount
@@ -559,6 +579,10 @@ class Engine:
         credit = self._account(hold.credit_account_id)
         if debit is None or credit is None:  # pragma: no cover - rows are never deleted
             raise errors.InvariantViolation(f"hold {hold.id!r} names a missing account")
+        if (debit.debits_posted + posted > AMOUNT_ATOMIC_MAX
+                or credit.credits_posted + posted > AMOUNT_ATOMIC_MAX):  # fmt: skip
+            # checked before anything changes: this transfer fails alone, not its batch
+            raise errors.InvalidTransfer("the transfer would overflow an account counter")
         d = self._touch_account(debit)
         d.debits_pending -= hold.amount
         d.debits_posted += posted

@@ -494,7 +494,9 @@ class _Reads:
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
-        """Transfers newest first, ``limit`` per page; pass ``next_cursor`` for the next."""
+        """Transfers newest first, ``limit`` per page; pass ``next_cursor`` for the next.
+        Pages of one account never skip a transfer; see docs/ledger.md for the ledger-wide
+        history on PostgreSQL under concurrent writers."""
         limit = _limit(limit)
         since_us, until_us = _time_bound(since_us, "since_us"), _time_bound(until_us, "until_us")
         if code is not None:

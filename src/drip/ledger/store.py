@@ -319,12 +319,26 @@ class Store(abc.ABC):
             if value is not None:
                 where.append(clause)
                 params.append(value)
-        rows = self.query(
-            f"SELECT t.code, (t.ts_us / {bucket_us}) * {bucket_us} AS bucket, count(*), "
-            f"sum(t.amount) FROM transfers t WHERE {' AND '.join(where)} "
-            f"GROUP BY t.code, bucket ORDER BY bucket, t.code",
-            params,
-        )
+        bucket = f"(t.ts_us / {bucket_us}) * {bucket_us}"
+        try:
+            rows = self.query(
+                f"SELECT t.code, {bucket} AS bucket, count(*), sum(t.amount) FROM transfers t "
+                f"WHERE {' AND '.join(where)} GROUP BY t.code, bucket ORDER BY bucket, t.code",
+                params,
+            )
+        except Exception as exc:
+            if self.dialect != "sqlite" or "overflow" not in str(exc):
+                raise
+            # SQLite's sum() of 64-bit integers overflows past 2**63: add them up here
+            totals: dict[tuple[str, int], list[int]] = {}
+            for code, start, amount in self.query(
+                f"SELECT t.code, {bucket}, t.amount FROM transfers t WHERE {' AND '.join(where)}",
+                params,
+            ):
+                total = totals.setdefault((code, int(start)), [0, 0])
+                total[0] += 1
+                total[1] += int(amount)
+            rows = [(c, b, n, a) for (c, b), (n, a) in sorted(totals.items(), key=_by_bucket)]
         return [UsageRow(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
 
     # --- invariants -------------------------------------------------------------------
@@ -521,6 +535,11 @@ class Store(abc.ABC):
     def hold_state_row(h: Hold) -> tuple[Any, ...]:
         """For ``UPDATE transfers SET hold_state, hold_resolved_amount, hold_resolved_by``."""
         return (int(h.state), h.resolved_amount, h.resolved_by, h.id)
+
+
+def _by_bucket(item: tuple[tuple[str, int], list[int]]) -> tuple[int, str]:
+    (code, start), _ = item
+    return start, code
 
 
 def _nothing() -> None:

@@ -27,7 +27,11 @@ TIMEOUT_S_MAX = 30 * 24 * 3600
 #: Most rows one history page returns.
 PAGE_LIMIT_MAX = 1000
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/+=~-]{1,160}$")
+#: an id of up to 160 characters, then (ids the ledger derives from it) ``~`` and a suffix
+#: (``<id>~post``, ``<id>~cap0~post``): a caller's longest id still has its derived ones
+_ID_RE = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,160}(~[A-Za-z0-9_.:@/+=~-]{1,40})?")
+#: room the ledger keeps after a caller's id for what it derives from it
+DERIVED_SUFFIX_MAX = 41
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 _ID_MATCH = _ID_RE.fullmatch
 _CODE_MATCH = _CODE_RE.fullmatch
@@ -116,6 +120,21 @@ def encode_metadata(metadata: Mapping[str, Any] | None, param: str = "metadata")
     if len(text.encode()) > METADATA_BYTES_MAX:
         raise InvalidRequest(f"{param} is larger than {METADATA_BYTES_MAX} bytes", param=param)
     return text
+
+
+def _check_encoded_metadata(text: object) -> None:
+    """A spec's metadata as ``encode_metadata`` makes it: a JSON object, size-bounded."""
+    if type(text) is not str:
+        raise InvalidRequest("metadata must be a JSON object (encode_metadata)", param="metadata")
+    if len(text) > METADATA_BYTES_MAX or len(text.encode()) > METADATA_BYTES_MAX:
+        raise InvalidRequest(f"metadata is larger than {METADATA_BYTES_MAX} bytes",
+                             param="metadata")  # fmt: skip
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidRequest("metadata must be a JSON object", param="metadata")
 
 
 def decode_metadata(text: str | None) -> dict[str, Any]:
@@ -283,6 +302,12 @@ class TransferSpec:
                 check_id(self.pending_id, "pending_id")
             if amount is not None and not (type(amount) is int and 0 <= amount <= _MAX):
                 check_atomic(amount, param="amount")
+            for value, name in ((self.debit_account_id, "debit_account_id"),
+                                (self.credit_account_id, "credit_account_id")):  # fmt: skip
+                # "" (the default): the hold's own account
+                if value != "" and (type(value) is not str or value not in _KNOWN_ACCOUNTS):
+                    check_id(value, name)
+                    _known(_KNOWN_ACCOUNTS, value)
         else:
             if self.pending_id is not None:
                 raise InvalidRequest("pending_id is only for post and void", param="pending_id")
@@ -294,8 +319,14 @@ class TransferSpec:
                     _known(_KNOWN_ACCOUNTS, value)
             if not (type(amount) is int and 0 < amount <= _MAX):
                 check_atomic(amount, allow_zero=False, param="amount")
+        metadata = self.metadata
+        if metadata is not None:
+            _check_encoded_metadata(metadata)
         timeout_s = self.timeout_s
-        if timeout_s:
+        if timeout_s or type(timeout_s) is not int:
+            if type(timeout_s) is not int:
+                raise InvalidRequest(f"timeout_s must be an int in 0..{TIMEOUT_S_MAX}",
+                                     param="timeout_s")  # fmt: skip
             if not kind & _PENDING_FLAG:
                 raise InvalidRequest("timeout_s is only for pending transfers", param="timeout_s")
             if type(timeout_s) is not int or not 0 < timeout_s <= TIMEOUT_S_MAX:
