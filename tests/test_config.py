@@ -53,3 +53,18 @@ def test_nested_sections_from_env_and_toml(monkeypatch: pytest.MonkeyPatch, tmp_
     (tmp_path / "drip.toml").write_text('[serve]\nhots = "typo"\n')
     with pytest.raises(ValidationError):
         DripConfig()  # an unknown key in a section is an error, not silently ignored
+
+
+def test_a_drip_variable_that_is_no_setting_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo (DRIP_FEE_BSP) cannot be refused like drip.toml's (other programs set
+    variables too), but it must not pass in silence: the fee would stay 0."""
+    monkeypatch.setenv("DRIP_FEE_BSP", "250")
+    monkeypatch.setenv("DRIP_REQUIRE_ALL", "1")  # the test suite's own: not a typo
+    with caplog.at_level("WARNING", logger="drip.config"):
+        config = DripConfig()
+    assert config.fee_bps == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "drip.config"]
+    assert len(warned) == 1 and warned[0].startswith("DRIP_FEE_BSP is not a Drip setting")
+    assert "DRIP_FEE_BPS" in warned[0]

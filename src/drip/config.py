@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+import logging
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -13,6 +16,12 @@ from pydantic_settings import (
 
 #: A hold may live at most 30 days (the ledger's own limit).
 _HOLD_TIMEOUT_S_MAX = 30 * 24 * 3600
+#: ``DRIP_*`` variables other parts of Drip read (the test suite, the x402 facilitator):
+#: not settings, and not typos of one.
+OTHER_ENV = frozenset(
+    {"DRIP_TEST_POSTGRES_DSN", "DRIP_REQUIRE_ALL", "DRIP_RPC_URL", "DRIP_FACILITATOR_PRIVATE_KEY"}
+)
+log = logging.getLogger("drip.config")
 
 
 class ServeConfig(BaseModel):
@@ -54,6 +63,16 @@ class DripConfig(BaseSettings):
     #: ``drip serve``'s address (a nested section).
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @model_validator(mode="after")
+    def _warn_unknown_env(self) -> DripConfig:
+        """The environment cannot refuse a name the way drip.toml does (other programs set
+        variables too), so a ``DRIP_*`` name that is no setting is warned about: a typo
+        such as ``DRIP_FEE_BSP`` would otherwise leave the fee at its default silently."""
+        settings = ", ".join(sorted(f"DRIP_{f.upper()}" for f in type(self).model_fields))
+        for name in unknown_env(os.environ):
+            log.warning("%s is not a Drip setting and is ignored (settings: %s)", name, settings)
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -64,3 +83,13 @@ class DripConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def unknown_env(environ: os._Environ[str] | dict[str, str]) -> list[str]:
+    """The ``DRIP_*`` names in ``environ`` that are neither a setting nor ``OTHER_ENV``."""
+    known = {f"DRIP_{name.upper()}" for name in DripConfig.model_fields}
+    known |= {f"DRIP_SERVE__{name.upper()}" for name in ServeConfig.model_fields}
+    return sorted(
+        name for name in environ
+        if name.upper().startswith("DRIP_") and name.upper() not in known | OTHER_ENV
+    )  # fmt: skip

@@ -114,6 +114,18 @@ def test_a_prefix_does_not_hide_a_priced_route(edges: Edges) -> None:
     assert edges.ran == ["GET", "GET"] and edges.spent(token) == (20_000, 0)
 
 
+def test_a_price_table_written_with_the_prefix_still_prices_its_routes(edges: Edges) -> None:
+    token = edges.token()
+    inner = DripMeter(Starlette(routes=handlers(edges.ran)), client=edges.client,
+                      routes={"GET /v1/search": price("search", "0.01")})  # fmt: skip
+    url = edges.run_app(Starlette(routes=[Mount("/v1", app=inner)]))
+    with httpx.Client(base_url=url) as http:
+        assert http.get("/v1/search").status_code == 402
+        r = http.get("/v1/search", headers={"X-Drip-Session": token})
+    assert r.status_code == 200 and r.headers["x-drip-charged"] == "0.01"
+    assert edges.spent(token) == (10_000, 0)
+
+
 def _with_root_path(app: Any, root: str) -> Any:
     """As ``uvicorn --root-path /api`` behind a proxy that keeps the prefix."""
 

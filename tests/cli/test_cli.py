@@ -280,12 +280,27 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, command: list
     assert junk.read_bytes().startswith(b"not a database")  # left as it was
 
 
-def test_an_unreachable_postgresql_is_one_line_at_once() -> None:
-    """Not a pool retrying and logging for 30 s: the first connection's refusal."""
-    result = drip_cli("wallet", "list", url="postgresql://u:secret@127.0.0.1:1/db", columns="80")
-    line = _one_error_line(result)
+@pytest.mark.parametrize(
+    "url", ["postgresql://u:secret@127.0.0.1:1/db", "postgresql://u:Sup3r%zzsecret@127.0.0.1/db"]
+)
+def test_an_unreachable_postgresql_is_one_line_at_once(url: str) -> None:
+    """Not a pool retrying and logging for 30 s: the first connection's refusal, without
+    the password (libpq quotes a badly percent-encoded one back)."""
+    line = _one_error_line(drip_cli("wallet", "list", url=url, columns="80"))
     assert line.startswith("error (store_unavailable): cannot connect to PostgreSQL"), line
-    assert "secret" not in result.output
+    assert "secret" not in line
+
+
+def test_a_failed_doctor_is_its_one_line(db_url: str) -> None:
+    import sqlite3
+
+    ok(drip_cli("wallet", "create", "u1", "-b", "1", url=db_url))
+    conn = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    conn.execute("UPDATE accounts SET credits_posted = credits_posted + 1 WHERE id = 'user:u1'")
+    conn.commit()
+    conn.close()
+    result = drip_cli("doctor", url=db_url, columns="80")
+    assert _one_error_line(result).startswith("error (invariant_violation): ")
 
 
 def test_a_bad_setting_names_the_setting(db_url: str) -> None:

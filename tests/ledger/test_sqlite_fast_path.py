@@ -729,3 +729,26 @@ def test_read_connections_of_ended_threads_are_closed(tmp_path: Any) -> None:
         assert len(os.listdir("/proc/self/fd")) < fds + 20
     finally:
         led.close()
+
+
+async def test_a_late_charge_replayed_inside_a_window_is_a_replay(
+    solo: tuple[Ledger, Peek],
+) -> None:
+    """A late charge's id is derived (``<expired hold>~post``) but it is a plain charge:
+    its replay must be found before a window answers, not at insert time (which would
+    roll back the window, and with it a hold already handed to another caller)."""
+    a, _ = solo
+    await _fund(a, 10_000)
+    expired = await a.hold("call-0", "user:w", "rev:p", 100, code="x", timeout_s=1, private=True)
+    await asyncio.sleep(1.1)
+    with pytest.raises(errors.HoldExpired):
+        await a.post(expired, 100)
+    first = await a.charge_after_expiry(expired, 100)
+    other = await a.hold("call-1", "user:w", "rev:p", 200, code="x", private=True)  # in a window
+    again = await a.charge_after_expiry(expired, 100)
+    assert again.transfer.replayed and again.id == first.id == "call-0~post"
+    captured = await a.post(other, 150)
+    assert captured.amount == 150
+    assert a.balance("user:w").posted == 10_000 - 100 - 150
+    report = a.check_invariants()
+    assert report.ok, report.checks

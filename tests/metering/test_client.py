@@ -379,3 +379,20 @@ async def test_a_replayed_topup_resumes_nobody(client: DripClient) -> None:
     assert client.sync.topup("p", "2", idempotency_key="pay-1").replayed
     user = await client.get_user("p")
     assert (user["status"], user["balance_usdc"]) == ("paused", Decimal("3"))
+
+
+async def test_a_top_up_resumes_in_the_same_write_as_its_credit(
+    client: DripClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No second write that could fail after the credit and leave a paid user paused (a
+    retry would then be a replay, which resumes nobody)."""
+    await client.provision_user("atomic", initial_balance="1")
+    await client.hibernate("atomic")
+
+    async def no_second_write(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the resume must not be a write of its own")
+
+    monkeypatch.setattr(client.ledger, "set_status", no_second_write)
+    await client.topup("atomic", "2", idempotency_key="atomic-1")
+    user = await client.get_user("atomic")
+    assert (user["status"], user["balance_usdc"]) == ("active", Decimal("3"))

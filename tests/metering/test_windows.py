@@ -196,3 +196,46 @@ async def test_each_session_has_its_own_budget_source(client: DripClient) -> Non
     await meter(client, "search")(session=session.id)
     assert client.get_session(session.id)["spent"] == 10_000
     assert client.ledger.check_invariants().ok
+
+
+def test_sessions_opened_before_routes_were_sorted_keep_their_budgets(store_url: str) -> None:
+    """Before the fix, route accounts were created in the order the caller wrote the
+    patterns while the stored policy reads back sorted: such a session (no own budget
+    source) has each pattern matched to the account funded with its budget."""
+    import dataclasses
+
+    from drip.ledger import AccountKind
+    from drip.metering.sessions import Policy, budget_account_id, session_specs
+
+    client = DripClient(DripConfig(database_url=store_url))
+    try:
+        client.sync.provision_user("old", initial_balance="10")
+        token, info = session_specs("old", "default", "8", None, None)
+        policy = Policy.parse({"routes": {"search": {"budget": "1"}, "llm_*": {"budget": "5"}}})
+        info = dataclasses.replace(info, policy=policy, source=None)
+        led, source = client.ledger.sync, budget_account_id("USDC")
+        led.create_account(source, AccountKind.FUNDING)
+        led.create_account(info.account_id, AccountKind.SESSION, owner="old",
+                           metadata=info.metadata())  # fmt: skip
+        led.transfer(f"budget:{info.account_id}", source, info.account_id, info.budget,
+                     code="session_budget")  # fmt: skip
+        for slot, budget in enumerate((1_000_000, 5_000_000)):  # as written: search, llm_*
+            route = f"{info.account_id}:r{slot}"
+            led.create_account(route, AccountKind.SESSION, owner="old")
+            led.transfer(f"budget:{route}", source, route, budget, code="session_budget")
+
+        @client.meter(cost="2", event="llm_chat", session_param="session")
+        def llm(session: str) -> str:
+            return "ok"
+
+        @client.meter(cost="1.5", event="search", session_param="session")
+        def search(session: str) -> str:
+            return "ok"
+
+        assert llm(session=token) == "ok"  # llm_* has 5, not search's 1
+        with pytest.raises(errors.SessionBudgetExhausted) as refused:
+            search(session=token)
+        assert "'search'" in refused.value.message
+        assert client.ledger.balance(f"{info.account_id}:r1").posted == 3_000_000
+    finally:
+        client.close()

@@ -6,6 +6,9 @@ import concurrent.futures
 import time
 from typing import Any
 
+import httpx
+import pytest
+
 Server = Any  # the fixture in tests/server/conftest.py
 
 
@@ -450,3 +453,87 @@ def test_malformed_ids_and_urls_are_4xx_never_500(server: Server) -> None:
             assert r.status_code in (400, 404), r.text
             assert set(_error(r)) == {"type", "code", "message", "param"}
         assert http.post("/v1/wallets", json={"user_id": "still-fine"}).status_code == 201
+
+
+def test_metadata_no_response_could_carry_is_refused_at_the_door(server: Server) -> None:
+    """A lone surrogate (``\\ud800``) is valid JSON text but not UTF-8: stored, it would
+    make every later read of the wallet, its list and its transfers a 500."""
+    poison = b'{"user_id": "mallory", "metadata": {"n": "\\ud800"}}'
+    with server.client(server.admin) as http:
+        r = http.post("/v1/wallets", content=poison, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert _error(r)["param"] == "metadata"
+        assert http.get("/v1/wallets/mallory").status_code == 404
+        http.post("/v1/wallets", json={"user_id": "alice", "initial_balance": "1"})
+        charge = (b'{"amount": "0.01", "event": "e", "user_id": "alice", '
+                  b'"metadata": {"n": "\\udfff"}}')  # fmt: skip
+        headers = {"Content-Type": "application/json", "Idempotency-Key": "sur"}
+        r = http.post("/v1/charges", content=charge, headers=headers)
+        assert r.status_code == 400, r.text
+        assert http.get("/v1/wallets").status_code == 200
+        assert http.get("/v1/wallets/alice/transfers").status_code == 200
+
+
+def test_a_body_past_the_limit_is_refused_before_the_key_is_looked_at(server: Server) -> None:
+    from drip.server.app import BODY_BYTES_MAX
+
+    def chunked() -> Any:  # no Content-Length: cut off as it streams past the limit
+        for _ in range(BODY_BYTES_MAX // 65536 + 2):
+            yield b" " * 65536
+
+    for body in (b"{" + b" " * BODY_BYTES_MAX + b"}", chunked()):
+        with server.client() as http:  # no key at all
+            r = http.post("/v1/wallets", content=body,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 413, r.text
+        assert set(_error(r)) == {"type", "code", "message", "param"}
+
+
+def test_requests_carry_an_id_and_every_outcome_is_counted(
+    store_url: str, run_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An X-Request-ID (the caller's if it is sane) on every response, 500s included; the
+    metrics count 500s too, and invented methods do not each get a series."""
+    from drip.config import DripConfig
+    from drip.server.app import create_app
+
+    app = create_app(DripConfig(database_url=store_url))
+    admin, _ = app.state.keys.create("admin", "tests")
+    url = run_app(app)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug, not the client's")
+
+    monkeypatch.setattr(app.state.client, "list_users", broken)
+    auth = {"Authorization": f"Bearer {admin}"}
+    with httpx.Client(base_url=url, headers=auth) as http:  # a 500 closes its connection
+        failed = http.get("/v1/wallets")
+        assert failed.status_code == 500 and failed.headers.get("x-request-id")
+    with httpx.Client(base_url=url, headers=auth) as http:
+        mine = http.get("/healthz", headers={"X-Request-ID": "trace-42"})
+        assert mine.headers["x-request-id"] == "trace-42"
+        made = http.get("/healthz", headers={"X-Request-ID": "no spaces; no ' either"})
+        assert len(made.headers["x-request-id"]) == 32
+        for i in range(20):
+            http.request(f"X{i:04d}", "/healthz")
+        not_allowed = http.patch("/v1/wallets")
+        assert not_allowed.status_code == 405 and not_allowed.headers["allow"]
+        metrics = http.get("/metrics").text
+    assert 'route="/v1/wallets",status="500"' in metrics
+    assert 'method="other"' in metrics and 'method="X0001"' not in metrics
+
+
+def test_usage_is_what_wallets_paid_not_adjustments(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "u", "initial_balance": "5"})
+        http.post("/v1/charges", json={"amount": "0.01", "event": "search", "user_id": "u"},
+                  headers={"Idempotency-Key": "use-1"})  # fmt: skip
+        r = http.post("/v1/wallets/u/adjust", json={"amount": "-2", "reason": "correction"},
+                      headers={"Idempotency-Key": "use-2"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        rows = http.get("/v1/usage").json()["data"]
+        assert [(row["event"], row["calls"]) for row in rows] == [("search", 1)], rows
+        http.post("/v1/charges", json={"amount": "0.01", "event": "-A1/A2", "user_id": "u"},
+                  headers={"Idempotency-Key": "use-3"})  # fmt: skip
+        csv_text = http.get("/v1/usage", params={"format": "csv"}).text
+    assert ",'-A1/A2," in csv_text and ",-A1/A2," not in csv_text

@@ -47,7 +47,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 SESSION_HEADER = b"x-drip-session"
 UNITS_KEY = "drip_units"
 #: what carries a response's body (the last two are ASGI extensions some servers offer)
-_BODY_MESSAGES = ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
+BODY_MESSAGES = ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +131,13 @@ class _Routes:
         return None
 
     def for_scope(self, scope: Scope) -> Price | None:
-        return self.find(str(scope["method"]), route_path(scope))
+        """The price of the route the app serves (without a Mount's or proxy's prefix);
+        else of the full path (price tables written with the prefix keep working)."""
+        method, path = str(scope["method"]), route_path(scope)
+        found = self.find(method, path)
+        if found is None and path != scope["path"]:
+            found = self.find(method, str(scope["path"]))
+        return found
 
 
 def route_path(scope: Scope) -> str:
@@ -293,7 +299,7 @@ class _MeteredCall:
                 self.start = message
                 self.status = int(message["status"])
                 return
-            if kind in _BODY_MESSAGES:
+            if kind in BODY_MESSAGES:
                 # pathsend (a file the server sends itself) is the whole body at once
                 more = kind != "http.response.pathsend" and bool(message.get("more_body"))
                 if self.start is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -78,6 +79,8 @@ def friendly(fn: F) -> F:
         except ValueError as exc:
             err.print(f"[bold red]error[/] (config_error): {exc}".splitlines()[0], highlight=False)
             raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException):
+            raise  # typer's own way out (an Exit is a RuntimeError)
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
             text = str(exc).splitlines()[0] if str(exc) else ""
             err.print(f"[bold red]error[/] (internal_error): {type(exc).__name__}: {text}",

@@ -489,6 +489,8 @@ class Engine:
                 raise errors.InvalidTransfer("the transfer would overflow an account counter")
             self._touch_account(debit).debits_posted += amount
             self._touch_account(credit).credits_posted += amount
+            if spec.resume_credit and credit.status == _FROZEN:
+                self._touch_account(credit).status = AccountStatus.OPEN
         return self._record(spec, debit.id, credit.id, amount)
 
     def _check_limits(self, account_id: str, spec: TransferSpec) -> None:

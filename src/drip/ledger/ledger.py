@@ -275,10 +275,15 @@ class _Plans:
         *,
         code: str = "transfer",
         metadata: Mapping[str, Any] | None = None,
+        resume: bool = False,
     ) -> Plan:
+        """A posted transfer. ``resume``: if the credit account is frozen (a paused
+        user), open it in the same transaction; only when the transfer is new (a top-up:
+        a replay of it neither credits nor resumes anyone)."""
         _caller_id(transfer_id)
         spec = TransferSpec(transfer_id, debit_account_id, credit_account_id, amount,
-                            check_code(code), 0, None, 0, encode_metadata(metadata))  # fmt: skip
+                            check_code(code), 0, None, 0, encode_metadata(metadata),
+                            resume_credit=resume)  # fmt: skip
         return _submit((spec,), _one)
 
     def charge(

@@ -13,15 +13,18 @@ id, so a retry, even after an ambiguous commit, never applies anything twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from drip import errors
@@ -126,7 +129,7 @@ class PostgresStore(Store):
             )
             self._pool.wait(timeout=30)
         except (psycopg.Error, Exception) as exc:
-            raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc)}") from exc
+            raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc, url)}") from exc
 
     # --- connections ------------------------------------------------------------------
 
@@ -304,6 +307,20 @@ class PostgresStore(Store):
                 )
 
 
-def _safe(exc: BaseException) -> str:
-    """An error message without the DSN (it may carry a password)."""
-    return type(exc).__name__ + ": " + str(exc).split("\n")[0][:200]
+def _safe(exc: BaseException, url: str) -> str:
+    """An error message without the DSN's password (libpq may quote it back, e.g. in a
+    "invalid percent-encoded token" error)."""
+    text = str(exc).split("\n")[0][:200]
+    secrets: set[str] = set()
+    with contextlib.suppress(psycopg.Error):  # not a usable DSN: its URL form may still be
+        secrets.add(str(conninfo_to_dict(url).get("password") or ""))
+    try:
+        raw = urlsplit(url).password or ""
+        secrets |= {raw, unquote(raw)}
+    except ValueError:
+        pass
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        if secret in text:
+            # a short one would mangle the words around it: withhold the message instead
+            text = text.replace(secret, "***") if len(secret) >= 4 else "(message withheld)"
+    return type(exc).__name__ + ": " + text

@@ -59,9 +59,12 @@ from drip.ledger.types import (
     Balance,
     Hold,
     Transfer,
+    TransferFlags,
 )
 
 _HOLD_EXTRA = "hold_expires_us, hold_state, hold_resolved_amount, hold_resolved_by"
+_RESOLVING = int(TransferFlags.POST_PENDING | TransferFlags.VOID_PENDING
+                 | TransferFlags.EXPIRE_PENDING)  # fmt: skip
 _INSERT_HEAD = f"INSERT INTO transfers ({TRANSFER_INSERT_COLUMNS}, seq) VALUES "
 _ROW_MARKS = f"({','.join('?' * 15)})"
 #: Rows per multi-row INSERT (15 parameters each, well under SQLite's 32,766).
@@ -419,10 +422,15 @@ class SqliteStore(Store):
 
     @staticmethod
     def _exists(cur: sqlite3.Cursor, window: _Window, writes: Writes) -> bool:
-        """Whether a caller-chosen id among the new transfers is taken (in the window, or
-        in the file). Ids the ledger derives (``<hold>~post`` ...) are new whenever the
-        hold they come from is open in exact memory, so they are not looked up."""
-        ids = [t.id for t in writes.new_transfers if DERIVED_SEP not in t.id]
+        """Whether an id among the new transfers is taken (in the window, or in the file).
+        Not looked up: a hold's resolution (``<hold>~post``, ``~void``, ``~expired``: new
+        whenever the hold is open in exact memory), and ids derived from an id of this
+        very batch (its ``~fee``, ``~cap0``: new if that one is). A late charge
+        (``<expired hold>~post``, a plain transfer) and its legs are looked up."""
+        new = writes.new_transfers
+        roots = {t.id for t in new if DERIVED_SEP not in t.id}
+        ids = [t.id for t in new if DERIVED_SEP not in t.id or not (
+            t.flags & _RESOLVING or t.id.split(DERIVED_SEP, 1)[0] in roots)]  # fmt: skip
         if not ids:
             return False
         if not window.ids.isdisjoint(ids):

@@ -302,9 +302,14 @@ class Store(abc.ABC):
         bucket_s: int = 3600,
         code: str | None = None,
     ) -> list[UsageRow]:
-        """Posted charges out of wallets, per event code and time bucket."""
+        """Posted charges out of wallets, per event code and time bucket: what wallets
+        paid revenue accounts (an adjustment, a refund or an escrow deposit is not usage)."""
         bucket_us = bucket_s * 1_000_000
-        where = [f"(t.flags & {NOT_POSTED_FLAGS}) = 0"]
+        where = [
+            f"(t.flags & {NOT_POSTED_FLAGS}) = 0",
+            f"t.credit_account_id IN (SELECT id FROM accounts WHERE kind = "
+            f"'{AccountKind.REVENUE.value}')",
+        ]
         params: list[Any] = []
         if account_id is not None:
             where.append("t.debit_account_id = ?")

@@ -115,11 +115,18 @@ def encode_metadata(metadata: Mapping[str, Any] | None, param: str = "metadata")
         raise InvalidRequest(f"{param} must be an object", param=param)
     try:
         text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        _utf8(metadata)
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(f"{param} must be JSON-serialisable: {exc}", param=param) from exc
     if len(text.encode()) > METADATA_BYTES_MAX:
         raise InvalidRequest(f"{param} is larger than {METADATA_BYTES_MAX} bytes", param=param)
     return text
+
+
+def _utf8(value: object) -> None:
+    """Raise UnicodeEncodeError (a ValueError) if a string in ``value`` is not UTF-8 text:
+    ``json.dumps`` escapes a lone surrogate (``"\\ud800"``) that no response could carry."""
+    json.dumps(value, ensure_ascii=False).encode()
 
 
 def _check_encoded_metadata(text: object) -> None:
@@ -130,8 +137,10 @@ def _check_encoded_metadata(text: object) -> None:
         raise InvalidRequest(f"metadata is larger than {METADATA_BYTES_MAX} bytes",
                              param="metadata")  # fmt: skip
     try:
-        ok = isinstance(json.loads(text), dict)
-    except ValueError:
+        decoded = json.loads(text)
+        ok = isinstance(decoded, dict)
+        _utf8(decoded)
+    except ValueError:  # includes UnicodeEncodeError
         ok = False
     if not ok:
         raise InvalidRequest("metadata must be a JSON object", param="metadata")
@@ -274,6 +283,9 @@ class TransferSpec:
     metadata: str | None = None
     #: rolling limits on the debit account (not stored: a rule, not a fact)
     limits: tuple[WindowLimit, ...] = ()
+    #: a frozen (paused) credit account is opened by this transfer, in its transaction,
+    #: when the transfer is new; a replay opens nothing (not stored)
+    resume_credit: bool = False
 
     def validate(self) -> None:
         """Refuse a malformed transfer with a typed error (fast path first: this runs

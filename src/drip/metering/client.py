@@ -10,6 +10,8 @@ container image, metadata) is the account's metadata, and its status is the acco
 from __future__ import annotations
 
 import binascii
+import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -50,6 +52,8 @@ WALLET_PREFIX = "user:"
 #: One ledger call, by method name, for the async or the blocking twin to run.
 Step = tuple[str, tuple[Any, ...], dict[str, Any]]
 REVENUE_PREFIX = "revenue:"
+
+log = logging.getLogger("drip.metering")
 
 
 def wallet_id(user_id: str) -> str:
@@ -212,10 +216,31 @@ class _Base:
             if account is None or account.kind != AccountKind.SESSION:
                 raise errors.SessionNotFound("no such session", param="X-Drip-Session")
             info = SessionInfo.from_account(account)
+            if info.source is None and len(info.policy.routes) > 1:
+                info = dataclasses.replace(info, route_slots=self._legacy_route_slots(info))
             if len(self._sessions) >= SESSION_CACHE_MAX:
                 self._sessions.clear()
             self._sessions[account_id] = info
         return info
+
+    def _legacy_route_slots(self, info: SessionInfo) -> tuple[int, ...]:
+        """A session opened before route budgets were kept sorted created its route
+        accounts in the order its caller wrote the patterns, while its stored policy
+        reads back sorted: each pattern is matched to the account funded with its budget.
+        Patterns with equal budgets cannot be told apart (their limits are equal)."""
+        funded: list[int | None] = []
+        for i in range(len(info.policy.routes)):
+            budget = self.ledger.store.get_transfer(f"budget:{info.account_id}:r{i}")
+            funded.append(None if budget is None else budget.amount)
+        slots: list[int] = []
+        for _, amount in info.policy.routes:
+            found = next((i for i, a in enumerate(funded) if a == amount and i not in slots), None)
+            if found is None:
+                log.warning("session %s: route budgets do not match their accounts; kept "
+                            "in stored order", info.account_id)  # fmt: skip
+                return ()
+            slots.append(found)
+        return tuple(slots)
 
     def session_payer(
         self, token: str, event: str, amount: int
@@ -313,8 +338,7 @@ def session_errors(info: SessionInfo, event: str = "") -> Iterator[None]:
             left = max(exc.details.get("available") or 0, 0)
             whose = "the session's budget"
             if account != info.account_id:
-                route = info.policy.routes[int(account.rsplit(":r", 1)[1])][0]
-                whose = f"the session's budget for {route!r}"
+                whose = f"the session's budget for {info.route_pattern(account)!r}"
             raise errors.SessionBudgetExhausted(
                 f"{whose} cannot cover {event!r} ({to_decimal(left)} USDC left)",
                 param="X-Drip-Session",
@@ -403,15 +427,10 @@ class DripClient(_Base):
         atomic = parse_amount(amount, allow_zero=False)
         led = self.ledger
         with user_errors(user_id):
-            transfer = await led.transfer(
+            return await led.transfer(
                 idempotency_key or new_call_id("topup"), funding_account_id(led.asset.symbol),
-                wallet_id(user_id), atomic, code="topup",
+                wallet_id(user_id), atomic, code="topup", resume=True,
             )  # fmt: skip
-        if transfer.replayed:
-            return transfer
-        if (await led.off_loop(led.account, wallet_id(user_id))).status == AccountStatus.FROZEN:
-            await led.set_status(wallet_id(user_id), AccountStatus.OPEN)
-        return transfer
 
     async def hibernate(self, user_id: str) -> dict[str, Any]:
         """Pause the user: their wallet refuses charges until restored or topped up."""
@@ -536,16 +555,11 @@ class SyncDripClient:
         atomic = parse_amount(amount, allow_zero=False)
         led = self._ledger
         with user_errors(user_id):
-            transfer = led.transfer(
+            return led.transfer(
                 idempotency_key or new_call_id("topup"),
                 funding_account_id(self._client.ledger.asset.symbol), wallet_id(user_id), atomic,
-                code="topup",
+                code="topup", resume=True,
             )  # fmt: skip
-        if transfer.replayed:
-            return transfer
-        if led.account(wallet_id(user_id)).status == AccountStatus.FROZEN:
-            led.set_status(wallet_id(user_id), AccountStatus.OPEN)
-        return transfer
 
     def hibernate(self, user_id: str) -> dict[str, Any]:
         return self._set_status(user_id, AccountStatus.FROZEN)

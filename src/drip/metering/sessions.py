@@ -236,6 +236,10 @@ class SessionInfo:
     #: (``<account>:src``), so no counter is shared by every session; ``None`` for
     #: sessions opened before it existed, which use ``budget:<asset>``
     source: str | None = None
+    #: which ``:r<slot>`` account each route (in sorted order) draws on; empty: route i
+    #: draws on ``:r<i>``. Only sessions opened before the routes were kept sorted need
+    #: it (their accounts were created in the caller's order; see DripClient)
+    route_slots: tuple[int, ...] = ()
 
     @classmethod
     def from_account(cls, account: Account) -> SessionInfo:
@@ -246,7 +250,16 @@ class SessionInfo:
         )  # fmt: skip
 
     def route_account(self, index: int) -> str:
-        return f"{self.account_id}:r{index}"
+        """The account of route ``index`` (of ``policy.routes``)."""
+        slot = self.route_slots[index] if self.route_slots else index
+        return f"{self.account_id}:r{slot}"
+
+    def route_pattern(self, account_id: str) -> str | None:
+        """The pattern whose budget ``account_id`` holds, if it is one of this session's."""
+        for index, (pattern, _) in enumerate(self.policy.routes):
+            if self.route_account(index) == account_id:
+                return pattern
+        return None
 
     def source_account(self, asset: str) -> str:
         return self.source or budget_account_id(asset)

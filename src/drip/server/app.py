@@ -9,16 +9,20 @@ section 6; nothing a client sends produces a 500.
 """
 
 import asyncio
+import contextvars
 import csv
 import io
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
+import structlog
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +61,15 @@ from drip.server.topups import (
 
 #: Largest webhook body read.
 WEBHOOK_BYTES_MAX = 256 * 1024
+#: Largest request body any route takes.
+BODY_BYTES_MAX = 1024 * 1024
+#: Methods counted by name in the metrics; any other is "other" (labels stay bounded).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: An incoming ``X-Request-ID`` is kept if it looks like one; otherwise one is made.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "drip_request_id", default=None
+)
 
 log = logging.getLogger("drip.server")
 
@@ -106,6 +119,37 @@ async def webhook_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+class BodyLimit:
+    """Pure ASGI: a request body larger than ``max_bytes`` is a 413 in the error shape.
+    A declared ``Content-Length`` is refused before the app runs; a chunked body is cut
+    off as it streams past the limit (the route sees a 413 instead of the rest)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = StarletteHTTPException(413, f"the body is larger than {self.max_bytes} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                err = errors.InvalidRequest(str(too_large.detail))
+                await JSONResponse(err.to_dict(), status_code=413)(scope, receive, send)
+                return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise too_large
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def _error_response(exc: errors.DripError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else {}
     if exc.status == 429 and "retry_after_s" in exc.details:
@@ -124,8 +168,13 @@ def usage_csv(rows: list[UsageRow]) -> str:
     writer.writerow(["bucket_start", "event", "calls", "amount_usdc", "amount_atomic"])
     for r in rows:
         start = datetime.fromtimestamp(r.bucket_start_us / 1_000_000, tz=UTC).isoformat()
-        writer.writerow([start, r.code, r.calls, format_plain(r.amount), r.amount])
+        writer.writerow([start, _csv_text(r.code), r.calls, format_plain(r.amount), r.amount])
     return out.getvalue()
+
+
+def _csv_text(value: str) -> str:
+    """A client-chosen text cell a spreadsheet must not run as a formula (``-A1/A2``)."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def transfer_json(t: Transfer) -> dict[str, Any]:
@@ -196,6 +245,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         description="Prepaid wallets and metered billing for APIs and AI agents.",
         lifespan=lifespan,
     )
+    # before any route runs: a body too large is refused before the key is looked at
+    app.add_middleware(BodyLimit, max_bytes=BODY_BYTES_MAX)
     app.state.client = client
     app.state.keys = keys
 
@@ -216,7 +267,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = errors.NotFound if exc.status_code == 404 else errors.InvalidRequest
         err = kind(str(exc.detail))
-        return JSONResponse(err.to_dict(), status_code=exc.status_code)
+        # a 405's Allow, for one: the headers the exception carries are the response's
+        return JSONResponse(err.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -224,27 +276,35 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         err = errors.DripError("internal error; retry with the same Idempotency-Key")
         body = err.to_dict()
         body["error"]["code"] = "internal_error"
-        return JSONResponse(body, status_code=500)
+        rid = _request_id.get()
+        return JSONResponse(body, status_code=500,
+                            headers={"X-Request-ID": rid} if rid else None)  # fmt: skip
 
     @app.middleware("http")
     async def observe(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         began = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = getattr(route, "path", "unmatched")
-        elapsed_s = time.perf_counter() - began
-        requests_total.labels(request.method, name, str(response.status_code)).inc()
-        latency.labels(name).observe(elapsed_s)
-        http_log.info(
-            "request",
-            method=request.method,
-            route=name,
-            status=response.status_code,
-            duration_ms=round(elapsed_s * 1000, 3),
-        )
-        return response
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        # each request runs in a context of its own: left set for the 500 handler, which
+        # runs outside this middleware, and for every log line of the request
+        _request_id.set(rid)
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        method = request.method if request.method in _METHODS else "other"  # bounded labels
+        status = 500  # unless a response comes back: an exception is answered 500 outside
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            response.headers["X-Request-ID"] = rid
+            return response
+        finally:
+            name = getattr(request.scope.get("route"), "path", "unmatched")
+            elapsed_s = time.perf_counter() - began
+            requests_total.labels(method, name, str(status)).inc()
+            latency.labels(name).observe(elapsed_s)
+            http_log.info("request", method=method, route=name, status=status,
+                          duration_ms=round(elapsed_s * 1000, 3))  # fmt: skip
 
     def need(scope: str) -> Callable[..., ApiKey]:
         def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
@@ -449,11 +509,6 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         transfer = await client.topup(
             checkout.user_id, to_decimal(checkout.amount), idempotency_key=f"checkout:{checkout.id}"
         )
-        if transfer.replayed and checkout.status == "pending":
-            # credited by a delivery that stopped before marking the checkout paid: finish
-            # what it began (a duplicate of a finished delivery resumes nobody: the user
-            # may have been paused since)
-            await client.restore(checkout.user_id)
         await run_in_threadpool(checkouts.mark_paid, checkout.id, payment.event_id)
         return {"received": True, "credited": _money(transfer.amount),
                 "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip

@@ -49,6 +49,7 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, R
 
 from drip import errors
 from drip.asgi.middleware import (
+    BODY_MESSAGES,
     ASGIApp,
     DripMeter,
     Message,
@@ -201,12 +202,17 @@ class X402Meter:
             self._ready = True
 
     def _route(self, scope: Scope) -> X402Price | None:
-        path, method = route_path(scope), str(scope["method"]).upper()
-        for m in (method, "GET") if method == "HEAD" else (method,):  # HEAD runs GET's handler
-            found = self.routes.get(f"{m} {path}")
+        """As ``DripMeter``'s: the served path, then the full one; HEAD runs GET's handler."""
+        method = str(scope["method"]).upper()
+        for path in dict.fromkeys((route_path(scope), str(scope["path"]))):
+            for m in (method, "GET") if method == "HEAD" else (method,):
+                found = self.routes.get(f"{m} {path}")
+                if found is not None:
+                    return found
+            found = self.routes.get(path)
             if found is not None:
                 return found
-        return self.routes.get(path)
+        return None
 
     def _names_payer(self, scope: Scope) -> bool:
         assert self.sessions is not None
@@ -440,7 +446,7 @@ class _PaidCall:
             if message["type"] == "http.response.start":
                 start = message
                 return
-            if message["type"] == "http.response.body" and start is not None:
+            if message["type"] in BODY_MESSAGES and start is not None:  # pathsend too
                 held, start = start, None
                 if int(held["status"]) >= 400:
                     if not self.done:
