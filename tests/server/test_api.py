@@ -537,3 +537,18 @@ def test_usage_is_what_wallets_paid_not_adjustments(server: Server) -> None:
                   headers={"Idempotency-Key": "use-3"})  # fmt: skip
         csv_text = http.get("/v1/usage", params={"format": "csv"}).text
     assert ",'-A1/A2," in csv_text and ",-A1/A2," not in csv_text
+
+
+def test_the_openapi_document_says_what_the_server_sends(server: Server) -> None:
+    with server.client() as http:
+        spec = http.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert [s["scheme"].lower() for s in schemes.values()] == ["bearer"]
+    create = spec["paths"]["/v1/wallets"]["post"]
+    assert create["security"] and "authorization" not in str(create.get("parameters", []))
+    for status in ("401", "402", "409", "413", "422"):
+        ref = create["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorBody"), (status, ref)
+    detail = spec["components"]["schemas"]["ErrorDetail"]["properties"]
+    assert set(detail) == {"type", "code", "message", "param"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]

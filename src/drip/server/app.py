@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -150,6 +151,31 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer (DESIGN section 6)."""
+
+    error: ErrorDetail
+
+
+_ERROR_STATUSES = {
+    400: "Invalid request", 401: "No valid API key", 402: "Payment required",
+    403: "Not allowed", 404: "Not found", 409: "Conflict (Idempotency-Key, replays)",
+    413: "Body too large", 422: "Validation error", 429: "Rate limited",
+}  # fmt: skip
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": what} for status, what in _ERROR_STATUSES.items()
+}
+
+
 def _error_response(exc: errors.DripError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else {}
     if exc.status == 429 and "retry_after_s" in exc.details:
@@ -244,6 +270,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         version="0.1.0",
         description="Prepaid wallets and metered billing for APIs and AI agents.",
         lifespan=lifespan,
+        # documented as sent: every error is DESIGN section 6's shape (FastAPI's default
+        # 422 schema, {"detail": [...]}, is not what Drip answers)
+        responses=_ERROR_RESPONSES,
     )
     # before any route runs: a body too large is refused before the key is looked at
     app.add_middleware(BodyLimit, max_bytes=BODY_BYTES_MAX)
@@ -306,11 +335,15 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             http_log.info("request", method=method, route=name, status=status,
                           duration_ms=round(elapsed_s * 1000, 3))  # fmt: skip
 
+    # declared as the OpenAPI security scheme; a missing or non-Bearer header gives None,
+    # which ``authenticate`` answers with Drip's own 401
+    bearer = HTTPBearer(auto_error=False, description="An API key from `drip keys create`")
+
     def need(scope: str) -> Callable[..., ApiKey]:
-        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
-            token = None
-            if authorization and authorization.lower().startswith("bearer "):
-                token = authorization[7:].strip()
+        def check(
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        ) -> ApiKey:
+            token = credentials.credentials.strip() if credentials is not None else None
             key = keys.authenticate(token)
             if scope == "admin" and key.scope != "admin":
                 raise Forbidden("this key may only read (scope 'read')")
