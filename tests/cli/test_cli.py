@@ -281,7 +281,14 @@ def test_a_file_that_is_not_a_database_is_one_line(tmp_path: Path, command: list
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://u:secret@127.0.0.1:1/db", "postgresql://u:Sup3r%zzsecret@127.0.0.1/db"]
+    "url",
+    [
+        "postgresql://u:secret@127.0.0.1:1/db",
+        "postgresql://u:Sup3r%zzsecret@127.0.0.1/db",
+        "postgresql://u:hunter2#Tr0ub4dor%zzsecret@127.0.0.1/db",  # urlsplit stops at '#'
+        "postgresql://u:Tr0ub4dor%zz/secret@127.0.0.1/db",
+        "postgresql://u:" + "s" * 180 + "secret%zz@127.0.0.1/db",  # past the message's cut
+    ],
 )
 def test_an_unreachable_postgresql_is_one_line_at_once(url: str) -> None:
     """Not a pool retrying and logging for 30 s: the first connection's refusal, without

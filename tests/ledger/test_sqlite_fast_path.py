@@ -752,3 +752,22 @@ async def test_a_late_charge_replayed_inside_a_window_is_a_replay(
     assert a.balance("user:w").posted == 10_000 - 100 - 150
     report = a.check_invariants()
     assert report.ok, report.checks
+
+
+async def test_a_capture_with_a_fee_looks_nothing_up(tmp_path: Any) -> None:
+    """A capture's ``~post`` and its ``~post~fee`` are new whenever its hold is open in
+    memory: the metered call's hot path sends no SELECT for them."""
+    led = open_ledger(f"sqlite:///{tmp_path}/fee.db", fee_bps=250)
+    try:
+        await _fund(led, 100_000)
+        await led.charge("warm", "user:w", "rev:p", 1_000, code="x")  # rows (fee's too) kept
+        statements: list[str] = []
+        led.store._fast.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        hold = await led.hold("call-1", "user:w", "rev:p", 1_000, code="x", private=True)
+        charge = await led.post(hold, 800)
+        assert charge.fee is not None and charge.fee.amount == 20
+        assert not any("SAVEPOINT" in s for s in statements)  # answered from memory
+        lookups = [s for s in statements if s.lstrip().upper().startswith("SELECT 1 FROM")]
+        assert lookups == ["SELECT 1 FROM transfers WHERE id IN ('call-1') LIMIT 1"], lookups
+    finally:
+        led.close()

@@ -224,6 +224,29 @@ def test_a_delivery_that_stopped_before_marking_its_checkout_paid_is_finished(
     assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
 
 
+def test_a_credit_an_older_release_left_unresumed_is_resumed_by_the_retry(
+    server: Server, store_url: str
+) -> None:
+    """Before a top-up resumed in its own transaction, its resume was a second write: a
+    delivery that stopped in between left the checkout pending and the payer paused."""
+    from drip.ledger import funding_account_id, open_ledger
+
+    checkout = _checkout(server, "legacy", "1.00")
+    led = open_ledger(store_url)
+    try:
+        led.sync.set_status("user:legacy", "frozen")
+        led.sync.transfer(f"checkout:{checkout}", funding_account_id("USDC"), "user:legacy",
+                          1_000_000, code="topup")  # the credit alone, as it stood  # fmt: skip
+    finally:
+        led.close()
+    payload = stripe_event(checkout, 100, event_id="evt_legacy")
+    r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
+    assert r.status_code == 200, r.text
+    with server.client(server.admin) as http:
+        wallet = http.get("/v1/wallets/legacy").json()
+    assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
+
+
 def test_undecodable_or_non_object_bodies_are_400(server: Server) -> None:
     assert post_stripe(server, b"\xff\xfe{}", "t=1,v1=00").status_code == 400
     for payload in (b"[1]", b'{"id": "e", "type": "x", "data": 5}'):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 import weakref
@@ -308,19 +309,20 @@ class PostgresStore(Store):
 
 
 def _safe(exc: BaseException, url: str) -> str:
-    """An error message without the DSN's password (libpq may quote it back, e.g. in a
-    "invalid percent-encoded token" error)."""
-    text = str(exc).split("\n")[0][:200]
+    """An error message without the DSN's password. libpq quotes back the part of a DSN
+    it cannot parse (``invalid percent-encoded token: "..."``): such a message has every
+    quoted token masked; the password, as libpq or a URL parser reads it, is masked in
+    any message. Truncated last, so a long secret is never cut before it is masked."""
+    text = str(exc).split("\n")[0]
+    if isinstance(exc, psycopg.ProgrammingError):  # the DSN itself did not parse
+        text = re.sub(r'"[^"]*"', '"***"', text)
     secrets: set[str] = set()
     with contextlib.suppress(psycopg.Error):  # not a usable DSN: its URL form may still be
         secrets.add(str(conninfo_to_dict(url).get("password") or ""))
-    try:
+    with contextlib.suppress(ValueError):
         raw = urlsplit(url).password or ""
         secrets |= {raw, unquote(raw)}
-    except ValueError:
-        pass
-    for secret in sorted(secrets - {""}, key=len, reverse=True):
-        if secret in text:
-            # a short one would mangle the words around it: withhold the message instead
-            text = text.replace(secret, "***") if len(secret) >= 4 else "(message withheld)"
-    return type(exc).__name__ + ": " + text
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:  # shorter ones would mask parts of ordinary words
+            text = text.replace(secret, "***")
+    return type(exc).__name__ + ": " + text[:200]

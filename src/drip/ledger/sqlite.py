@@ -426,11 +426,13 @@ class SqliteStore(Store):
         Not looked up: a hold's resolution (``<hold>~post``, ``~void``, ``~expired``: new
         whenever the hold is open in exact memory), and ids derived from an id of this
         very batch (its ``~fee``, ``~cap0``: new if that one is). A late charge
-        (``<expired hold>~post``, a plain transfer) and its legs are looked up."""
+        (``<expired hold>~post``, a plain transfer whose hold is not in the batch) is."""
         new = writes.new_transfers
-        roots = {t.id for t in new if DERIVED_SEP not in t.id}
+        batch = {t.id for t in new}
+        # a derived id is new if its parent (``<id>`` of ``<id>~fee``) is new in this batch:
+        # a resolution (new by memory) or an id looked up here itself
         ids = [t.id for t in new if DERIVED_SEP not in t.id or not (
-            t.flags & _RESOLVING or t.id.split(DERIVED_SEP, 1)[0] in roots)]  # fmt: skip
+            t.flags & _RESOLVING or t.id.rsplit(DERIVED_SEP, 1)[0] in batch)]  # fmt: skip
         if not ids:
             return False
         if not window.ids.isdisjoint(ids):

@@ -37,6 +37,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from drip import errors
 from drip.config import DripConfig
@@ -327,6 +328,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             status = response.status_code
             response.headers["X-Request-ID"] = rid
             return response
+        except ClientDisconnect:
+            status = 499  # the client left mid-request: not a server error
+            raise
         finally:
             name = getattr(request.scope.get("route"), "path", "unmatched")
             elapsed_s = time.perf_counter() - began
@@ -542,6 +546,11 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         transfer = await client.topup(
             checkout.user_id, to_decimal(checkout.amount), idempotency_key=f"checkout:{checkout.id}"
         )
+        if transfer.replayed and checkout.status == "pending":
+            # credited, never marked paid: a delivery that stopped in between. Since the
+            # credit resumes in its own transaction this finds the user resumed already;
+            # a credit written by a release whose resume was a second write may not have
+            await client.restore(checkout.user_id)
         await run_in_threadpool(checkouts.mark_paid, checkout.id, payment.event_id)
         return {"received": True, "credited": _money(transfer.amount),
                 "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip
