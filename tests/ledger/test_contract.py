@@ -1316,3 +1316,28 @@ async def test_frozen_accounts_refuse_debits_accept_credits(led: Ledger) -> None
         await led.set_status("nobody", "frozen")
     assert led.account("user:a").status == "open"
     assert_invariants(led)
+
+
+async def test_a_batch_runs_in_no_callers_context(led: Ledger) -> None:
+    """The operations of many callers share a batch: it must not run in the context of
+    whichever caller submitted first (a server's request id would tag every log line of
+    the batch, for other requests' work too)."""
+    import contextvars
+
+    tag: contextvars.ContextVar[str] = contextvars.ContextVar("tag", default="none")
+    await wallet(led, funds=USD)
+    seen: list[str] = []
+    clock = led.store.clock_us
+
+    def clock_that_looks() -> int:
+        seen.append(tag.get())
+        return clock()
+
+    led.store.clock_us = clock_that_looks  # type: ignore[method-assign]
+
+    async def caller(name: str) -> None:
+        tag.set(name)
+        await led.charge(f"ctx-{name}", "user:a", "rev:p", 1, code="search")
+
+    await asyncio.gather(caller("first"), caller("second"))
+    assert seen and set(seen) == {"none"}, seen

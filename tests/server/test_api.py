@@ -552,3 +552,29 @@ def test_the_openapi_document_says_what_the_server_sends(server: Server) -> None
     detail = spec["components"]["schemas"]["ErrorDetail"]["properties"]
     assert set(detail) == {"type", "code", "message", "param"}
     assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+def test_a_read_that_finds_the_database_down_is_a_503(
+    store_url: str, run_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    import psycopg_pool
+
+    from drip.config import DripConfig
+    from drip.server.app import create_app
+
+    app = create_app(DripConfig(database_url=store_url))
+    url = run_app(app)
+    failures = (sqlite3.OperationalError("disk I/O error"),
+                psycopg_pool.PoolTimeout("no connection after 30.00 sec"))  # fmt: skip
+    for failure in failures:
+
+        def down(*args: Any, _failure: Exception = failure, **kwargs: Any) -> Any:
+            raise _failure
+
+        monkeypatch.setattr(app.state.client.ledger.store, "query", down)
+        with httpx.Client(base_url=url) as http:
+            r = http.get("/healthz")
+        assert r.status_code == 503, r.text
+        assert _error(r)["code"] == "store_unavailable"

@@ -13,6 +13,7 @@ blocking callers' batches do.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -36,17 +37,19 @@ class LoopBatcher:
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.running = False
         self.conn: psycopg.AsyncConnection[Any] | None = None
+        #: batches run in a context of their own, not the first submitter's
+        self.context = contextvars.Context()
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()
         self.pending.append((op, future))
         if not self.running:
             self.running = True
-            self.loop.call_soon(self._start)
+            self.loop.call_soon(self._start, context=self.context)
         return future
 
     def _start(self) -> None:
-        self.loop.create_task(self._drain())
+        self.loop.create_task(self._drain(), context=self.context)
 
     async def _drain(self) -> None:
         try:
@@ -58,7 +61,7 @@ class LoopBatcher:
             self.running = False
             if self.pending:  # a failure above left work behind: start over
                 self.running = True
-                self.loop.call_soon(self._start)
+                self.loop.call_soon(self._start, context=self.context)
 
     async def _run(self, batch: list[tuple[Op, asyncio.Future[list[Result]]]]) -> None:
         batch = drop_orphans(batch)

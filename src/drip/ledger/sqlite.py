@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import sqlite3
@@ -908,13 +909,16 @@ class _LoopBatcher:
         self.loop = loop
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.scheduled = False
+        #: batches run in a context of their own, not the first submitter's (whose
+        #: variables, such as a request id in the logs, are not the batch's)
+        self.context = contextvars.Context()
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()
         self.pending.append((op, future))
         if not self.scheduled:
             self.scheduled = True
-            self.loop.call_soon(self._first_turn)
+            self.loop.call_soon(self._first_turn, context=self.context)
         return future
 
     def _first_turn(self) -> None:
@@ -924,13 +928,13 @@ class _LoopBatcher:
         if len(self.pending) >= FLUSH_NOW_OPS:
             self.flush()
         else:
-            self.loop.call_soon(self.flush)
+            self.loop.call_soon(self.flush, context=self.context)
 
     def flush(self) -> None:
         batch = self.pending[:BATCH_OPS_MAX]
         del self.pending[:BATCH_OPS_MAX]
         if self.pending:
-            self.loop.call_soon(self.flush)
+            self.loop.call_soon(self.flush, context=self.context)
         else:
             self.scheduled = False
         batch = drop_orphans(batch)

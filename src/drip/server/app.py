@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
+import psycopg
+import psycopg_pool
 import structlog
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -177,6 +180,10 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: what a read raises when the database is down or refuses (writes are StoreErrors already)
+_DATABASE_ERRORS = (sqlite3.Error, psycopg.Error, psycopg_pool.PoolTimeout)
+
+
 def _error_response(exc: errors.DripError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else {}
     if exc.status == 429 and "retry_after_s" in exc.details:
@@ -302,6 +309,9 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, _DATABASE_ERRORS):  # a read that found the database down
+            log.error("database unavailable: %s", type(exc).__name__)
+            return _error_response(errors.StoreError("the database is unavailable; retry later"))
         log.exception("unhandled error")
         err = errors.DripError("internal error; retry with the same Idempotency-Key")
         body = err.to_dict()
