@@ -49,7 +49,9 @@ class LoopBatcher:
         return future
 
     def _start(self) -> None:
-        self.loop.create_task(self._drain(), context=self.context)
+        # runs in the batcher's context already (call_soon above): the task copies it
+        # (passing the same context would enter it twice under an eager task factory)
+        self.loop.create_task(self._drain())
 
     async def _drain(self) -> None:
         try:

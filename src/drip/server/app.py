@@ -180,8 +180,9 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-#: what a read raises when the database is down or refuses (writes are StoreErrors already)
-_DATABASE_ERRORS = (sqlite3.Error, psycopg.Error, psycopg_pool.PoolTimeout)
+#: what a read raises when the database is down or busy (writes are StoreErrors already);
+#: a programming or schema error stays a 500, visible as the bug it is
+_DATABASE_ERRORS = (sqlite3.OperationalError, psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
 
 def _error_response(exc: errors.DripError) -> JSONResponse:
