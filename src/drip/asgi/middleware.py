@@ -115,11 +115,11 @@ class _Routes:
                 self.exact[(method.upper(), path)] = value
 
     def find(self, method: str, path: str) -> Price | None:
-        method = method.upper()
-        found = self._find(method, path)
-        if found is None and method == "HEAD":  # Starlette answers HEAD with the GET handler
-            found = self._find("GET", path)
-        return found
+        for m in request_methods(method):
+            found = self._find(m, path)
+            if found is not None:
+                return found
+        return None
 
     def _find(self, method: str, path: str) -> Price | None:
         found = self.exact.get((method, path)) or self.exact.get(("*", path))
@@ -131,13 +131,24 @@ class _Routes:
         return None
 
     def for_scope(self, scope: Scope) -> Price | None:
-        """The price of the route the app serves (without a Mount's or proxy's prefix);
-        else of the full path (price tables written with the prefix keep working)."""
-        method, path = str(scope["method"]), route_path(scope)
-        found = self.find(method, path)
-        if found is None and path != scope["path"]:
-            found = self.find(method, str(scope["path"]))
-        return found
+        for path in scope_paths(scope):
+            found = self.find(str(scope["method"]), path)
+            if found is not None:
+                return found
+        return None
+
+
+def request_methods(method: str) -> tuple[str, ...]:
+    """The methods a request is priced under, in order: HEAD also as GET (Starlette
+    answers HEAD with the GET handler)."""
+    method = method.upper()
+    return (method, "GET") if method == "HEAD" else (method,)
+
+
+def scope_paths(scope: Scope) -> tuple[str, ...]:
+    """The paths a request is priced under, in order: the one the app routes on (without
+    a Mount's or proxy's prefix), then the full path (price tables written with it)."""
+    return tuple(dict.fromkeys((route_path(scope), str(scope["path"]))))
 
 
 def route_path(scope: Scope) -> str:

@@ -399,11 +399,7 @@ class Engine:
         none: the fee rate is the ledger's setting, not the caller's, and may have changed
         since; a replay neither moves money for it nor conflicts on it."""
         existing = self._transfer(spec.id)
-        if existing is None:
-            return None
-        replay = existing.copy()
-        replay.replayed = True
-        return replay
+        return None if existing is None else _as_replay(existing)
 
     def finish(self) -> Writes:
         """What to persist: every written row as it stands now (after any rollbacks)."""
@@ -634,9 +630,15 @@ class Engine:
             # created by this very batch (its seq comes when it is written): the same
             # record, not a replay of an earlier one
             return existing
-        replay = existing.copy()
-        replay.replayed = True
-        return replay
+        return _as_replay(existing)
+
+
+def _as_replay(existing: Transfer) -> Transfer:
+    """What a create answers for a transfer written by an earlier batch: a copy marked
+    ``replayed`` (nothing moved this time); the record itself stays as loaded."""
+    replay = existing.copy()
+    replay.replayed = True
+    return replay
 
 
 def _resolved_error(hold: Hold) -> errors.DripError:

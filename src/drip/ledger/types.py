@@ -30,8 +30,6 @@ PAGE_LIMIT_MAX = 1000
 #: an id of up to 160 characters, then (ids the ledger derives from it) ``~`` and a suffix
 #: (``<id>~post``, ``<id>~cap0~post``): a caller's longest id still has its derived ones
 _ID_RE = re.compile(r"[A-Za-z0-9_.:@/+=-]{1,160}(~[A-Za-z0-9_.:@/+=~-]{1,40})?")
-#: room the ledger keeps after a caller's id for what it derives from it
-DERIVED_SUFFIX_MAX = 41
 _CODE_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 _ID_MATCH = _ID_RE.fullmatch
 _CODE_MATCH = _CODE_RE.fullmatch
@@ -341,7 +339,7 @@ class TransferSpec:
                                      param="timeout_s")  # fmt: skip
             if not kind & _PENDING_FLAG:
                 raise InvalidRequest("timeout_s is only for pending transfers", param="timeout_s")
-            if type(timeout_s) is not int or not 0 < timeout_s <= TIMEOUT_S_MAX:
+            if not 0 < timeout_s <= TIMEOUT_S_MAX:
                 raise InvalidRequest(
                     f"timeout_s must be an int in 1..{TIMEOUT_S_MAX}", param="timeout_s"
                 )

@@ -196,12 +196,8 @@ def make_meter(
                 )  # fmt: skip
             try:
                 result = fn(*args, **kwargs)
-                _refuse_lazy(fn, result)
-                amount = pricing.actual(result)
-            except _LazyResult as lazy:
-                with settling_failed(hold):
-                    led.void(hold, caps=caps)
-                raise lazy.error from None
+                lazy = _lazy_result(fn, result)
+                amount = 0 if lazy is not None else pricing.actual(result)
             except BaseException:
                 with settling_failed(hold):
                     if void_wanted(client):
@@ -209,6 +205,10 @@ def make_meter(
                     else:
                         _last_charge.set(capture_sync(led, hold, hold.amount, caps))
                 raise
+            if lazy is not None:  # nothing ran yet: never charged, whatever void_on_error
+                with settling_failed(hold):
+                    led.void(hold, caps=caps)
+                raise lazy
             charge = capture_sync(led, hold, amount, caps)
             _last_charge.set(charge)
             return result
@@ -222,22 +222,20 @@ def _name(fn: Callable[..., Any]) -> str:
     return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
 
 
-class _LazyResult(Exception):
-    def __init__(self, error: errors.ConfigError) -> None:
-        self.error = error
-
-
-def _refuse_lazy(fn: Callable[..., Any], result: Any) -> None:
-    """A plain function that hands back a coroutine or a generator has not done its work
-    yet: charging for it would bill a body that may never run, or fail."""
-    if inspect.isawaitable(result) or inspect.isgenerator(result) or inspect.isasyncgen(result):
-        close = getattr(result, "close", None)
-        if callable(close) and not inspect.isasyncgen(result):
-            close()  # never run: no "coroutine was never awaited" warning later
-        raise _LazyResult(errors.ConfigError(
-            f"meter: {_name(fn)} returned {type(result).__name__} instead of its result; "
-            "meter an async def with async code, and not a generator", param="fn",
-        ))  # fmt: skip
+def _lazy_result(fn: Callable[..., Any], result: Any) -> errors.ConfigError | None:
+    """The error for a plain function that hands back a coroutine or a generator: it has
+    not done its work yet, so charging for it would bill a body that may never run, or
+    fail. ``None`` for a real result."""
+    if not (inspect.isawaitable(result) or inspect.isgenerator(result)
+            or inspect.isasyncgen(result)):  # fmt: skip
+        return None
+    close = getattr(result, "close", None)
+    if callable(close) and not inspect.isasyncgen(result):
+        close()  # never run: no "coroutine was never awaited" warning later
+    return errors.ConfigError(
+        f"meter: {_name(fn)} returned {type(result).__name__} instead of its result; "
+        "meter an async def with async code, and not a generator", param="fn",
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

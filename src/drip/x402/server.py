@@ -58,7 +58,8 @@ from drip.asgi.middleware import (
     Scope,
     Send,
     header,
-    route_path,
+    request_methods,
+    scope_paths,
 )
 from drip.ledger import AccountKind
 from drip.ledger.store import Migration, wall_clock_us
@@ -203,9 +204,8 @@ class X402Meter:
 
     def _route(self, scope: Scope) -> X402Price | None:
         """As ``DripMeter``'s: the served path, then the full one; HEAD runs GET's handler."""
-        method = str(scope["method"]).upper()
-        for path in dict.fromkeys((route_path(scope), str(scope["path"]))):
-            for m in (method, "GET") if method == "HEAD" else (method,):
+        for path in scope_paths(scope):
+            for m in request_methods(str(scope["method"])):
                 found = self.routes.get(f"{m} {path}")
                 if found is not None:
                     return found
