@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from drip import DripClient, DripConfig, errors
+from drip.ledger import open_ledger
 
 
 @pytest.fixture
@@ -239,3 +240,52 @@ def test_sessions_opened_before_routes_were_sorted_keep_their_budgets(store_url:
         assert client.ledger.balance(f"{info.account_id}:r1").posted == 3_000_000
     finally:
         client.close()
+
+
+async def test_retry_after_is_when_the_refused_call_fits(store_url: str) -> None:
+    """Retry-After is the wait until enough of the window's usage has left it for THIS
+    call to fit (not until its oldest row leaves), and the longest over every window."""
+    now = [1_700_000_000_000_000]
+    led = open_ledger(store_url, clock_us=lambda: now[0])
+    # a client on a ledger it did not open still books its revenue account
+    client = DripClient(DripConfig(database_url=store_url), ledger=led)
+    try:
+        await client.provision_user("t", initial_balance="10")
+        session = await client.create_session(
+            "t", "default", "5", policy={"windows": [{"per": "minute", "max_amount": "0.10"}]}
+        )
+        t0 = now[0]
+        await meter(client, "a", "0.01")(session=session.id)
+        now[0] = t0 + 30_000_000
+        await meter(client, "b", "0.08")(session=session.id)
+        now[0] = t0 + 40_000_000
+        with pytest.raises(errors.RateLimited) as info:
+            await meter(client, "c", "0.05")(session=session.id)
+        # 0.01 leaving at t0+60 s is not enough; 0.08 leaving at t0+90 s is
+        assert info.value.details["retry_after_s"] == 50
+        now[0] = t0 + 89_000_000
+        with pytest.raises(errors.RateLimited) as info:
+            await meter(client, "c", "0.05")(session=session.id)
+        assert info.value.details["retry_after_s"] == 1
+        now[0] = t0 + 90_000_000
+        await meter(client, "c", "0.05")(session=session.id)
+
+        calls = await client.create_session(
+            "t", "default", "5",
+            policy={"windows": [{"per": "minute", "max_calls": 1}, {"per": "hour", "max_calls": 2}]},
+        )  # fmt: skip
+        t1 = now[0]
+        await meter(client, "d")(session=calls.id)
+        now[0] = t1 + 61_000_000
+        await meter(client, "d")(session=calls.id)
+        now[0] = t1 + 70_000_000
+        with pytest.raises(errors.RateLimited) as info:
+            await meter(client, "d")(session=calls.id)
+        # the minute frees up at t1+121 s, but the hour only at t1+3600 s: that is the wait
+        assert info.value.details["retry_after_s"] == 3530
+        assert info.value.details["policy"] == "window_3600s"
+        now[0] = t1 + 3_600_000_000
+        await meter(client, "d")(session=calls.id)
+    finally:
+        client.close()
+        led.close()

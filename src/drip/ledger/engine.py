@@ -29,6 +29,7 @@ from drip.ledger.types import (
     Transfer,
     TransferFlags,
     TransferSpec,
+    WindowLimit,
     check_id,
 )
 from drip.money import AMOUNT_ATOMIC_MAX
@@ -55,6 +56,13 @@ class Loader(Protocol):
     def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
         """(amount, calls, oldest ts) of the account's debits after ``since_us``, open
         holds included, voided and expired ones not."""
+        ...
+
+    def window_release_us(
+        self, account_id: str, since_us: int, *, calls: int, amount: int
+    ) -> int | None:
+        """When (the time of the row whose leaving does it) at least ``calls`` of those
+        rows and ``amount`` of their units will have left the window, if ever."""
         ...
 
     def load_all(
@@ -506,26 +514,49 @@ class Engine:
                     f"{limit.window_s} s ({limit.max_amount})",
                     param=limit.name, policy=limit.name, account=account_id,
                 )  # fmt: skip
+        refused: tuple[int, WindowLimit, str] | None = None
         for limit in spec.limits:
             since_us = self.now_us - limit.window_s * 1_000_000
-            used_amount, used_calls, oldest_us = self.loader.window_usage(account_id, since_us)
-            over_amount = (
-                limit.max_amount is not None
-                and used_amount + batch_amount + amount > limit.max_amount
-            )
-            over_calls = (
-                limit.max_calls is not None and used_calls + batch_calls + 1 > limit.max_calls
-            )
-            if over_amount or over_calls:  # fmt: skip
-                oldest_us = self.now_us if oldest_us is None else oldest_us
-                wait_us = max(oldest_us + limit.window_s * 1_000_000 - self.now_us, 1_000_000)
-                raise errors.RateLimited(
-                    f"the {limit.name} limit is reached ("
-                    + ("amount" if over_amount else "calls")
-                    + f" per {limit.window_s} s); retry later",
-                    param=limit.name, policy=limit.name,
-                    retry_after_s=-(-wait_us // 1_000_000), account=account_id,
+            used_amount, used_calls, _ = self.loader.window_usage(account_id, since_us)
+            # how much has to leave the window (rows leave as they age) for the call to fit
+            excess_amount = excess_calls = 0
+            if limit.max_amount is not None:
+                excess_amount = max(0, used_amount + batch_amount + amount - limit.max_amount)
+            if limit.max_calls is not None:
+                excess_calls = max(0, used_calls + batch_calls + 1 - limit.max_calls)
+            if excess_amount or excess_calls:
+                wait_us = self._window_wait_us(
+                    account_id, since_us, limit.window_s, excess_calls, excess_amount,
+                    (used_calls, used_amount),
                 )  # fmt: skip
+                what = "amount" if excess_amount else "calls"
+                if refused is None or wait_us > refused[0]:
+                    refused = (wait_us, limit, what)
+        if refused is not None:
+            # the longest wait: usage only shrinks with time, so after it every window fits
+            wait_us, limit, what = refused
+            raise errors.RateLimited(
+                f"the {limit.name} limit is reached ({what} per {limit.window_s} s); "
+                "retry later",
+                param=limit.name, policy=limit.name,
+                retry_after_s=max(1, -(-wait_us // 1_000_000)), account=account_id,
+            )  # fmt: skip
+
+    def _window_wait_us(
+        self, account_id: str, since_us: int, window_s: int, calls: int, amount: int,
+        used: tuple[int, int],
+    ) -> int:  # fmt: skip
+        """Microseconds until ``calls`` rows and ``amount`` units have left the window.
+        The journal's rows leave first (oldest first); this batch's own, taken now, leave
+        a whole window from now."""
+        used_calls, used_amount = used
+        if calls <= used_calls and amount <= used_amount:
+            release_us = self.loader.window_release_us(
+                account_id, since_us, calls=calls, amount=amount
+            )
+            if release_us is not None:
+                return release_us + window_s * 1_000_000 - self.now_us
+        return window_s * 1_000_000
 
     def _record(self, spec: TransferSpec, debit_id: str, credit_id: str, amount: int) -> Transfer:
         transfer = Transfer(spec.id, debit_id, credit_id, amount, spec.code,

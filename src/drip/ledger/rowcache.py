@@ -105,6 +105,11 @@ class CacheView:
     def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
         raise Miss  # rolling windows are summed from the journal, under the lock
 
+    def window_release_us(
+        self, account_id: str, since_us: int, *, calls: int, amount: int
+    ) -> int | None:
+        raise Miss
+
     def load_all(
         self, hold_ids: set[str], account_ids: set[str], transfer_ids: set[str]
     ) -> tuple[dict[str, Hold], dict[str, Account], dict[str, Transfer]]:

@@ -67,13 +67,13 @@ class Migration:
 
 
 class LoaderBase:
-    """What both stores' loaders share: the rolling-window sum, on the batch's cursor."""
+    """What both stores' loaders share: the rolling-window reads, on the batch's cursor."""
 
-    __slots__ = ("cur", "window_sql")
+    __slots__ = ("cur", "release_sql", "window_sql")
 
-    def __init__(self, cur: Any, window_sql: str) -> None:
+    def __init__(self, cur: Any, window_sql: tuple[str, str]) -> None:
         self.cur = cur
-        self.window_sql = window_sql
+        self.window_sql, self.release_sql = window_sql
 
     def window_usage(self, account_id: str, since_us: int) -> tuple[int, int, int | None]:
         self.cur.execute(self.window_sql, (account_id, since_us))
@@ -81,6 +81,16 @@ class LoaderBase:
         assert row is not None  # an aggregate always returns one row
         calls, amount, oldest = row
         return int(amount), int(calls), None if oldest is None else int(oldest)
+
+    def window_release_us(
+        self, account_id: str, since_us: int, *, calls: int, amount: int
+    ) -> int | None:
+        """The time of the oldest row in the window by whose leaving at least ``calls``
+        rows and ``amount`` units have left it (rows leave in time order); ``None`` if
+        the rows in the window are not that many or that much."""
+        self.cur.execute(self.release_sql, (account_id, since_us, calls, amount))
+        row = self.cur.fetchone()
+        return None if row is None else int(row[0])
 
 
 def wall_clock_us() -> int:
@@ -186,13 +196,21 @@ class Store(abc.ABC):
     def applied(self, engine: Engine) -> None:  # noqa: B027 - a hook; most stores need nothing
         """Called after a batch's writes were sent (PostgreSQL: committed)."""
 
-    def window_usage_sql(self) -> str:
-        return self.sql(
-            "SELECT count(*), coalesce(sum(CASE WHEN hold_state = 1 THEN hold_resolved_amount "
-            "ELSE amount END), 0), min(ts_us) FROM transfers WHERE debit_account_id = ? "
-            f"AND ts_us > ? AND (flags & {RESOLVING_FLAGS}) = 0 "
-            "AND (hold_state IS NULL OR hold_state IN (0, 1))"
+    def window_usage_sql(self) -> tuple[str, str]:
+        """The rolling-window sum of an account's debits, and the query that finds when
+        enough of them will have left the window (asked only when a call is refused)."""
+        amount = "CASE WHEN hold_state = 1 THEN hold_resolved_amount ELSE amount END"
+        rows = (
+            f"FROM transfers WHERE debit_account_id = ? AND ts_us > ? AND (flags & "
+            f"{RESOLVING_FLAGS}) = 0 AND (hold_state IS NULL OR hold_state IN (0, 1))"
         )
+        usage = f"SELECT count(*), coalesce(sum({amount}), 0), min(ts_us) {rows}"
+        release = (
+            f"SELECT ts_us FROM (SELECT ts_us, row_number() OVER w AS n, sum({amount}) OVER "
+            f"w AS total {rows} WINDOW w AS (ORDER BY ts_us, seq ROWS UNBOUNDED PRECEDING)) "
+            "AS leaving WHERE n >= ? AND total >= ? ORDER BY ts_us LIMIT 1"
+        )
+        return self.sql(usage), self.sql(release)
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         """Queue ``op`` for the next batch; await its results (from a running loop)."""

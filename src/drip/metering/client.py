@@ -145,13 +145,19 @@ class _Base:
     config: DripConfig
     _ledger: Ledger | None
 
+    _revenue_ready = False
+
     def _open(self) -> Ledger:
-        if self._ledger is None:
-            led = open_ledger(self.config.database_url, fee_bps=self.config.fee_bps)
+        led = self._ledger
+        if led is None:
+            led = self._ledger = open_ledger(self.config.database_url,
+                                             fee_bps=self.config.fee_bps)  # fmt: skip
+        if not self._revenue_ready:
+            # also on a ledger the caller opened: every charge credits this account
             led.sync.create_account(self.revenue_account, AccountKind.REVENUE,
                                     owner=self.config.provider)  # fmt: skip
-            self._ledger = led
-        return self._ledger
+            self._revenue_ready = True
+        return led
 
     @property
     def ledger(self) -> Ledger:
