@@ -272,7 +272,8 @@ async def test_retry_after_is_when_the_refused_call_fits(store_url: str) -> None
 
         calls = await client.create_session(
             "t", "default", "5",
-            policy={"windows": [{"per": "minute", "max_calls": 1}, {"per": "hour", "max_calls": 2}]},
+            policy={"windows": [{"per": "minute", "max_calls": 1},
+                                {"per": "hour", "max_calls": 2}]},
         )  # fmt: skip
         t1 = now[0]
         await meter(client, "d")(session=calls.id)

@@ -13,7 +13,10 @@ identify payer -> price -> hold -> run -> capture / void -> headers
   ``X-Drip-Balance`` and ``X-Drip-Receipt``. A streamed response is sent as it comes
   (with ``X-Drip-Receipt`` and ``X-Drip-Max-Charge``) and captured just before its last
   chunk is sent; if the client goes away first, what the handler reported is charged.
-- An error status (>= 400) or an exception before the response starts voids the hold.
+- An error status (>= 400), a redirect (3xx, unless the price says ``charge_redirects``)
+  or an exception before the response starts voids the hold.
+- The most specific price wins (exact keys before globs, then the longest glob). A
+  websocket on a priced path is refused at its handshake.
 Nothing here reads a body into memory.
 """
 
@@ -23,10 +26,11 @@ import fnmatch
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from drip import errors
 from drip.ledger import Charge, Transfer
@@ -49,6 +53,8 @@ UNITS_KEY = "drip_units"
 #: what carries a response's body (the last two are ASGI extensions some servers offer)
 BODY_MESSAGES = ("http.response.body", "http.response.pathsend", "http.response.zerocopysend")
 
+V = TypeVar("V")
+
 
 @dataclass(frozen=True, slots=True)
 class Price:
@@ -58,6 +64,8 @@ class Price:
     per_call: int = 0
     per_unit: int = 0
     max_units: int = 0
+    #: whether a 3xx answer is charged (by default a redirect delivers nothing: voided)
+    charge_redirects: bool = False
 
     @property
     def hold(self) -> int:
@@ -73,15 +81,17 @@ def price(
     *,
     per_unit: AmountLike | None = None,
     max_units: int = 0,
+    charge_redirects: bool = False,
 ) -> Price:
     """A route's price: ``price("search", "0.007")`` or
-    ``price("tokens", per_unit="0.000002", max_units=4096)``."""
+    ``price("tokens", per_unit="0.000002", max_units=4096)``. A 3xx answer is not
+    charged unless ``charge_redirects`` (a route whose product is the redirect)."""
     check_code(event, "event")
     fixed = parse_amount(per_call, param="per_call") if per_call is not None else 0
     unit = parse_amount(per_unit, param="per_unit") if per_unit is not None else 0
     if unit and (not isinstance(max_units, int) or max_units <= 0):
         raise errors.ConfigError(f"price({event!r}): per_unit needs max_units > 0")
-    result = Price(event, fixed, unit, max_units if unit else 0)
+    result = Price(event, fixed, unit, max_units if unit else 0, bool(charge_redirects))
     if result.hold <= 0:
         raise errors.ConfigError(f"price({event!r}) must cost something")
     if result.hold > AMOUNT_ATOMIC_MAX:
@@ -97,45 +107,61 @@ def report_units(scope: Scope, units: int) -> None:
     scope.setdefault("state", {})[UNITS_KEY] = units
 
 
-class _Routes:
-    """``"METHOD /path"`` or ``"/path"`` keys; ``*`` globs; exact keys win."""
+class RouteTable(Generic[V]):
+    """``"METHOD /path"`` or ``"/path"`` keys (``*`` globs allowed) to prices.
 
-    def __init__(self, table: Mapping[str, Price]) -> None:
-        self.exact: dict[tuple[str, str], Price] = {}
-        self.patterns: list[tuple[str, str, Price]] = []
+    The most specific key wins, whatever the table's order: an exact key for any path the
+    request is priced under (see ``scope_paths``) and any of its methods, before any glob;
+    among globs, the one with the most literal characters (then the one naming a method).
+    """
+
+    def __init__(self, table: Mapping[str, V], kind: type[V], made_by: str) -> None:
+        self.exact: dict[tuple[str, str], V] = {}
+        self.patterns: list[tuple[str, str, V]] = []
         for key, value in table.items():
-            if not isinstance(value, Price):
-                raise errors.ConfigError(f"route {key!r}: the price must be drip.asgi.price(...)")
+            if not isinstance(value, kind):
+                raise errors.ConfigError(f"route {key!r}: the price must be {made_by}")
+            if not isinstance(key, str):
+                raise errors.ConfigError(f"route {key!r} must be a string")
             method, _, path = key.partition(" ") if " " in key else ("*", "", key)
+            method = method.strip().upper() or "*"
+            path = path.strip()
             if not path.startswith("/"):
                 raise errors.ConfigError(f"route {key!r} must name a path starting with /")
-            if "*" in path:
-                self.patterns.append((method.upper(), path, value))
+            if not (method == "*" or method.isalpha()):
+                raise errors.ConfigError(f"route {key!r}: {method!r} is not an HTTP method")
+            if "*" in path or "?" in path or "[" in path:
+                self.patterns.append((method, path, value))
+            elif (method, path) in self.exact:
+                raise errors.ConfigError(f"route {key!r} is priced twice")
             else:
-                self.exact[(method.upper(), path)] = value
+                self.exact[(method, path)] = value
+        self.patterns.sort(key=lambda p: (-_literal_chars(p[1]), p[0] == "*"))
 
-    def find(self, method: str, path: str) -> Price | None:
-        for m in request_methods(method):
-            found = self._find(m, path)
+    def find(self, method: str, paths: tuple[str, ...]) -> V | None:
+        methods = request_methods(method)
+        for path in paths:
+            for m in methods:
+                found = self.exact.get((m, path))
+                if found is not None:
+                    return found
+            found = self.exact.get(("*", path))
             if found is not None:
                 return found
-        return None
-
-    def _find(self, method: str, path: str) -> Price | None:
-        found = self.exact.get((method, path)) or self.exact.get(("*", path))
-        if found is not None:
-            return found
         for m, pattern, value in self.patterns:
-            if m in ("*", method) and fnmatch.fnmatchcase(path, pattern):
+            if m != "*" and m not in methods:
+                continue
+            if any(fnmatch.fnmatchcase(path, pattern) for path in paths):
                 return value
         return None
 
-    def for_scope(self, scope: Scope) -> Price | None:
-        for path in scope_paths(scope):
-            found = self.find(str(scope["method"]), path)
-            if found is not None:
-                return found
-        return None
+    def for_scope(self, scope: Scope) -> V | None:
+        # a websocket handshake is a GET
+        return self.find(str(scope.get("method") or "GET"), scope_paths(scope))
+
+
+def _literal_chars(pattern: str) -> int:
+    return len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
 
 
 def request_methods(method: str) -> tuple[str, ...]:
@@ -195,13 +221,16 @@ class DripMeter:
     ) -> None:
         self.app = app
         self.client = client
-        self.routes = _Routes(routes)
+        self.routes = RouteTable(routes, Price, "drip.asgi.price(...)")
         self.payer = payer
         #: extra headers for a 402 refusal (``X402Meter`` adds ``PAYMENT-REQUIRED``)
         self.on_402 = on_402
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.routes.for_scope(scope) is not None:
+                await refuse_websocket(receive, send)
+                return
             await self.app(scope, receive, send)
             return
         route = self.routes.for_scope(scope)
@@ -252,6 +281,15 @@ class DripMeter:
         await send({"type": "http.response.body", "body": _error_body(exc)})
 
 
+async def refuse_websocket(receive: Receive, send: Send) -> None:
+    """A websocket on a priced path is closed at its handshake (the server answers 403):
+    metering holds and captures per HTTP request, and a socket is not one."""
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1008,
+                    "reason": "this route is metered per HTTP request"})  # fmt: skip
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     """A request header's value (first occurrence), or None."""
     for key, value in scope.get("headers", ()):
@@ -291,9 +329,11 @@ class _MeteredCall:
 
     async def capture(self) -> Charge | None:
         self.settled = True
-        return await capture_async(
-            self.client.ledger, self.hold, self.route.cost(self.units()), self.caps
-        )
+        units, route = self.units(), self.route
+        if route.per_unit and units > route.max_units:
+            log.warning("route %r: %d units reported, more than max_units=%d; charging the "
+                        "maximum", route.event, units, route.max_units)  # fmt: skip
+        return await capture_async(self.client.ledger, self.hold, route.cost(units), self.caps)
 
     async def void(self) -> None:
         self.settled = True
@@ -349,7 +389,7 @@ class _MeteredCall:
 
     async def _headers(self, start: Message, *, more: bool) -> Message:
         headers = list(start.get("headers", []))
-        if self.status >= 400:
+        if self.status >= 400 or (self.status >= 300 and not self.route.charge_redirects):
             await self.void()
             headers.append((b"x-drip-charged", b"0"))
         elif not more:

@@ -55,11 +55,11 @@ from drip.asgi.middleware import (
     Message,
     Price,
     Receive,
+    RouteTable,
     Scope,
     Send,
     header,
-    request_methods,
-    scope_paths,
+    refuse_websocket,
 )
 from drip.ledger import AccountKind
 from drip.ledger.store import Migration, wall_clock_us
@@ -101,6 +101,8 @@ class X402Price:
     event: str
     description: str = ""
     settle_first: bool = False
+    #: whether a 3xx answer is paid (by default a redirect delivers nothing: released)
+    charge_redirects: bool = False
 
 
 def x402_price(
@@ -115,6 +117,7 @@ def x402_price(
     max_timeout_s: int = 120,
     settle_first: bool = False,
     description: str = "",
+    charge_redirects: bool = False,
 ) -> X402Price:
     """A route's x402 price, e.g. ``x402_price("search", "0.01", pay_to=, asset=, network=)``."""
     check_code(event, "event")
@@ -127,7 +130,7 @@ def x402_price(
         max_timeout_seconds=max_timeout_s,
         extra={"name": asset_name, "version": asset_version},
     )  # fmt: skip
-    return X402Price(requirements, event, description, settle_first)
+    return X402Price(requirements, event, description, settle_first, bool(charge_redirects))
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,8 @@ class X402Meter:
         self.client = client
         self.facilitator = facilitator
         self.routes = dict(routes)
+        #: priced as ``DripMeter`` prices: the most specific key wins, globs allowed
+        self.table = RouteTable(self.routes, X402Price, "drip.x402.x402_price(...)")
         self.sessions = (
             DripMeter(app, client=client, routes=sessions, payer=payer, on_402=self._offer)
             if sessions
@@ -204,15 +209,7 @@ class X402Meter:
 
     def _route(self, scope: Scope) -> X402Price | None:
         """As ``DripMeter``'s: the served path, then the full one; HEAD runs GET's handler."""
-        for path in scope_paths(scope):
-            for m in request_methods(str(scope["method"])):
-                found = self.routes.get(f"{m} {path}")
-                if found is not None:
-                    return found
-            found = self.routes.get(path)
-            if found is not None:
-                return found
-        return None
+        return self.table.for_scope(scope)
 
     def _names_payer(self, scope: Scope) -> bool:
         assert self.sessions is not None
@@ -235,6 +232,11 @@ class X402Meter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "websocket" and (
+                self._route(scope) is not None or self._session_price(scope) is not None
+            ):
+                await refuse_websocket(receive, send)
+                return
             await self.app(scope, receive, send)
             return
         route = self._route(scope)
@@ -439,6 +441,25 @@ class _PaidCall:
             transaction=self.transaction,
         )  # fmt: skip
 
+        async def send_start(held: Message) -> bool:
+            """Settle (or release) on the app's status, then send its start; False when
+            settling failed and the client got our answer instead."""
+            status = int(held["status"])
+            if status >= 400 or (status >= 300 and not self.route.charge_redirects):
+                if not self.done:
+                    self.done = True
+                    self._release()
+            elif not self.done and not await self.settle(send):
+                self.answered = True  # settle answered the client itself
+                return False
+            headers = list(held.get("headers", []))
+            if self.response_header is not None:
+                headers.append((b"payment-response", self.response_header))
+            if self.transfer_id is not None:
+                headers.append((b"x-drip-receipt", self.transfer_id.encode()))
+            await send({**held, "headers": headers})
+            return True
+
         async def paid_send(message: Message) -> None:
             nonlocal start
             if self.answered:
@@ -448,19 +469,8 @@ class _PaidCall:
                 return
             if message["type"] in BODY_MESSAGES and start is not None:  # pathsend too
                 held, start = start, None
-                if int(held["status"]) >= 400:
-                    if not self.done:
-                        self.done = True
-                        self._release()
-                elif not self.done and not await self.settle(send):
-                    self.answered = True  # settle answered the client itself
+                if not await send_start(held):
                     return
-                headers = list(held.get("headers", []))
-                if self.response_header is not None:
-                    headers.append((b"payment-response", self.response_header))
-                if self.transfer_id is not None:
-                    headers.append((b"x-drip-receipt", self.transfer_id.encode()))
-                await send({**held, "headers": headers})
             await send(message)
 
         try:
@@ -470,6 +480,13 @@ class _PaidCall:
                 self.done = True
                 self._release()
             raise
+        if start is not None and not self.answered:  # a start and no body message at all
+            held, start = start, None
+            if await send_start(held):
+                await send({"type": "http.response.body", "body": b""})
+        if not self.done:  # the app answered nothing: nothing was delivered
+            self.done = True
+            self._release()
 
 
 async def _json(send: Send, status: int, body: Any,
