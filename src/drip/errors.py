@@ -145,10 +145,13 @@ class AssetMismatch(InvalidTransfer):
     code = "asset_mismatch"
 
 
-class AccountFrozen(Conflict):
-    """The account is frozen (a paused user): it cannot be debited until it is resumed."""
+class AccountFrozen(DripError):
+    """The account is frozen (a paused user): it cannot be debited until it is resumed
+    (a top-up resumes a paused user: a 402, as for a wallet without credit)."""
 
     code = "account_frozen"
+    type = "payment_required_error"
+    status = 402
 
 
 # --- sessions and policies -------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 Server = Any  # the fixture in tests/server/conftest.py
 
 
@@ -210,3 +212,88 @@ def test_a_sessions_half_of_a_hold_cannot_be_settled_alone(server: Server) -> No
         assert whole.status_code == 200, whole.text
         session = http.get("/v1/sessions/current", headers={"X-Drip-Session": token}).json()
         assert (session["spent"]["atomic"], session["pending"]["atomic"]) == (100_000, 0)
+
+
+def test_a_key_is_the_services_whichever_api_key_sends_it(server: Server, store_url: str) -> None:
+    """A retry straddling an API key rotation (or sent by a worker with another key) is the
+    same request: it used to charge a second time."""
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+    from drip.server.keys import KeyStore
+
+    client = DripClient(DripConfig(database_url=store_url))
+    try:
+        rotated, _ = KeyStore(client.ledger.store).create("admin", "rotated")
+    finally:
+        client.close()
+    body = {"user_id": "eve", "amount": "0.25", "event": "search"}
+    headers = {"Idempotency-Key": "order-42"}
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "eve", "initial_balance": "1"})
+        first = http.post("/v1/charges", json=body, headers=headers)
+    with server.client(rotated) as http:
+        again = http.post("/v1/charges", json=body, headers=headers)
+        other = http.post("/v1/charges", json={**body, "amount": "0.5"}, headers=headers)
+        balance = http.get("/v1/wallets/eve").json()["available"]["atomic"]
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and first.json()["transfer_id"] == "req:order-42"
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    assert balance == 750_000
+
+
+def test_a_refused_key_is_free_for_the_same_request_only(server: Server) -> None:
+    """A 402 stores no answer (a retry after a top-up may pass), but the key stays bound
+    to its request: another body or endpoint with it is a 409, as after a success."""
+
+    def post(path: str, body: dict[str, Any]) -> Any:
+        with server.client(server.admin) as http:
+            return http.post(path, json=body, headers={"Idempotency-Key": "K"})
+
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "eve", "initial_balance": "1"})
+    too_much = {"user_id": "eve", "amount": "5", "event": "search"}
+    assert post("/v1/charges", too_much).status_code == 402
+    small = post("/v1/charges", {**too_much, "amount": "0.1"})
+    assert small.status_code == 409 and small.json()["error"]["code"] == "idempotency_conflict"
+    assert post("/v1/wallets/eve/topup", {"amount": "5"}).status_code == 409
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets/eve/topup", json={"amount": "5"}, headers={"Idempotency-Key": "T"})
+    assert post("/v1/charges", too_much).status_code == 200  # the same request, now paid
+    with server.client(server.admin) as http:
+        assert http.get("/v1/wallets/eve").json()["available"]["atomic"] == 1_000_000
+
+
+def test_a_key_still_running_is_a_retryable_409(store_url: str) -> None:
+    from drip.ledger import open_store
+    from drip.server import idempotency
+
+    store = open_store(store_url)
+    try:
+        responses = idempotency.Responses(store)
+        record = ("*", "k", "POST", "/v1/charges", "digest")
+        assert responses.claim(*record) is not None
+        with pytest.raises(idempotency.IdempotencyInProgress) as info:
+            responses.find(*record)
+        assert info.value.code == "idempotency_in_progress" and info.value.status == 409
+        assert info.value.details["retry_after_s"] == 1
+    finally:
+        store.close()
+
+
+def test_a_paused_wallet_is_a_402_not_a_conflict(server: Server, store_url: str) -> None:
+    """A 409 means an idempotency conflict; a paused user is resumed by a top-up."""
+    from drip.config import DripConfig
+    from drip.metering import DripClient
+
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "eve", "initial_balance": "1"})
+    client = DripClient(DripConfig(database_url=store_url))
+    try:
+        client.sync.hibernate("eve")
+    finally:
+        client.close()
+    with server.client(server.admin) as http:
+        r = http.post("/v1/charges", json={"user_id": "eve", "amount": "0.1", "event": "s"},
+                      headers={"Idempotency-Key": "c"})  # fmt: skip
+    assert r.status_code == 402, r.text
+    assert r.json()["error"]["type"] == "payment_required_error"

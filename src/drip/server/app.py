@@ -51,7 +51,12 @@ from drip.money import format_plain, parse_amount, to_decimal
 from drip.server.charges import Amount
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.endpoints import add_routes as add_endpoint_routes
-from drip.server.idempotency import IdempotencyConflictHttp, Responses, check_key
+from drip.server.idempotency import (
+    SERVICE_SCOPE,
+    IdempotencyInProgress,
+    Responses,
+    check_key,
+)
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
 from drip.server.logs import request_logger
 from drip.server.topups import (
@@ -187,7 +192,7 @@ _DATABASE_ERRORS = (sqlite3.OperationalError, psycopg.OperationalError, psycopg_
 
 def _error_response(exc: errors.DripError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else {}
-    if exc.status == 429 and "retry_after_s" in exc.details:
+    if exc.status in (409, 429) and "retry_after_s" in exc.details:
         headers["Retry-After"] = str(exc.details["retry_after_s"])
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
@@ -382,8 +387,12 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             raise errors.NotFound("no such resource")
         digest = Responses.body_digest(method, path, body)
         # the records are database round trips: off the event loop, as every read here
-        record = (key.key_id, idem_key, method, path, digest)
+        record = (SERVICE_SCOPE, idem_key, method, path, digest)
         found = await run_in_threadpool(responses.find, *record)
+        if found is None:  # answered before keys were the service's: per API key
+            found = await run_in_threadpool(
+                responses.find, key.key_id, idem_key, method, path, digest
+            )
         token = None
         for _ in range(CLAIM_ATTEMPTS if found is None else 0):
             token = await run_in_threadpool(responses.claim, *record)
@@ -396,16 +405,16 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                 break
         if token is not None:
             try:
-                found = await run(f"idem:{key.key_id}:{idem_key}")
+                found = await run(f"req:{idem_key}")
             except BaseException:
-                await _to_the_end(responses.release, key.key_id, idem_key, token)
+                await _to_the_end(responses.release, SERVICE_SCOPE, idem_key, token)
                 raise
-            await _to_the_end(responses.complete, key.key_id, idem_key, token, *found)
+            await _to_the_end(responses.complete, SERVICE_SCOPE, idem_key, token, *found)
         if found is None:
-            raise IdempotencyConflictHttp(
+            raise IdempotencyInProgress(
                 "a request with this Idempotency-Key just failed; retry",
-                param="Idempotency-Key",
-            )
+                param="Idempotency-Key", retry_after_s=1,
+            )  # fmt: skip
         status, payload = found
         return JSONResponse(payload, status_code=status)
 

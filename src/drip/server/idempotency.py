@@ -2,9 +2,16 @@
 response; the same key with another body is a 409, and so is a second request arriving
 while the first with its key is still running (the key is claimed before the work).
 
+Keys belong to the service, not to the API key that sent them: a retry sent with
+another admin key (a rotation, a second worker) is the same request. Records written
+before that (per API key) are still found for the key that wrote them.
+
 The money itself is protected by the ledger: the key also names the transfer
-(``idem:<api key id>:<key>``), so two concurrent requests with one key move money once
-however they interleave. This table only makes the *response* repeat exactly.
+(``req:<key>``), so two concurrent requests with one key move money once however they
+interleave. This table only makes the *response* repeat exactly.
+
+A request refused with an error releases its key for a retry of the same request; the
+record keeps what the request was, so another request with the key is still a 409.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ log = logging.getLogger("drip.server")
 _KEY_RE = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 #: Status of a key whose first request is still running.
 IN_PROGRESS = 0
+#: Status of a key whose request failed with an error: free for a retry of that request.
+FAILED = -1
+#: Whose keys the records are: the service's (one tenant), whichever API key sent them.
+SERVICE_SCOPE = "*"
 #: A claim older than this is taken over by the next request with its key (its request
 #: died between claiming and answering: a crash, a forced shutdown). Re-running it is
 #: safe: the ledger id of its money movement comes from the key, so a charge that went
@@ -63,6 +74,13 @@ def _lease_start(now_us: int) -> int:
 
 class IdempotencyConflictHttp(errors.IdempotencyConflict):
     """The Idempotency-Key was used before with a different request."""
+
+
+class IdempotencyInProgress(errors.IdempotencyConflict):
+    """The first request with this Idempotency-Key is still running: retry shortly (the
+    response carries ``Retry-After``)."""
+
+    code = "idempotency_in_progress"
 
 
 class Responses:
@@ -93,13 +111,15 @@ class Responses:
                 "this Idempotency-Key was already used with a different request",
                 param="Idempotency-Key",
             )
+        if status == FAILED:
+            return None  # the same request may run again: ``claim`` takes it over
         if status == IN_PROGRESS:
             if claimed_us < _lease_start(wall_clock_us()):
                 return None  # its request died: ``claim`` takes it over
-            raise IdempotencyConflictHttp(
+            raise IdempotencyInProgress(
                 "a request with this Idempotency-Key is still being processed; retry shortly",
-                param="Idempotency-Key",
-            )
+                param="Idempotency-Key", retry_after_s=1,
+            )  # fmt: skip
         return int(status), json.loads(response)
 
     def claim(self, key_id: str, idem_key: str, method: str, path: str, digest: str) -> int | None:
@@ -115,9 +135,11 @@ class Responses:
         ):  # fmt: skip
             return now
         if self.store.execute(
-            "UPDATE http_idempotency SET created_us = ? WHERE key_id = ? AND idem_key = ? "
-            "AND method = ? AND path = ? AND body_sha256 = ? AND status = ? AND created_us < ?",
-            (now, key_id, idem_key, method, path, digest, IN_PROGRESS, _lease_start(now)),
+            "UPDATE http_idempotency SET created_us = ?, status = ? WHERE key_id = ? AND "
+            "idem_key = ? AND method = ? AND path = ? AND body_sha256 = ? AND (status = ? OR "
+            "(status = ? AND created_us < ?))",
+            (now, IN_PROGRESS, key_id, idem_key, method, path, digest, FAILED, IN_PROGRESS,
+             _lease_start(now)),
         ):  # fmt: skip
             return now
         return None
@@ -134,9 +156,10 @@ class Responses:
             )  # fmt: skip
 
     def release(self, key_id: str, idem_key: str, token: int) -> None:
-        """The request failed before it produced a response: the key may be used again."""
+        """The request failed before it produced a response: the same request may run
+        again with the key (another one is still a 409)."""
         self.store.execute(
-            "DELETE FROM http_idempotency WHERE key_id = ? AND idem_key = ? AND status = ? "
-            "AND created_us = ?",
-            (key_id, idem_key, IN_PROGRESS, token),
+            "UPDATE http_idempotency SET status = ? WHERE key_id = ? AND idem_key = ? AND "
+            "status = ? AND created_us = ?",
+            (FAILED, key_id, idem_key, IN_PROGRESS, token),
         )
