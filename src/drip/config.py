@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+from collections.abc import Iterator
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +25,8 @@ OTHER_ENV = frozenset(
     {"DRIP_TEST_POSTGRES_DSN", "DRIP_REQUIRE_ALL", "DRIP_RPC_URL", "DRIP_FACILITATOR_PRIVATE_KEY"}
 )
 log = logging.getLogger("drip.config")
+#: The least key a Standard Webhooks secret carries (the library signs with HMAC-SHA256).
+WEBHOOK_SECRET_BYTES_MIN = 16
 
 
 class ServeConfig(BaseModel):
@@ -42,6 +47,7 @@ class DripConfig(BaseSettings):
         env_nested_delimiter="__",
         toml_file="drip.toml",
         extra="forbid",
+        hide_input_in_errors=True,  # a refused value may be a secret or a password
     )
 
     #: ``sqlite:///drip.db`` (default, embedded) or ``postgresql://user:pw@host/db``.
@@ -63,6 +69,36 @@ class DripConfig(BaseSettings):
     #: ``drip serve``'s address (a nested section).
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """A secret the library cannot use would only be found by the first payment's
+        webhook (a 500, and the top-up never credited): refuse it at startup."""
+        if value is None:
+            return None
+        raw = value.get_secret_value().removeprefix("whsec_")
+        try:
+            key = base64.b64decode(raw, validate=True)
+        except ValueError:
+            raise ValueError("webhook_secret must be whsec_ followed by base64") from None
+        if len(key) < WEBHOOK_SECRET_BYTES_MIN:
+            raise ValueError(f"webhook_secret must hold at least {WEBHOOK_SECRET_BYTES_MIN} "
+                             "bytes (whsec_ + base64)")  # fmt: skip
+        return value
+
+    @field_validator("stripe_webhook_secret")
+    @classmethod
+    def _stripe_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 8:
+            raise ValueError("stripe_webhook_secret is empty or too short (whsec_...)")
+        return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """As pydantic's, with the database password masked (the other secrets are
+        ``SecretStr``): a config printed in a log or a traceback shows no password."""
+        for name, value in super().__repr_args__():
+            yield name, mask_password(value) if name == "database_url" else value
+
     @model_validator(mode="after")
     def _warn_unknown_env(self) -> DripConfig:
         """The environment cannot refuse a name the way drip.toml does (other programs set
@@ -83,6 +119,18 @@ class DripConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def mask_password(url: object) -> object:
+    """``url`` with the password of its user info replaced by ``***``."""
+    if not isinstance(url, str):
+        return url
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def unknown_env(environ: os._Environ[str] | dict[str, str]) -> list[str]:

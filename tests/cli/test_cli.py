@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from drip import DripClient, DripConfig
+from drip import DripClient, DripConfig, errors
 from drip.cli.main import app
+from drip.ledger import AccountKind, open_ledger
 
 #: Wide enough that no table cell wraps; the error tests use 80, what a pipe or CI log gets.
 WIDE = "200"
@@ -47,6 +48,11 @@ def row_of(output: str, first_cell: str) -> list[str]:
         if cells[0] == first_cell:
             return cells
     raise AssertionError(f"no row {first_cell!r} in:\n{output}")
+
+
+def empty_ledger(url: str) -> None:
+    """Create the (empty) database at ``url``: commands that only read never do."""
+    open_ledger(url).close()
 
 
 def user_of(url: str, user_id: str) -> dict[str, Any]:
@@ -109,6 +115,7 @@ def test_wallet_list_pages(db_url: str) -> None:
 
 
 def test_wallet_list_empty(db_url: str) -> None:
+    empty_ledger(db_url)
     out = ok(drip_cli("wallet", "list", url=db_url))
     assert "user" in out  # the header, no rows
     with pytest.raises(AssertionError):
@@ -187,6 +194,7 @@ def test_usage_lists_events(store_url: str) -> None:
 
 
 def test_usage_empty(db_url: str) -> None:
+    empty_ledger(db_url)
     out = ok(drip_cli("usage", url=db_url))
     assert row_of(out, "total") == ["total", "", "0", "0.000000"]
 
@@ -369,3 +377,209 @@ def test_console_script_demo(tmp_path: Path) -> None:
     assert user["status"] == "active"
     assert Decimal(0) < user["balance_usdc"] < Decimal("0.35")
     assert not (tmp_path / "drip-demo.db").exists()  # it used the URL it was given
+
+
+# --- the demo never touches a user's database -----------------------------------------
+
+
+def drip_demo(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(app, ["demo", *args], env={"COLUMNS": "80", **(env or {})})
+
+
+def test_demo_ignores_drip_database_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prod = f"sqlite:///{tmp_path}/prod.db"
+    ok(drip_cli("wallet", "create", "alice", "--initial-balance", "5", url=prod))
+    before = (tmp_path / "prod.db").read_bytes()
+    monkeypatch.chdir(tmp_path)  # where its sqlite:///drip-demo.db goes
+
+    out = ok(drip_demo(env={"DRIP_DATABASE_URL": prod}))
+
+    assert "Drip demo on sqlite:///drip-demo.db" in out
+    assert (tmp_path / "prod.db").read_bytes() == before
+    assert user_of(prod, "alice")["balance_usdc"] == Decimal(5)
+    assert user_of(f"sqlite:///{tmp_path}/drip-demo.db", "researcher_42")["status"] == "active"
+
+
+@pytest.mark.parametrize("fresh", ["--fresh", "--no-fresh"])
+def test_demo_refuses_a_database_with_other_wallets(tmp_path: Path, fresh: str) -> None:
+    prod = f"sqlite:///{tmp_path}/prod.db"
+    ok(drip_cli("wallet", "create", "alice", "--initial-balance", "5", url=prod))
+    before = (tmp_path / "prod.db").read_bytes()
+
+    line = _one_error_line(drip_demo("--database-url", prod, fresh))
+
+    assert line.startswith("error (config_error): ") and "holds user 'alice'" in line, line
+    assert (tmp_path / "prod.db").read_bytes() == before  # neither deleted nor written
+    assert user_of(prod, "alice")["balance_usdc"] == Decimal(5)
+    with pytest.raises(errors.UserNotFound):
+        user_of(prod, "researcher_42")
+
+
+@pytest.mark.parametrize("kind", ["junk", "another program's SQLite"])
+def test_demo_refuses_a_file_that_is_not_a_drip_database(tmp_path: Path, kind: str) -> None:
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    if kind == "junk":
+        path.write_bytes(b"not a database, just some bytes\n" * 10)
+    else:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.close()
+    before = path.read_bytes()
+
+    line = _one_error_line(drip_demo("--database-url", f"sqlite:///{path}"))
+
+    assert line.startswith("error (config_error): ") and "not a Drip demo database" in line
+    assert path.read_bytes() == before
+
+
+def test_demo_runs_twice_on_its_own_database(tmp_path: Path) -> None:
+    """What ``make demo`` does: the second run starts afresh from the first one's file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIP_")}
+    env |= {"COLUMNS": "80", "DRIP_DATABASE_URL": f"sqlite:///{tmp_path}/prod.db"}
+    for _ in range(2):
+        done = subprocess.run([str(DRIP_BIN), "demo"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("provisioned researcher_42 with 0.10 USDC") == 1
+    assert not (tmp_path / "prod.db").exists()
+    user = user_of(f"sqlite:///{tmp_path}/drip-demo.db", "researcher_42")
+    assert Decimal(0) < user["balance_usdc"] < Decimal("0.35")  # one run's, not two
+
+
+def test_demo_on_postgresql_refuses_other_wallets(postgres_url: str) -> None:
+    ok(drip_cli("wallet", "create", "alice", "--initial-balance", "5", url=postgres_url))
+
+    line = _one_error_line(drip_cli("demo", url=postgres_url, columns="80"))
+
+    assert line.startswith("error (config_error): ") and "holds user 'alice'" in line, line
+    assert postgres_url.split("@")[0] not in line  # no password
+    with pytest.raises(errors.UserNotFound):
+        user_of(postgres_url, "researcher_42")
+    assert user_of(postgres_url, "alice")["balance_usdc"] == Decimal(5)
+
+
+def test_demo_on_an_empty_postgresql_runs(postgres_url: str) -> None:
+    for _ in range(2):  # the second time it finds only its own user
+        out = ok(drip_cli("demo", url=postgres_url))
+        assert "refused before running" in out and "FAILED" not in out
+
+
+# --- commands that read never create a database ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["wallet", "show", "u1"],
+        ["wallet", "list"],
+        ["usage"],
+        ["doctor"],
+        ["keys", "list"],
+        ["wallet", "topup", "u1", "1"],
+        ["keys", "revoke", "k1"],
+    ],
+    ids=" ".join,
+)
+def test_a_missing_sqlite_file_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    url = f"sqlite:///{tmp_path}/typo.db"
+
+    line = _one_error_line(drip_cli(*command, url=url, columns="80"))
+
+    assert line == f"error (store_unavailable): no SQLite database at '{tmp_path}/typo.db'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_relative_sqlite_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = drip_cli("doctor", url="sqlite:///typo.db", columns="80")
+    assert _one_error_line(result) == "error (store_unavailable): no SQLite database at 'typo.db'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_is_not_a_missing_file() -> None:
+    line = _one_error_line(drip_cli("wallet", "list", url="sqlite:///:memory:", columns="80"))
+    assert line.startswith("error (config_error): SQLite needs a file"), line
+
+
+def test_writing_commands_still_create_the_database(tmp_path: Path) -> None:
+    ok(drip_cli("keys", "create", url=f"sqlite:///{tmp_path}/keys.db"))
+    ok(drip_cli("wallet", "create", "u1", url=f"sqlite:///{tmp_path}/wallets.db"))
+    assert (tmp_path / "keys.db").exists() and (tmp_path / "wallets.db").exists()
+
+
+def test_doctor_writes_nothing(db_url: str, tmp_path: Path) -> None:
+    led = open_ledger(db_url)  # a ledger without the client's revenue account
+    try:
+        led.sync.create_account("user:u1", AccountKind.WALLET)
+    finally:
+        led.close()
+    before = (tmp_path / "cli.db").read_bytes()
+
+    out = ok(drip_cli("doctor", url=db_url))
+
+    assert "FAILED" not in out
+    assert (tmp_path / "cli.db").read_bytes() == before
+    led = open_ledger(db_url)
+    try:
+        assert led.list_accounts(AccountKind.REVENUE) == []
+    finally:
+        led.close()
+
+
+# --- stored text and error messages are shown literally, never as Rich markup ---------
+
+LINK = "[link=https://evil.example]support@drip.example[/link]"
+
+
+def test_stored_emails_are_shown_literally(db_url: str) -> None:
+    ok(drip_cli("wallet", "create", "u1", "--email", LINK, url=db_url))
+    ok(drip_cli("wallet", "create", "u2", "--email", "[/]", url=db_url))
+
+    out = ok(drip_cli("wallet", "list", url=db_url))
+
+    assert row_of(out, "u1")[4] == LINK
+    assert row_of(out, "u2")[4] == "[/]"
+    assert row_of(ok(drip_cli("wallet", "show", "u2", url=db_url)), "u2")[4] == "[/]"
+
+
+def test_key_labels_are_shown_literally(db_url: str) -> None:
+    ok(drip_cli("keys", "create", "--label", "[/]", url=db_url))
+    ok(drip_cli("keys", "create", "--label", "[bold]team[/bold]", url=db_url))
+
+    out = ok(drip_cli("keys", "list", url=db_url))
+
+    labels = [cells[2] for line in out.splitlines()
+              if len(cells := [c.strip() for c in line.strip()[1:-1].split("│")]) == 4]  # fmt: skip
+    assert sorted(labels) == ["[/]", "[bold]team[/bold]"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["wallet", "topup", "u1", "[/]"], "error (invalid_amount): "),
+        (["wallet", "show", "[red]x"], "error (invalid_id): "),
+        (["keys", "revoke", "[/]"], "error (not_found): no active key '[/]'"),
+    ],
+    ids=["topup", "show", "revoke"],
+)
+def test_error_messages_are_shown_literally(db_url: str, args: list[str], expected: str) -> None:
+    ok(drip_cli("wallet", "create", "u1", url=db_url))
+
+    line = _one_error_line(drip_cli(*args, url=db_url, columns="80"))
+
+    assert line.startswith(expected), line
+    assert args[-1] in line
+
+
+def test_the_demo_shows_its_url_literally(tmp_path: Path) -> None:
+    folder = tmp_path / "[bold]"
+    folder.mkdir()
+    url = f"sqlite:///{folder}/demo.db"
+
+    out = ok(drip_cli("demo", url=url))
+
+    assert f"Drip demo on {url} " in out

@@ -38,7 +38,7 @@ def test_charges_with_a_session_and_with_a_user(server: Server) -> None:
         assert direct.status_code == 200 and direct.json()["balance"]["atomic"] == 480_000
         nobody = http.post("/v1/charges", json={"amount": "0.5", "event": "x"},
                            headers={"Idempotency-Key": "c4"})  # fmt: skip
-        assert nobody.status_code == 402
+        assert nobody.status_code == 400 and nobody.json()["error"]["param"] == "user_id"
         session = http.get("/v1/sessions/current", headers={"X-Drip-Session": token}).json()
         assert session["spent"]["atomic"] == 20_000
 

@@ -1,7 +1,11 @@
 """The ``drip`` command: wallets, usage, ledger checks and the demo.
 
-Every command takes ``--database-url`` (or ``DRIP_DATABASE_URL``). Errors print one
-clear line on stderr and exit non-zero; they never print a traceback.
+Every command takes ``--database-url``, and all but ``demo`` read ``DRIP_DATABASE_URL``
+too: the demo deletes its database to start afresh, so it has one of its own. Commands
+that only read (or change what exists) never create a SQLite file: a mistyped path is an
+error, not an empty ledger. Errors print one clear line on stderr and exit non-zero;
+they never print a traceback. Stored text (emails, labels) and error messages are
+printed as they are, never as Rich markup.
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from drip import errors
 from drip.config import DripConfig
+from drip.demo import run_demo, sqlite_file
+from drip.ledger import AccountKind, Ledger, open_ledger
 from drip.metering import DripClient
+from drip.metering.client import user_view, wallet_id
 from drip.money import format_amount, parse_amount
 
 app = typer.Typer(
@@ -52,11 +61,43 @@ DatabaseUrl = Annotated[
 ]
 
 
-def _client(database_url: str | None) -> DripClient:
+def _config(database_url: str | None) -> DripConfig:
     settings: dict[str, Any] = {}
     if database_url:
         settings["database_url"] = database_url
-    return DripClient(DripConfig(**settings))
+    return DripConfig(**settings)
+
+
+def _require_database(url: str) -> None:
+    """Refuse a SQLite file that does not exist: opening it would create an empty one."""
+    path = sqlite_file(url)
+    if path is not None and not os.path.exists(path):
+        raise errors.StoreError(f"no SQLite database at {path!r}", param="database_url")
+
+
+def _client(database_url: str | None, *, existing: bool = False) -> DripClient:
+    """A client; with ``existing``, only on a database that is already there."""
+    config = _config(database_url)
+    if existing:
+        _require_database(config.database_url)
+    return DripClient(config)
+
+
+def _ledger(database_url: str | None, *, existing: bool = True) -> Ledger:
+    """The ledger alone, for commands that need no client: opening a Drip database writes
+    nothing (a DripClient would book its revenue account), and with ``existing`` a
+    missing SQLite file is an error rather than a new, empty (and healthy) ledger."""
+    config = _config(database_url)
+    if existing:
+        _require_database(config.database_url)
+    return open_ledger(config.database_url, fee_bps=config.fee_bps)
+
+
+def _fail(code: str, message: str) -> None:
+    """Print ``error (code): message`` on one line; the message (which may quote stored
+    text or what was typed) is printed as it is, not read as Rich markup."""
+    first = message.splitlines()[0] if message else ""
+    err.print(Text.assemble(("error", "bold red"), f" ({code}): {first}"), highlight=False)
 
 
 def friendly(fn: F) -> F:
@@ -67,27 +108,38 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except errors.DripError as exc:
-            err.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
+            _fail(exc.code, exc.message)
             raise typer.Exit(1) from None
         except ValidationError as exc:  # DripConfig from flags, environment or drip.toml
             problems = exc.errors()
             where = ".".join(str(p) for p in problems[0]["loc"]) if problems else ""
             what = problems[0]["msg"] if problems else str(exc)
-            err.print(f"[bold red]error[/] (config_error): {where or 'settings'}: {what}",
-                      highlight=False)  # fmt: skip
+            _fail("config_error", f"{where or 'settings'}: {what}")
             raise typer.Exit(1) from None
         except ValueError as exc:
-            err.print(f"[bold red]error[/] (config_error): {exc}".splitlines()[0], highlight=False)
+            _fail("config_error", str(exc))
             raise typer.Exit(1) from None
         except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException):
             raise  # typer's own way out (an Exit is a RuntimeError)
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            err.print(f"[bold red]error[/] (internal_error): {type(exc).__name__}: {text}",
-                      highlight=False)  # fmt: skip
+            _fail("internal_error", f"{type(exc).__name__}: {exc}")
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    """A row of data, shown as it is: a cell given as a str is Rich markup, so an email of
+    '[/]' would crash the table and '[link=...]...[/link]' would show as a link."""
+    table.add_row(*(Text(cell) for cell in cells))
+
+
+def _get_user(ledger: Ledger, user_id: str) -> dict[str, Any]:
+    """DripClient.get_user's answer, read from the ledger alone."""
+    account = ledger.store.get_account(wallet_id(user_id))
+    if account is None or account.kind != AccountKind.WALLET:
+        raise errors.UserNotFound(f"no user {user_id!r}", param="user_id")
+    return user_view(account)
 
 
 def _user_table(users: list[dict[str, Any]]) -> Table:
@@ -96,9 +148,9 @@ def _user_table(users: list[dict[str, Any]]) -> Table:
                             ("pending USDC", "right"), ("email", "left")):  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for u in users:
-        table.add_row(
-            u["user_id"], u["status"], f"{u['balance_usdc']:.6f}", f"{u['pending_usdc']:.6f}",
-            u.get("email") or "",
+        _add_row(
+            table, u["user_id"], u["status"], f"{u['balance_usdc']:.6f}",
+            f"{u['pending_usdc']:.6f}", u.get("email") or "",
         )  # fmt: skip
     return table
 
@@ -126,11 +178,11 @@ def wallet_create(
 @friendly
 def wallet_show(user_id: str, database_url: DatabaseUrl = None) -> None:
     """Show one wallet's balances and status."""
-    client = _client(database_url)
+    ledger = _ledger(database_url)
     try:
-        user = client.sync.get_user(user_id)
+        user = _get_user(ledger, user_id)
     finally:
-        client.close()
+        ledger.close()
     out.print(_user_table([user]))
 
 
@@ -142,14 +194,17 @@ def wallet_list(
     database_url: DatabaseUrl = None,
 ) -> None:
     """List wallets, ordered by user id."""
-    client = _client(database_url)
+    ledger = _ledger(database_url)
     try:
-        users = client.sync.list_users(after=after, limit=limit)
+        after_id = wallet_id(after) if after else None
+        accounts = ledger.list_accounts(AccountKind.WALLET, after_id=after_id, limit=limit)
     finally:
-        client.close()
+        ledger.close()
+    users = [user_view(a) for a in accounts]
     out.print(_user_table(users))
     if len(users) == limit:
-        out.print(f"more: drip wallet list --after {users[-1]['user_id']}", highlight=False)
+        out.print(f"more: drip wallet list --after {users[-1]['user_id']}", markup=False,
+                  highlight=False)  # fmt: skip
 
 
 @wallet_app.command("topup")
@@ -165,7 +220,7 @@ def wallet_topup(
 ) -> None:
     """Credit a wallet (resumes a paused user)."""
     parse_amount(amount, allow_zero=False)
-    client = _client(database_url)
+    client = _client(database_url, existing=True)
     try:
         client.sync.topup(user_id, amount, idempotency_key=idempotency_key)
         user = client.sync.get_user(user_id)
@@ -190,22 +245,24 @@ def usage(
     sizes = {"minute": 60, "hour": 3600, "day": 86_400}
     if bucket not in sizes:
         raise errors.InvalidRequest("bucket must be minute, hour or day", param="bucket")
-    client = _client(database_url)
+    ledger = _ledger(database_url)
     try:
+        account = None
         if user_id is not None:
-            client.sync.get_user(user_id)  # a mistyped user is an error, not an empty table
-        rows = client.sync.usage(user_id, bucket_s=sizes[bucket])
+            _get_user(ledger, user_id)  # a mistyped user is an error, not an empty table
+            account = wallet_id(user_id)
+        rows = ledger.usage(account, bucket_s=sizes[bucket])
     finally:
-        client.close()
-    table = Table(title=f"usage{' of ' + user_id if user_id else ''} per {bucket}")
+        ledger.close()
+    table = Table(title=escape(f"usage{' of ' + user_id if user_id else ''} per {bucket}"))
     table.add_column(bucket)
     table.add_column("event")
     table.add_column("calls", justify="right")
     table.add_column("USDC", justify="right")
     total_calls = total = 0
     for r in rows:
-        table.add_row(_when(r.bucket_start_us, sizes[bucket]), r.code, str(r.calls),
-                      format_amount(r.amount))  # fmt: skip
+        _add_row(table, _when(r.bucket_start_us, sizes[bucket]), r.code, str(r.calls),
+                 format_amount(r.amount))  # fmt: skip
         total_calls += r.calls
         total += r.amount
     table.add_section()
@@ -217,40 +274,51 @@ def usage(
 @friendly
 def doctor(database_url: DatabaseUrl = None) -> None:
     """Check the ledger's invariants and print each; exit 1 if any fails."""
-    client = _client(database_url)
+    ledger = _ledger(database_url)  # reads only: a doctor that wrote could hide what it found
     try:
-        report = client.ledger.check_invariants()
+        report = ledger.check_invariants()
     finally:
-        client.close()
+        ledger.close()
     table = Table(title="ledger invariants")
     table.add_column("check")
     table.add_column("result")
     table.add_column("evidence")
     for name, passed, detail in report.checks:
-        table.add_row(name, "[green]ok[/]" if passed else "[bold red]FAILED[/]", detail)
+        result = Text("ok", "green") if passed else Text("FAILED", "bold red")
+        table.add_row(Text(name), result, Text(detail))
     out.print(table)
     if not report.ok:
-        err.print("[bold red]error[/] (invariant_violation): the ledger failed a check")
+        _fail("invariant_violation", "the ledger failed a check")
         raise typer.Exit(1)
 
 
 @app.command("demo")
 @friendly
 def demo(
-    database_url: DatabaseUrl = None,
-    fresh: Annotated[bool, typer.Option(help="Start from an empty demo database")] = True,
+    # not DatabaseUrl: the demo deletes its database to start afresh, so it never takes
+    # the user's own from DRIP_DATABASE_URL (or drip.toml); only a URL given here
+    database_url: Annotated[
+        str, typer.Option("--database-url", help="The demo's own database")
+    ] = "sqlite:///drip-demo.db",
+    fresh: Annotated[
+        bool, typer.Option(help="Delete the demo's SQLite file first (never another's)")
+    ] = True,
 ) -> None:
-    """A scripted tour: provision, meter calls until credit runs out, top up, continue."""
-    from drip.demo import run_demo
+    """A scripted tour: provision, meter calls until credit runs out, top up, continue.
 
-    run_demo(database_url or "sqlite:///drip-demo.db", fresh=fresh, console=out)
+    It refuses a database that holds wallets other than its own user's."""
+    run_demo(database_url, fresh=fresh, console=out)
 
 
-def _keys(database_url: str | None) -> tuple[DripClient, Any]:
+def _keys(database_url: str | None, *, existing: bool = True) -> tuple[Ledger, Any]:
     from drip.server.keys import KeyStore
 
-    client = _client(database_url)
-    return client, KeyStore(client.ledger.store)
+    ledger = _ledger(database_url, existing=existing)
+    try:
+        return ledger, KeyStore(ledger.store)
+    except BaseException:
+        ledger.close()
+        raise
 
 
 @keys_app.command("create")
@@ -261,12 +329,13 @@ def keys_create(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create an API key and print it once; only its SHA-256 digest is stored."""
-    client, store = _keys(database_url)
+    ledger, store = _keys(database_url, existing=False)
     try:
         token, key = store.create(scope, label)
     finally:
-        client.close()
-    err.print(f"key {key.key_id} ({key.scope}); store it now, it is not shown again:")
+        ledger.close()
+    err.print(f"key {key.key_id} ({key.scope}); store it now, it is not shown again:",
+              markup=False)  # fmt: skip
     out.print(token, highlight=False, soft_wrap=True)
 
 
@@ -274,16 +343,16 @@ def keys_create(
 @friendly
 def keys_list(database_url: DatabaseUrl = None) -> None:
     """List API keys (ids and scopes, never secrets)."""
-    client, store = _keys(database_url)
+    ledger, store = _keys(database_url)
     try:
         keys = store.list()
     finally:
-        client.close()
+        ledger.close()
     table = Table()
     for column in ("key id", "scope", "label", "status"):
         table.add_column(column)
     for k in keys:
-        table.add_row(k.key_id, k.scope, k.label or "", "revoked" if k.revoked_us else "active")
+        _add_row(table, k.key_id, k.scope, k.label or "", "revoked" if k.revoked_us else "active")
     out.print(table)
 
 
@@ -291,12 +360,12 @@ def keys_list(database_url: DatabaseUrl = None) -> None:
 @friendly
 def keys_revoke(key_id: str, database_url: DatabaseUrl = None) -> None:
     """Revoke an API key at once."""
-    client, store = _keys(database_url)
+    ledger, store = _keys(database_url)
     try:
         store.revoke(key_id)
     finally:
-        client.close()
-    out.print(f"revoked {key_id}", highlight=False)
+        ledger.close()
+    out.print(f"revoked {key_id}", markup=False, highlight=False)
 
 
 @app.command("serve")

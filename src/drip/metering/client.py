@@ -274,6 +274,11 @@ class _Base:
         a user id; neither is a 402."""
         if session is not None:
             wallet, caps, info = self.session_payer(session, event, amount)
+            if user_id is not None and wallet_id(user_id) != wallet:
+                # never bill someone other than the caller named: refuse the contradiction
+                raise errors.InvalidRequest(
+                    f"user_id {user_id!r} is not this session's user", param="user_id"
+                )
             return wallet, caps, session_errors(info, event)
         if user_id is None:
             raise errors.DripInsufficientCredits(

@@ -38,7 +38,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -60,6 +60,7 @@ from drip.server.idempotency import (
 from drip.server.keys import ApiKey, Forbidden, KeyStore, Unauthenticated
 from drip.server.logs import request_logger
 from drip.server.topups import (
+    ATOMIC_PER_CENT,
     Checkouts,
     Payment,
     PaymentMismatch,
@@ -73,6 +74,11 @@ from drip.server.topups import (
 WEBHOOK_BYTES_MAX = 256 * 1024
 #: Largest request body any route takes.
 BODY_BYTES_MAX = 1024 * 1024
+#: Writes idempotent by their own nature (a wallet per user id; a checkout is only a
+#: pending top-up): ``Idempotency-Key`` is optional there, required on the others.
+_IDEMPOTENCY_OPTIONAL = frozenset({("post", "/v1/wallets"), ("post", "/v1/checkout")})
+#: The query parameters of ``GET /v1/usage``.
+_USAGE_PARAMS = frozenset({"user_id", "event", "since_us", "until_us", "bucket_s", "format"})
 #: Methods counted by name in the metrics; any other is "other" (labels stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: An incoming ``X-Request-ID`` is kept if it looks like one; otherwise one is made.
@@ -85,7 +91,8 @@ log = logging.getLogger("drip.server")
 
 
 class WalletCreate(BaseModel):
-    user_id: str = Field(min_length=1, max_length=150)
+    # no "/": the wallet's routes (/v1/wallets/{user_id}/...) could never reach it
+    user_id: str = Field(min_length=1, max_length=150, pattern=r"^[^/]+$")
     email: str | None = Field(default=None, max_length=320)
     initial_balance: Amount = "0"
     metadata: dict[str, Any] | None = None
@@ -100,12 +107,27 @@ class CheckoutCreate(BaseModel):
     amount: Amount
 
 
+def _no_fractions(value: Any, where: str = "policy") -> Any:
+    """A policy's amounts are decimal strings, as every amount here: a JSON number with a
+    fraction would be read as a binary float (and ``1.00000000000000001`` taken as 1)."""
+    if isinstance(value, float):
+        raise ValueError(f"{where}: a JSON number with a fraction is not taken; send amounts "
+                         'as decimal strings ("0.10")')  # fmt: skip
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _no_fractions(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _no_fractions(v, f"{where}[{i}]")
+    return value
+
+
 class SessionCreate(BaseModel):
     user_id: str = Field(min_length=1, max_length=150)
     provider: str = Field(min_length=1, max_length=150)
     budget: Amount
     expires_in_s: StrictInt | None = Field(default=None, gt=0)
-    policy: dict[str, Any] | None = None
+    policy: Annotated[dict[str, Any] | None, AfterValidator(_no_fractions)] = None
 
 
 class Adjust(BaseModel):
@@ -113,9 +135,16 @@ class Adjust(BaseModel):
     reason: str = Field(min_length=1, max_length=200)
 
 
+class PayloadTooLarge(errors.InvalidRequest):
+    """The request body is larger than the route takes."""
+
+    code = "payload_too_large"
+    status = 413
+
+
 async def webhook_body(request: Request) -> bytes:
     """The body, read no further than ``WEBHOOK_BYTES_MAX`` (the route needs no key)."""
-    too_large = errors.InvalidRequest("the webhook body is too large")
+    too_large = PayloadTooLarge(f"the webhook body is larger than {WEBHOOK_BYTES_MAX} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > WEBHOOK_BYTES_MAX:
         raise too_large
@@ -538,6 +567,12 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     ) -> JSONResponse:
         """A pending top-up; a signed payment webhook naming its id credits the wallet."""
         amount = parse_amount(body.amount, allow_zero=False)
+        if config.stripe_webhook_secret is not None and amount % ATOMIC_PER_CENT:
+            # Stripe charges whole cents: such a checkout could be paid but never credited
+            raise errors.InvalidAmount(
+                "top-ups paid through Stripe are whole cents (at most 2 decimals)",
+                param="amount",
+            )
         await run_in_threadpool(client.get_user_now, body.user_id)
 
         async def run(request_id: str) -> tuple[int, Any]:
@@ -604,6 +639,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     @app.get("/v1/usage", tags=["usage"], response_model=None)
     def usage(
         _: Reader,
+        request: Request,
         user_id: Annotated[str | None, Query(max_length=150)] = None,
         event: Annotated[str | None, Query(max_length=64)] = None,
         since_us: Annotated[int | None, Query(ge=0)] = None,
@@ -612,6 +648,14 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
     ) -> dict[str, Any] | Response:
         """Charged calls and USDC per event and time bucket; ``format=csv`` for a file."""
+        unknown = sorted(set(request.query_params) - _USAGE_PARAMS)
+        if unknown:  # e.g. route= or model=: silently unfiltered totals would mislead
+            raise errors.InvalidRequest(
+                f"usage has no filter {unknown[0]!r} (filters: user_id, event, since_us, "
+                "until_us)", param=unknown[0],
+            )  # fmt: skip
+        if since_us is not None and until_us is not None and since_us > until_us:
+            raise errors.InvalidRequest("since_us is after until_us", param="since_us")
         rows = client.usage(user_id, since_us=since_us, until_us=until_us, bucket_s=bucket_s,
                             event=event)  # fmt: skip
         if format == "csv":
@@ -636,4 +680,21 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         page = client.ledger.history(wallet_id(user_id), code=event, limit=limit, cursor=cursor)
         return {"data": [transfer_json(t) for t in page.items], "next_cursor": page.next_cursor}
 
+    openapi = app.openapi
+
+    def openapi_with_required_keys() -> dict[str, Any]:
+        """The header is declared optional (its absence gets Drip's own 400, not a bare
+        422) but is required wherever money moves: say so in the schema."""
+        fresh = app.openapi_schema is None
+        schema = openapi()
+        if fresh:
+            for path, operations in schema.get("paths", {}).items():
+                for method, operation in operations.items():
+                    for param in operation.get("parameters", []):
+                        if (param.get("name") == "Idempotency-Key"
+                                and (method, path) not in _IDEMPOTENCY_OPTIONAL):  # fmt: skip
+                            param["required"] = True
+        return schema
+
+    app.openapi = openapi_with_required_keys  # type: ignore[method-assign]
     return app

@@ -126,6 +126,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     ) -> JSONResponse:  # fmt: skip
         """Charge now (no hold): 402 and nothing moved if the payer cannot afford it."""
         amount = parse_amount(body.amount, allow_zero=False)
+        _check_payer(body, session)
 
         async def run(transfer_id: str) -> tuple[int, Any]:
             # a charge that went through (its answer was lost: a crash, a cancelled
@@ -153,6 +154,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     ) -> JSONResponse:  # fmt: skip
         """Reserve the call's maximum before running it; capture or void it afterwards."""
         amount = parse_amount(body.amount, allow_zero=False)
+        _check_payer(body, session)
 
         async def run(hold_id: str) -> tuple[int, Any]:
             done = await run_in_threadpool(earlier, hold_id, body, amount, session, True)
@@ -217,3 +219,9 @@ def _keyed(body: BaseModel, session: str | None) -> dict[str, Any]:
     if session is not None:
         fields["session_sha256"] = hashlib.sha256(session.encode()).hexdigest()
     return fields
+
+
+def _check_payer(body: ChargeCreate, session: str | None) -> None:
+    """A charge names its payer: a session token, or a user id (both: the same user)."""
+    if session is None and body.user_id is None:
+        raise errors.InvalidRequest("send user_id or an X-Drip-Session token", param="user_id")

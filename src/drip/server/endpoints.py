@@ -9,8 +9,10 @@ pause, resume, top-up) belong to the lifecycle work.
 """
 
 import base64
+import ipaddress
 import re
 import secrets
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,11 +52,35 @@ def _check_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         hostname = parts.hostname  # raises on a malformed IPv6 literal
+        _ = parts.port  # raises on a port out of range
     except ValueError:
         raise refused from None
     if parts.scheme not in ("https", "http") or not hostname or parts.username:
         raise refused
+    if _internal(hostname):
+        raise errors.InvalidRequest(
+            "url must name a public host (not loopback, private, link-local or a metadata "
+            "address)", param="url",
+        )  # fmt: skip
     return url
+
+
+def _internal(hostname: str) -> bool:
+    """Whether the host is this machine or its private network, as far as can be told
+    without resolving it: localhost names and every spelling of a non-global address
+    (``0x7f000001`` and ``127.1`` are 127.0.0.1 to an HTTP client). A delivery must
+    check the address it connects to again (DNS can point anywhere)."""
+    name = hostname.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(name)
+    except ValueError:
+        try:  # the legacy numeric forms getaddrinfo also takes
+            address = ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            return False  # a name: resolved (and checked) when delivering
+    return not address.is_global
 
 
 class Endpoints:

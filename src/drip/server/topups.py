@@ -201,7 +201,9 @@ def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> dic
     try:
         Webhook(secret).verify(payload, wanted)
     except (WebhookVerificationError, ValueError) as exc:
-        raise InvalidSignature(f"webhook signature refused: {exc}") from None
+        # the library's own words only: other errors could describe the secret
+        reason = str(exc) if isinstance(exc, WebhookVerificationError) else "malformed"
+        raise InvalidSignature(f"webhook signature refused: {reason}") from None
     return _json(payload)
 
 

@@ -1,0 +1,134 @@
+"""What the REST API refuses at the door, found by review: each was a request that was
+taken and then did something other than what the client asked (billed another user,
+rounded a cap, could never be credited or reached, filtered nothing)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from drip.config import DripConfig
+
+Server = Any  # the fixture in tests/server/conftest.py
+
+
+def _code(response: Any) -> tuple[int, str, Any]:
+    error = response.json()["error"]
+    return response.status_code, error["code"], error["param"]
+
+
+def test_a_session_and_another_users_id_is_refused(server: Server) -> None:
+    with server.client(server.admin) as http:
+        for user in ("alice", "bob"):
+            http.post("/v1/wallets", json={"user_id": user, "initial_balance": "10"})
+        token = http.post("/v1/sessions", json={"user_id": "alice", "provider": "default",
+                                                "budget": "5"}).json()["token"]  # fmt: skip
+        r = http.post("/v1/charges", json={"user_id": "bob", "amount": "1", "event": "e"},
+                      headers={"X-Drip-Session": token, "Idempotency-Key": "k1"})  # fmt: skip
+        assert _code(r) == (400, "invalid_request", "user_id")
+        same = http.post("/v1/charges", json={"user_id": "alice", "amount": "1", "event": "e"},
+                         headers={"X-Drip-Session": token, "Idempotency-Key": "k2"})  # fmt: skip
+        assert same.status_code == 200
+        balances = [http.get(f"/v1/wallets/{u}").json()["available"]["atomic"]
+                    for u in ("alice", "bob")]  # fmt: skip
+    assert balances == [9_000_000, 10_000_000]
+
+
+def test_policy_amounts_are_never_floats(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "alice", "initial_balance": "10"})
+        for policy in ({"max_per_call": 1.00000000000000001},
+                       {"windows": [{"per": 60, "max_amount": 0.1}]},
+                       {"routes": {"llm*": {"budget": 0.3}}}):  # fmt: skip
+            r = http.post("/v1/sessions", json={"user_id": "alice", "provider": "default",
+                                                "budget": "2", "policy": policy})  # fmt: skip
+            assert r.status_code == 422, r.text
+            assert "decimal strings" in r.json()["error"]["message"]
+        ok = http.post("/v1/sessions", json={"user_id": "alice", "provider": "default",
+                                             "budget": "2", "policy": {
+                                                 "max_per_call": "1", "windows": [
+                                                     {"per": 60, "max_calls": 3}]}})  # fmt: skip
+        assert ok.status_code == 201, ok.text
+
+
+def test_usage_refuses_filters_it_does_not_have(server: Server) -> None:
+    with server.client(server.admin) as http:
+        r = http.get("/v1/usage", params={"route": "/search"})
+        assert _code(r) == (400, "invalid_request", "route")
+        r = http.get("/v1/usage", params={"since_us": 10, "until_us": 5})
+        assert _code(r) == (400, "invalid_request", "since_us")
+        assert http.get("/v1/usage", params={"event": "search", "format": "csv"}).is_success
+
+
+def test_a_wallet_id_no_path_can_reach_is_refused(server: Server) -> None:
+    with server.client(server.admin) as http:
+        r = http.post("/v1/wallets", json={"user_id": "a/b", "initial_balance": "5"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "user_id"
+        assert http.get("/v1/wallets").json()["data"] == []
+
+
+def test_the_schema_says_where_an_idempotency_key_is_required(server: Server) -> None:
+    with server.client() as http:
+        paths = http.get("/openapi.json").json()["paths"]
+
+    def required(method: str, path: str) -> bool:
+        params = paths[path][method]["parameters"]
+        return next(p["required"] for p in params if p["name"] == "Idempotency-Key")
+
+    assert required("post", "/v1/charges") and required("post", "/v1/holds")
+    assert required("post", "/v1/wallets/{user_id}/topup")
+    assert required("post", "/v1/wallets/{user_id}/adjust")
+    assert not required("post", "/v1/wallets") and not required("post", "/v1/checkout")
+
+
+def test_a_webhook_body_too_large_is_a_413(server: Server) -> None:
+    with server.client() as http:
+        r = http.post("/v1/webhooks/standard", content=b"x" * (300 * 1024))
+    assert _code(r) == (413, "payload_too_large", None)
+
+
+def test_webhook_endpoints_must_be_public_hosts(server: Server) -> None:
+    with server.client(server.admin) as http:
+        for url in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:5432/",
+                    "http://[::1]:6379/", "http://0x7f000001/", "http://localhost:8402/",
+                    "http://10.1.2.3/hook", "https://hooks.example.com:99999/"):  # fmt: skip
+            r = http.post("/v1/webhook-endpoints", json={"url": url})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "url", url
+        assert (
+            http.post(
+                "/v1/webhook-endpoints", json={"url": "https://hooks.example.com/drip"}
+            ).status_code
+            == 201
+        )
+
+
+def test_bad_webhook_secrets_are_refused_at_startup_without_showing_them() -> None:
+    for secret in ("whsec_", "whsec_!!!!", "my-plain-secret",
+                   "whsec_" + base64.b64encode(b"short").decode()):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            DripConfig(webhook_secret=secret)
+        assert "webhook_secret" in str(info.value)
+        body = secret.removeprefix("whsec_")
+        assert len(body) < 4 or body not in str(info.value)
+    with pytest.raises(ValueError):
+        DripConfig(stripe_webhook_secret=" ")
+    good = "whsec_" + base64.b64encode(b"sixteen bytes at least").decode()
+    assert DripConfig(webhook_secret=good).webhook_secret is not None
+
+
+def test_a_printed_config_shows_no_database_password() -> None:
+    config = DripConfig(database_url="postgresql://drip:S3cretPW@db.internal/drip")
+    assert "S3cretPW" not in repr(config) and "S3cretPW" not in str(config)
+    assert "drip:***@db.internal" in repr(config)
+    assert config.database_url.endswith("S3cretPW@db.internal/drip")  # still usable
+
+
+def test_stripe_checkouts_are_whole_cents(server: Server) -> None:
+    """Stripe pays whole cents: a checkout of 1.234567 could be paid, never credited."""
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "alice"})
+        r = http.post("/v1/checkout", json={"user_id": "alice", "amount": "1.234567"})
+        assert _code(r) == (400, "invalid_amount", "amount")
+        assert http.post("/v1/checkout", json={"user_id": "alice", "amount": "1.23"}).is_success
