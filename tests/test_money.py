@@ -98,6 +98,9 @@ def test_zero_refused_when_not_allowed() -> None:
         Decimal("0.0000001"),
         1e-07,
         0.1 + 0.2,  # 0.30000000000000004: more precision than USDC has
+        "_0.5_",  # an underscore only ever between two digits
+        "1__0",
+        "1_.5",
         float("nan"),
         float("inf"),
         float("-inf"),

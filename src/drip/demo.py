@@ -135,7 +135,7 @@ async def _scenario(client: DripClient, console: Console) -> None:
     table = Table(title=f"usage of {user}")
     for column in ("event", "calls", "USDC"):
         table.add_column(column, justify="left" if column == "event" else "right")
-    for row in client.usage(user, bucket_s=10**9):
+    for row in await client.usage(user, bucket_s=10**9):
         table.add_row(row.code, str(row.calls), format_amount(row.amount))
     console.print(table)
     report = client.ledger.check_invariants()

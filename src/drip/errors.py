@@ -238,8 +238,15 @@ class ConfigError(DripError):
     status = 400
 
 
+class ClientClosed(ConfigError):
+    """The client was closed: make a new one (it never reopens by itself)."""
+
+    code = "client_closed"
+
+
 __all__ = [
     "AccountFrozen",
+    "ClientClosed",
     "AccountNotFound",
     "AlreadyExists",
     "AmountExceedsHold",

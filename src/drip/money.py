@@ -20,6 +20,8 @@ AMOUNT_ATOMIC_MAX = 2**63 - 1
 #: Whole-unit digits an amount may have (the ledger's range is about 9.2e12 USDC).
 _WHOLE_DIGITS_MAX = 18
 #: ASCII digits only: ``\d`` alone takes any Unicode digit (Arabic-Indic, full-width)
+#: ``1_000.000_001``: an underscore only ever between two digits
+_GROUPED_RE = re.compile(r"[+-]?[0-9](_?[0-9])*(\.([0-9](_?[0-9])*)?)?")
 _DECIMAL_RE = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]{1,4})?")
 
 
@@ -49,7 +51,12 @@ def _to_decimal(value: object, param: str) -> Decimal:
         # str() gives the shortest repr, so 0.007 is read as written, not as 0.00699999...
         value = str(value)
     if isinstance(value, str):
-        text = value.strip().replace("_", "")
+        text = value.strip()
+        if "_" in text:  # digit grouping as Python writes it: between digits only
+            if not _GROUPED_RE.fullmatch(text):
+                raise InvalidAmount(f"{param} is not a decimal number: {value[:64]!r}",
+                                    param=param)  # fmt: skip
+            text = text.replace("_", "")
         if len(text) > 64 or not _DECIMAL_RE.fullmatch(text):
             raise InvalidAmount(f"{param} is not a decimal number: {value[:64]!r}", param=param)
         try:

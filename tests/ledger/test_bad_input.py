@@ -256,6 +256,14 @@ CASES: dict[str, tuple[type[DripError], Case]] = {
         InvalidRequest,
         lambda led: led.create_account("user:b", "wallet", metadata={"blob": "x" * 5000}),
     ),
+    "metadata-too-deep": (  # stored, it would break every reader of its row
+        InvalidRequest,
+        lambda led: led.transfer("t-new", W, R, 1, metadata=_nested(33)),
+    ),
+    "metadata-too-deep-to-encode": (  # json.dumps itself gives up (RecursionError)
+        InvalidRequest,
+        lambda led: led.create_account("user:b", "wallet", metadata=_nested(5000)),
+    ),
     "metadata-not-object": (
         InvalidRequest,
         lambda led: led.transfer("t-new", W, R, 1, metadata=["a"]),
@@ -358,6 +366,13 @@ CASES: dict[str, tuple[type[DripError], Case]] = {
         lambda led: led.transfer("t-new", FUND, W, AMOUNT_ATOMIC_MAX - FUNDS + 1),
     ),
 }
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -1295,7 +1295,7 @@ async def test_frozen_accounts_refuse_debits_accept_credits(led: Ledger) -> None
     before = snapshot(led)
     with pytest.raises(AccountFrozen) as info:
         await led.transfer("t1", "user:a", "rev:p", 1)
-    assert info.value.status == 409
+    assert info.value.status == 402  # a top-up resumes a paused user
     with pytest.raises(AccountFrozen):
         await led.charge("c1", "user:a", "rev:p", 1, code="search")
     with pytest.raises(AccountFrozen):

@@ -109,9 +109,9 @@ async def test_list_users_is_ordered_and_pages(client: DripClient) -> None:
     for name in ("carol", "alice", "bob"):
         await client.provision_user(name, initial_balance="1")
 
-    assert [u["user_id"] for u in client.list_users()] == ["alice", "bob", "carol"]
-    assert [u["user_id"] for u in client.list_users(limit=2)] == ["alice", "bob"]
-    assert [u["user_id"] for u in client.list_users(after="bob")] == ["carol"]
+    assert [u["user_id"] for u in client.sync.list_users()] == ["alice", "bob", "carol"]
+    assert [u["user_id"] for u in client.sync.list_users(limit=2)] == ["alice", "bob"]
+    assert [u["user_id"] for u in client.sync.list_users(after="bob")] == ["carol"]
 
 
 # --- unknown users --------------------------------------------------------------------
@@ -233,7 +233,7 @@ async def test_debit_rejects_bad_amounts(client: DripClient, bad: Any) -> None:
     assert info.value.code == "invalid_amount"
     assert await balance(client, "alice") == Decimal("1")
     assert journal(client, "alice") == before
-    assert client.usage("alice") == []
+    assert client.sync.usage("alice") == []
 
 
 # --- topup, hibernate, restore --------------------------------------------------------

@@ -255,7 +255,7 @@ async def test_async_exception_voids_hold_and_reraises(client: DripClient) -> No
     # a fresh context: nothing charged means no last charge
     assert await asyncio.create_task(call(), context=contextvars.Context()) is None
     assert user_state(client, "alice") == (Decimal(1), Decimal(1), Decimal(0))
-    assert client.usage("alice") == []
+    assert client.sync.usage("alice") == []
 
 
 def test_sync_exception_voids_hold_and_reraises(client: DripClient) -> None:
@@ -269,7 +269,7 @@ def test_sync_exception_voids_hold_and_reraises(client: DripClient) -> None:
         in_fresh_context(flaky, "alice")
 
     assert user_state(client, "alice") == (Decimal(1), Decimal(1), Decimal(0))
-    assert client.usage("alice") == []
+    assert client.sync.usage("alice") == []
 
 
 async def test_cancelled_call_voids_hold(client: DripClient) -> None:
@@ -352,7 +352,7 @@ async def test_config_void_on_error_false_and_decorator_override(store_url: str)
             await voided("alice")
 
         assert user_state(c, "alice") == (Decimal("0.9"), Decimal("0.9"), Decimal(0))
-        assert [(r.code, r.calls) for r in c.usage("alice", bucket_s=BIG_BUCKET)] == [
+        assert [(r.code, r.calls) for r in c.sync.usage("alice", bucket_s=BIG_BUCKET)] == [
             ("captured", 1)
         ]
     finally:
@@ -565,9 +565,9 @@ async def test_concurrent_async_calls_never_overdraw(client: DripClient) -> None
     assert len(refused) == 50 - affordable
     assert sorted(ran) == sorted(ok)
     assert user_state(client, "alice") == (Decimal("0.003"), Decimal("0.003"), Decimal(0))
-    assert [(r.code, r.calls, r.amount) for r in client.usage("alice", bucket_s=BIG_BUCKET)] == [
-        ("search", affordable, 7_000 * affordable)
-    ]
+    assert [
+        (r.code, r.calls, r.amount) for r in client.sync.usage("alice", bucket_s=BIG_BUCKET)
+    ] == [("search", affordable, 7_000 * affordable)]
     assert client.ledger.check_invariants().ok
 
 
@@ -640,12 +640,12 @@ async def test_usage_per_event(client: DripClient) -> None:
     await client.debit("bob", "0.1", "export")
     await client.topup("alice", "1")  # credits are not usage
 
-    alice = {r.code: (r.calls, r.amount) for r in client.usage("alice", bucket_s=BIG_BUCKET)}
+    alice = {r.code: (r.calls, r.amount) for r in client.sync.usage("alice", bucket_s=BIG_BUCKET)}
     assert alice == {"search": (3, 21_000), "llm_call": (2, 50_000)}
-    everyone = {r.code: (r.calls, r.amount) for r in client.usage(bucket_s=BIG_BUCKET)}
+    everyone = {r.code: (r.calls, r.amount) for r in client.sync.usage(bucket_s=BIG_BUCKET)}
     assert everyone == {"search": (4, 28_000), "llm_call": (2, 50_000), "export": (1, 100_000)}
     # the default daily buckets add up to the same totals
-    daily = client.usage("alice")
+    daily = client.sync.usage("alice")
     assert sum(r.calls for r in daily) == 5
     assert sum(r.amount for r in daily) == 71_000
     assert all(r.bucket_start_us % (86_400 * 1_000_000) == 0 for r in daily)
@@ -665,6 +665,7 @@ def meter_module() -> Iterator[ModuleType]:
     finally:
         if module._default_client is not None:
             module._default_client.close()
+        module._close_retired()
         module._default_client = saved
 
 
@@ -883,3 +884,28 @@ async def test_a_call_failing_after_its_hold_expired_raises_its_own_error(
         assert client.ledger.check_invariants().ok
     finally:
         client.close()
+
+
+async def test_configure_again_lets_calls_in_flight_finish(
+    tmp_path: Any, meter_module: ModuleType
+) -> None:
+    """A second configure() used to close the client under calls already running: the work
+    ran, the caller got a StoreError, nothing was billed and the hold stayed reserved."""
+    first = drip.configure(database_url=f"sqlite:///{tmp_path}/one.db")
+    await first.provision_user("alice", initial_balance="1")
+    started, go_on = asyncio.Event(), asyncio.Event()
+
+    @drip.meter(cost="0.01", event="render")
+    async def render(user_id: str) -> str:
+        started.set()
+        await go_on.wait()
+        return "img"
+
+    call = asyncio.create_task(render("alice"))
+    await started.wait()
+    assert drip.configure(database_url=f"sqlite:///{tmp_path}/one.db") is first  # same: kept
+    second = drip.configure(database_url=f"sqlite:///{tmp_path}/two.db")
+    go_on.set()
+    assert await call == "img"
+    assert user_state(first, "alice") == (Decimal("0.99"), Decimal("0.99"), Decimal(0))
+    assert meter_module._default_client is second

@@ -45,10 +45,10 @@ async def test_calls_spend_the_session_and_the_wallet_exactly(client: DripClient
         await call("6", session=session.id)
     assert info.value.status == 402
     assert ran == ["0", "1", "2", "3", "4"]  # the refused call never ran
-    state = client.get_session(session.id)
+    state = client.sync.get_session(session.id)
     assert (state["spent"], state["pending"], state["remaining"]) == (50_000, 0, 0)
     assert (await client.get_user("u"))["balance_usdc"] == Decimal("0.95")
-    assert client.get_session(session.public_id) == state
+    assert client.sync.get_session(session.public_id) == state
     assert client.ledger.check_invariants().ok
 
 
@@ -87,7 +87,7 @@ async def test_the_wallet_still_limits_a_generous_session(client: DripClient) ->
         await call("y", session=session.id)
     assert not isinstance(info.value, errors.SessionBudgetExhausted)
     assert len(ran) == 3
-    assert client.get_session(session.id)["spent"] == 900_000
+    assert client.sync.get_session(session.id)["spent"] == 900_000
     assert client.ledger.check_invariants().ok
 
 
@@ -100,7 +100,7 @@ async def test_failures_release_both_holds(client: DripClient) -> None:
 
     with pytest.raises(RuntimeError):
         await flaky(session=session.id)
-    state = client.get_session(session.id)
+    state = client.sync.get_session(session.id)
     assert (state["spent"], state["pending"], state["remaining"]) == (0, 0, 50_000)
     assert (await client.get_user("u"))["pending_usdc"] == 0
 
@@ -113,7 +113,7 @@ async def test_dynamic_cost_captures_the_same_on_both(client: DripClient) -> Non
         return "0.0123"
 
     await llm(session=session.id)
-    assert client.get_session(session.id)["spent"] == 12_300
+    assert client.sync.get_session(session.id)["spent"] == 12_300
     assert (await client.get_user("u"))["posted_usdc"] == Decimal("0.9877")
 
 
@@ -125,7 +125,7 @@ async def test_concurrent_calls_never_exceed_the_budget(client: DripClient) -> N
     )
     refused = [r for r in results if isinstance(r, errors.SessionBudgetExhausted)]
     assert len(ran) == 7 and len(refused) == 13
-    assert client.get_session(session.id)["spent"] == 70_000
+    assert client.sync.get_session(session.id)["spent"] == 70_000
     assert (await client.get_user("u"))["balance_usdc"] == Decimal("0.93")
 
 
@@ -175,7 +175,7 @@ async def test_policies_are_named_when_they_refuse(client: DripClient) -> None:
             await call("no", session=session.id)
         assert info.value.status == 403 and info.value.details["policy"] == rule
     await metered(client, cost="0.01", event="llm_small")[0]("ok", session=session.id)
-    assert client.get_session(session.id)["spent"] == 20_000
+    assert client.sync.get_session(session.id)["spent"] == 20_000
 
 
 async def test_sessions_for_another_provider_are_refused(client: DripClient) -> None:
@@ -198,7 +198,7 @@ async def test_closed_and_expired_sessions_refuse_new_calls(client: DripClient) 
     await asyncio.sleep(0.1)
     with pytest.raises(errors.SessionExpired):
         await call("c", session=expiring.id)
-    assert client.get_session(expiring.id)["status"] == "expired"
+    assert client.sync.get_session(expiring.id)["status"] == "expired"
     assert ran == ["a"]
     assert (await client.get_user("u"))["balance_usdc"] == Decimal("0.99")
 

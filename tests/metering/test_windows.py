@@ -44,7 +44,7 @@ async def test_calls_per_window_are_capped_then_allowed_again(client: DripClient
     assert info.value.details["policy"] == "window_2s"
     await asyncio.sleep(2.1)
     await call(session=session.id)  # the window rolled
-    assert client.get_session(session.id)["spent"] == 40_000
+    assert client.sync.get_session(session.id)["spent"] == 40_000
 
 
 async def test_amount_per_window_counts_open_holds_not_voided_ones(client: DripClient) -> None:
@@ -63,7 +63,7 @@ async def test_amount_per_window_counts_open_holds_not_voided_ones(client: DripC
     await ok(session=session.id)
     with pytest.raises(errors.RateLimited):
         await ok(session=session.id)  # 0.06 > 0.05 in a minute
-    assert client.get_session(session.id)["spent"] == 40_000
+    assert client.sync.get_session(session.id)["spent"] == 40_000
     # concurrent calls cannot slip past the window together
     results = await asyncio.gather(*(meter(client, "x", "0.004")(session=session.id)
                                      for _ in range(10)), return_exceptions=True)  # fmt: skip
@@ -85,7 +85,7 @@ async def test_route_budgets_inside_the_session(client: DripClient) -> None:
     assert "llm_*" in info.value.message
     for _ in range(5):
         await search(session=session.id)  # other events still have the session's budget
-    assert client.get_session(session.id)["spent"] == 80_000
+    assert client.sync.get_session(session.id)["spent"] == 80_000
     assert client.ledger.check_invariants().ok
 
 
@@ -154,7 +154,7 @@ async def test_route_budgets_follow_their_patterns_in_any_order(client: DripClie
     with pytest.raises(errors.SessionBudgetExhausted) as info:
         await search(session=session.id)
     assert "'search'" in info.value.message
-    assert client.get_session(session.id)["spent"] == 530_000
+    assert client.sync.get_session(session.id)["spent"] == 530_000
     fresh = DripClient(DripConfig(database_url=client.config.database_url))
     try:  # another process reads the policy back from the ledger
         with pytest.raises(errors.SessionBudgetExhausted):
@@ -184,7 +184,7 @@ async def test_refusals_no_wait_can_cure_are_not_rate_limits(client: DripClient)
         await meter(client, "llm", cost="0.06")(session=big.id)
     assert not isinstance(info.value, errors.RateLimited)
     assert info.value.status == 403 and info.value.details["policy"] == "window_60s"
-    assert client.get_session(big.id)["spent"] == 0
+    assert client.sync.get_session(big.id)["spent"] == 0
     assert client.ledger.check_invariants().ok
 
 
@@ -195,7 +195,7 @@ async def test_each_session_has_its_own_budget_source(client: DripClient) -> Non
         await client.create_session("w", "default", "9000000000000")
     session = await client.create_session("w", "default", "0.05")
     await meter(client, "search")(session=session.id)
-    assert client.get_session(session.id)["spent"] == 10_000
+    assert client.sync.get_session(session.id)["spent"] == 10_000
     assert client.ledger.check_invariants().ok
 
 

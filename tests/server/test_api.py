@@ -504,7 +504,7 @@ def test_requests_carry_an_id_and_every_outcome_is_counted(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug, not the client's")
 
-    monkeypatch.setattr(app.state.client, "list_users", broken)
+    monkeypatch.setattr(app.state.client, "list_users_now", broken)
     auth = {"Authorization": f"Bearer {admin}"}
     with httpx.Client(base_url=url, headers=auth) as http:  # a 500 closes its connection
         failed = http.get("/v1/wallets")

@@ -132,3 +132,26 @@ def test_stripe_checkouts_are_whole_cents(server: Server) -> None:
         r = http.post("/v1/checkout", json={"user_id": "alice", "amount": "1.234567"})
         assert _code(r) == (400, "invalid_amount", "amount")
         assert http.post("/v1/checkout", json={"user_id": "alice", "amount": "1.23"}).is_success
+
+
+def test_amounts_have_no_digit_grouping_and_metadata_no_deep_nesting(server: Server) -> None:
+    """``"1_5"`` was credited as 15 USDC; metadata 250 levels deep was stored, then broke
+    every listing that included its wallet (a 500 from then on)."""
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "alice"})
+        r = http.post("/v1/wallets/alice/topup", json={"amount": "1_5"},
+                      headers={"Idempotency-Key": "t1"})  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["param"] == "amount"
+        r = http.post("/v1/wallets", json={"user_id": "bob", "metadata": deep})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "metadata"
+        r = http.post("/v1/charges", json={"user_id": "alice", "amount": "0", "event": "e",
+                                           "metadata": deep},
+                      headers={"Idempotency-Key": "c1"})  # fmt: skip
+        assert r.status_code == 422 and "nested deeper" in r.json()["error"]["message"]
+        listed = http.get("/v1/wallets")
+        assert listed.status_code == 200 and [w["user_id"] for w in listed.json()["data"]] == [
+            "alice"]  # fmt: skip
+        assert http.get("/v1/wallets/alice").json()["available"]["atomic"] == 0

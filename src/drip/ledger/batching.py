@@ -14,10 +14,12 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from drip import errors
 from drip.ledger.engine import orphan_voids
@@ -25,6 +27,38 @@ from drip.ledger.engine import orphan_voids
 log = logging.getLogger("drip.ledger")
 
 RunBatch = Callable[[list[Any]], list[Any]]
+
+#: What every use of a ledger in a process forked after it was opened hears: the child
+#: has none of its threads, and must not use the connections it inherited (SQLite's
+#: and libpq's are the parent's too).
+FORKED = "this ledger was opened in another process (before fork); open it in each process"
+CLOSED = "the ledger is closed"
+
+
+class _ForkAware(Protocol):
+    def forked(self) -> None: ...
+
+
+_FORK_AWARE: weakref.WeakSet[_ForkAware] = weakref.WeakSet()
+
+
+def on_fork_in_child(obj: _ForkAware) -> None:
+    """Have ``obj.forked()`` called in each child forked from this process while ``obj``
+    lives (it is held weakly). Nothing is checked per operation: the child's objects
+    learn of the fork once, right after it."""
+    _FORK_AWARE.add(obj)
+
+
+def _forked_child() -> None:
+    for obj in list(_FORK_AWARE):
+        try:
+            obj.forked()
+        except Exception:  # logged: the child must come up whatever one of them does
+            log.exception("ledger: could not mark %r unusable after fork", obj)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forked_child)
 
 
 class _Item:
@@ -68,7 +102,9 @@ class GroupCommitter:
         self._loop_pending: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         self._cond = threading.Condition(threading.Lock())
         self._sleepers = 0
+        #: set under ``_cond``: no item is queued once it is (``_push`` checks it there)
         self._closed = False
+        self._closed_reason = CLOSED
         self._next_housekeeping = time.monotonic() + housekeeping_interval_s
         self._housekeeping_lock = threading.Lock()
         self._threads = [
@@ -77,13 +113,36 @@ class GroupCommitter:
         ]
         for thread in self._threads:
             thread.start()
+        on_fork_in_child(self)
+
+    def forked(self) -> None:
+        """In a forked child (``os.register_at_fork``): the writer threads do not exist
+        here, so nothing queued would ever run; every submission fails instead. The
+        locks are new: a parent's thread may have held one at the fork."""
+        self._cond = threading.Condition(threading.Lock())
+        self._housekeeping_lock = threading.Lock()
+        self._threads = []
+        self._sleepers = 0
+        self._closed = True
+        self._closed_reason = FORKED
+        # the parent's writers run what was queued; only the forking thread lives on
+        # here, and an event loop it runs may be awaiting some of it
+        stranded = [item for item in self._queue if item.loop is not None]
+        self._queue.clear()
+        error = errors.StoreError(FORKED)
+        for item in stranded:
+            with contextlib.suppress(Exception):  # a loop that is gone: nobody waits
+                if not item.future.done():
+                    item.future.set_exception(error)
 
     # --- submitting -------------------------------------------------------------------
 
     def _push(self, *items: _Item) -> None:
-        if self._closed:
-            raise errors.StoreError("the ledger is closed")
         with self._cond:
+            # checked under the lock: close() sets it under the lock too, so an item is
+            # either queued before the writers can see "closed and empty", or refused
+            if self._closed:
+                raise errors.StoreError(self._closed_reason)
             self._queue.extend(items)
             if self._sleepers:
                 self._cond.notify()
@@ -204,13 +263,35 @@ class GroupCommitter:
                 self._push(_Item(voids, None, concurrent.futures.Future()))
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Finish queued work, then stop the writer threads."""
+        """Finish queued work, then stop the writer threads. Whatever is still queued
+        once they stopped (or ``timeout_s`` passed with a batch still running) never
+        runs: its callers hear that the ledger is closed instead of waiting forever."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout_s)
+        with self._cond:
+            left = list(self._queue)
+            self._queue.clear()
+        if left:
+            self._refuse(left, errors.StoreError(self._closed_reason))
+
+    @staticmethod
+    def _refuse(items: list[_Item], error: errors.StoreError) -> None:
+        """Fail items that were queued but will never run (nothing of theirs committed)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, bool]]]
+        by_loop = {}
+        for item in items:
+            if item.loop is None:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            else:
+                by_loop.setdefault(item.loop, []).append((item.future, error, True))
+        for loop, pairs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve_async, pairs)
 
 
 def as_store_error(exc: Exception) -> errors.DripError:

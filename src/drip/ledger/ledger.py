@@ -90,6 +90,11 @@ class Charge:
     def amount(self) -> int:
         return self.transfer.amount
 
+    @property
+    def replayed(self) -> bool:
+        """Whether this answers an id used before (nothing moved this time)."""
+        return self.transfer.replayed
+
 
 # A plan is one operation and how to read its results; both twins drive the same plans.
 Plan = tuple[Op, Callable[[list[Result]], Any]]

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from drip import errors
 from drip.ledger.batching import answer, drop_orphans, fail, hand_off_cancelled
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
@@ -85,8 +84,7 @@ class LoopBatcher:
         answer(batch, results, lambda: self.store.committer, self.store.submit_async)
 
     async def _fast(self, ops: list[Op]) -> list[list[Result]] | None:
-        if not self.store.is_open:
-            raise errors.StoreError("the ledger store is not open")
+        self.store.check_usable()  # open, and not inherited from a parent process
         cache = self.store.shared_cache
         prepared = prepare(self.store, cache, ops)
         if prepared is None:
@@ -123,9 +121,10 @@ class LoopBatcher:
             self.conn = None
 
     def close(self) -> None:
-        """Close the connection from any thread (the loop may be gone)."""
+        """Close the connection from any thread (the loop may be gone); in a forked child,
+        only forget it (the parent's session: finishing it would end it for the parent)."""
         conn, self.conn = self.conn, None
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and not self.store.inherited:
             conn.pgconn.finish()
 
 

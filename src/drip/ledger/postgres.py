@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import select
 import threading
 import time
 import weakref
@@ -26,9 +27,10 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from drip import errors
+from drip.ledger.batching import FORKED, on_fork_in_child
 from drip.ledger.engine import Engine, Op, Result, Writes
 from drip.ledger.pg_async import LoopBatcher
 from drip.ledger.pg_optimistic import try_batch
@@ -131,6 +133,22 @@ class PostgresStore(Store):
             self._pool.wait(timeout=30)
         except (psycopg.Error, Exception) as exc:
             raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc, url)}") from exc
+        #: True in a child forked after the store opened: every use raises ``FORKED``
+        self.inherited = False
+        on_fork_in_child(self)
+
+    def forked(self) -> None:
+        """In a forked child: every connection here is the parent's too (one socket, one
+        session), and the writer and pool threads are gone. Every use raises from now on;
+        no connection is closed (that would end the parent's sessions)."""
+        self.inherited = True
+
+    def check_usable(self) -> None:
+        """Raise unless this process may use the store (open, and not inherited)."""
+        if self.inherited:
+            raise errors.StoreError(FORKED)
+        if not self.is_open:
+            raise errors.StoreError("the ledger store is not open")
 
     # --- connections ------------------------------------------------------------------
 
@@ -149,6 +167,8 @@ class PostgresStore(Store):
         return conn
 
     def _close_connections(self) -> None:
+        if self.inherited:  # the parent's sessions: left to the parent (see forked)
+            return
         for batcher in list(self._loop_batchers.values()):
             batcher.close()
         with self._writers_lock:
@@ -174,17 +194,58 @@ class PostgresStore(Store):
                 conn.rollback()
             raise
 
+    def _getconn(self) -> psycopg.Connection[Any]:
+        """A pooled connection, after discarding those the server closed while they sat
+        idle in the pool (a restart, a failover, an idle timeout): each is found by one
+        look at its socket (``_dropped``), not by the statement it would fail."""
+        pool = self._pool
+        for _ in range(pool.max_size):
+            conn = pool.getconn()
+            if not _dropped(conn):
+                return conn
+            pool.putconn(conn)  # broken: the pool discards it and connects a new one
+        return pool.getconn()
+
+    @contextmanager
+    def _pooled(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection for reads; the server unreachable or gone (an
+        ``OperationalError``, or no connection within the pool's timeout) as a
+        ``StoreError``, a ``_Dropped`` one if the connection broke under the statement."""
+        if self.inherited:
+            raise errors.StoreError(FORKED)
+        lost = False
+        try:
+            conn = self._getconn()
+            try:
+                yield conn
+            except psycopg.OperationalError:
+                lost = conn.broken
+                raise
+            finally:
+                self._pool.putconn(conn)  # the pool discards it if it broke
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            kind = _Dropped if lost else errors.StoreError
+            raise kind(f"PostgreSQL read failed: {_safe(exc, self.url)}") from exc
+
     @contextmanager
     def read(self) -> Iterator[psycopg.Cursor[Any]]:
-        with self._pool.connection() as conn, conn.cursor() as cur:
+        with self._pooled() as conn, conn.cursor() as cur:
             yield cur
 
     @contextmanager
     def snapshot(self) -> Iterator[psycopg.Cursor[Any]]:
         """A REPEATABLE READ, READ ONLY transaction: one snapshot for every query."""
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self._pooled() as conn, conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield cur
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """As the base; a read whose connection broke under it (the server dropped it
+        meanwhile) runs once more, on another connection: a read is safe to repeat."""
+        try:
+            return super().query(sql, params)
+        except _Dropped:
+            return super().query(sql, params)
 
     def loader(self, cur: psycopg.Cursor[Any]) -> _PgLoader:
         return _PgLoader(cur, self.window_usage_sql())
@@ -286,6 +347,8 @@ class PostgresStore(Store):
         return read_back
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
+        if self.inherited:
+            raise errors.StoreError(FORKED)
         with psycopg.connect(self.url, autocommit=False) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
             conn.execute(
@@ -306,6 +369,35 @@ class PostgresStore(Store):
                     "INSERT INTO drip_migrations VALUES (%s, %s, %s)",
                     (component, m.version, wall_clock_us()),
                 )
+
+
+class _Dropped(errors.StoreError):
+    """A read's connection broke under its statement: the server closed it (a restart,
+    a failover, ``pg_terminate_backend``). ``query`` runs the read once more."""
+
+
+def _readable(fd: int) -> bool:
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - no poll (Windows)
+
+
+def _dropped(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server closed this idle connection. The server says nothing unasked
+    on an idle session, except its last words when it ends it (a FATAL message, then
+    end of file): a silent socket is taken as alive without a round trip (one ``poll``);
+    one with something to read is checked by an empty query."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        if not _readable(conn.fileno()):
+            return False
+        ConnectionPool.check_connection(conn)
+    except (psycopg.Error, OSError, ValueError):
+        return True
+    return False
 
 
 def _safe(exc: BaseException, url: str) -> str:

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.batching import answer, drop_orphans, fail
+from drip.ledger.batching import FORKED, answer, drop_orphans, fail, on_fork_in_child
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -93,6 +93,11 @@ log = logging.getLogger("drip.ledger")
 BUSY_TIMEOUT_MS = 30_000
 #: Fast-path commits between two checkpoints (a few MB of WAL at most).
 CHECKPOINT_BATCHES = 1000
+
+#: Connections a forked child inherited: never used, closed or freed there (closing one
+#: rolls back a transaction its parent may have open, which rewrites the WAL index the
+#: parent shares). Kept referenced so that dropping the store does not free them either.
+_INHERITED: list[object] = []
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -196,6 +201,16 @@ class SqliteStore(Store):
         self._loop_batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBatcher]
         self._loop_batchers = weakref.WeakKeyDictionary()
         self._last_batcher: weakref.ref[_LoopBatcher] | None = None
+        #: set in a child forked after the store opened: every use raises ``FORKED``
+        self._forked = False
+        on_fork_in_child(self)
+
+    def forked(self) -> None:
+        """In a forked child: the connections are the parent's (SQLite's locks belong to
+        processes, its memory of them to the connection), and the writer and watchdog
+        threads are gone. Every use raises from now on; nothing inherited is touched."""
+        self._forked = True
+        _INHERITED.extend([*self._all, *(reader.conn for reader in list(self._readers))])
 
     def _connect(self, *, keep: bool = True) -> sqlite3.Connection:
         try:
@@ -227,6 +242,8 @@ class SqliteStore(Store):
         return conn
 
     def _close_connections(self) -> None:
+        if self._forked:  # the parent's connections, locks and threads: left alone
+            return
         self._closing.set()
         try:
             self.settle()
@@ -281,6 +298,8 @@ class SqliteStore(Store):
         With ``may_defer``, a batch that only takes private holds is answered before it
         commits: its transaction stays open (a *window*, see ``_Window``) for the next
         batches to join; ``settle()`` commits it."""
+        if self._forked:  # per batch, before any lock (the parent's threads held them)
+            raise errors.StoreError(FORKED)
         with self._window_mutex:
             for _attempt in (1, 2):
                 window = self._window
@@ -493,7 +512,10 @@ class SqliteStore(Store):
 
     def settle(self) -> None:
         """Commit the open window, if any (from any thread). Every read and every other
-        writer calls this first, so nobody ever sees less than what was answered."""
+        writer calls this first, so nobody ever sees less than what was answered. In a
+        forked child it raises: so does every read and write that calls it first."""
+        if self._forked:  # a window here is the parent's, on the parent's connection
+            raise errors.StoreError(FORKED)
         if self._window is None:
             return
         with self._window_mutex:
@@ -730,6 +752,17 @@ class _LockFile:
 #: lock file path -> this process's descriptor on it
 _LOCK_FILES: dict[str, _LockFile] = {}
 _LOCK_FILES_LOCK = threading.Lock()
+
+
+def _renew_lock_files_lock() -> None:
+    """In a forked child: a parent's thread may have held the lock at the fork, and a
+    store the child opens must not wait for it forever."""
+    global _LOCK_FILES_LOCK
+    _LOCK_FILES_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_renew_lock_files_lock)
 
 
 class _Presence:

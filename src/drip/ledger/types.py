@@ -22,6 +22,8 @@ ID_LENGTH_MAX = 160
 CODE_LENGTH_MAX = 64
 #: Largest metadata object, serialised.
 METADATA_BYTES_MAX = 4096
+#: Deepest nesting of metadata's objects and arrays (the object itself is level 1).
+METADATA_DEPTH_MAX = 32
 #: Longest hold timeout: 30 days.
 TIMEOUT_S_MAX = 30 * 24 * 3600
 #: Most rows one history page returns.
@@ -114,11 +116,26 @@ def encode_metadata(metadata: Mapping[str, Any] | None, param: str = "metadata")
     try:
         text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
         _utf8(metadata)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequest(f"{param} must be JSON-serialisable: {exc}", param=param) from exc
     if len(text.encode()) > METADATA_BYTES_MAX:
         raise InvalidRequest(f"{param} is larger than {METADATA_BYTES_MAX} bytes", param=param)
+    _check_depth(metadata, param)
     return text
+
+
+def _check_depth(value: object, param: str = "metadata") -> None:
+    """Metadata nested deeper than ``METADATA_DEPTH_MAX``: a row every reader (an API's
+    serialiser, a client's JSON parser) may choke on, so it is never stored."""
+    level: list[object] = [value]
+    for _ in range(METADATA_DEPTH_MAX):
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item)]  # fmt: skip
+        if not level:
+            return
+    if any(isinstance(item, dict | list) for item in level):
+        raise InvalidRequest(f"{param} is nested deeper than {METADATA_DEPTH_MAX} levels",
+                             param=param)  # fmt: skip
 
 
 def _utf8(value: object) -> None:
@@ -138,10 +155,11 @@ def _check_encoded_metadata(text: object) -> None:
         decoded = json.loads(text)
         ok = isinstance(decoded, dict)
         _utf8(decoded)
-    except ValueError:  # includes UnicodeEncodeError
+    except (ValueError, RecursionError):  # includes UnicodeEncodeError
         ok = False
     if not ok:
         raise InvalidRequest("metadata must be a JSON object", param="metadata")
+    _check_depth(decoded)
 
 
 def decode_metadata(text: str | None) -> dict[str, Any]:

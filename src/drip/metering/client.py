@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -56,9 +58,17 @@ REVENUE_PREFIX = "revenue:"
 log = logging.getLogger("drip.metering")
 
 
+#: Longest user id: ``provision:<user id>`` and the other ids derived from it fit the
+#: ledger's 160 characters (checked before anything is written).
+USER_ID_MAX = 150
+
+
 def wallet_id(user_id: str) -> str:
     """The ledger account of a user's prepaid wallet."""
     check_id(user_id, "user_id", caller=True)
+    if len(user_id) > USER_ID_MAX:
+        raise errors.InvalidId(f"user_id is longer than {USER_ID_MAX} characters",
+                               param="user_id")  # fmt: skip
     return f"{WALLET_PREFIX}{user_id}"
 
 
@@ -146,18 +156,29 @@ class _Base:
     _ledger: Ledger | None
 
     _revenue_ready = False
+    _closed = False
+    #: whether ``close`` closes the ledger (one given to the client is the giver's)
+    _owns_ledger = True
+    #: one ledger per client, however many threads use it first at once
+    _open_lock: threading.Lock
 
     def _open(self) -> Ledger:
         led = self._ledger
-        if led is None:
-            led = self._ledger = open_ledger(self.config.database_url,
-                                             fee_bps=self.config.fee_bps)  # fmt: skip
-        if not self._revenue_ready:
-            # also on a ledger the caller opened: every charge credits this account
-            led.sync.create_account(self.revenue_account, AccountKind.REVENUE,
-                                    owner=self.config.provider)  # fmt: skip
-            self._revenue_ready = True
-        return led
+        if led is not None and self._revenue_ready:
+            return led
+        with self._open_lock:
+            if self._closed:
+                raise errors.ClientClosed("this DripClient is closed; make a new one")
+            led = self._ledger
+            if led is None:
+                led = open_ledger(self.config.database_url, fee_bps=self.config.fee_bps)
+                self._ledger = led
+            if not self._revenue_ready:
+                # also on a ledger the caller opened: every charge credits this account
+                led.sync.create_account(self.revenue_account, AccountKind.REVENUE,
+                                        owner=self.config.provider)  # fmt: skip
+                self._revenue_ready = True
+            return led
 
     @property
     def ledger(self) -> Ledger:
@@ -190,13 +211,13 @@ class _Base:
             raise errors.UserNotFound(f"no user {user_id!r}", param="user_id")
         return user_view(account)
 
-    def list_users(self, *, after: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def list_users_now(self, *, after: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         accounts = self.ledger.list_accounts(
             AccountKind.WALLET, after_id=wallet_id(after) if after else None, limit=limit
         )
         return [user_view(a) for a in accounts]
 
-    def usage(
+    def usage_now(
         self,
         user_id: str | None = None,
         *,
@@ -287,7 +308,7 @@ class _Base:
             )
         return wallet_id(user_id), [], user_errors(user_id, event)
 
-    def get_session(self, session: str) -> dict[str, Any]:
+    def get_session_now(self, session: str) -> dict[str, Any]:
         """A session's state, by its token or its public id."""
         account_id = (
             session_account_id(session) if session.startswith("ds_")
@@ -331,9 +352,13 @@ class _Base:
                        info.policy)  # fmt: skip
 
     def close(self) -> None:
-        if self._ledger is not None:
-            self._ledger.close()
-            self._ledger = None
+        """Close the ledger this client opened (one given to it is the giver's to close);
+        using the client afterwards raises ``ClientClosed``."""
+        with self._open_lock:
+            self._closed = True
+            led, self._ledger = self._ledger, None
+        if led is not None and self._owns_ledger:
+            led.close()
 
 
 @contextmanager
@@ -369,6 +394,8 @@ class DripClient(_Base):
         self.config = config or DripConfig()
         check_id(self.config.provider, "provider", caller=True)
         self._ledger = ledger
+        self._owns_ledger = ledger is None
+        self._open_lock = threading.Lock()
         self._sessions = {}
         self.sync = SyncDripClient(self)
 
@@ -377,6 +404,28 @@ class DripClient(_Base):
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+    def __enter__(self) -> DripClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def list_users(
+        self, *, after: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        return await self.ledger.off_loop(
+            functools.partial(self.list_users_now, after=after, limit=limit)
+        )
+
+    async def usage(self, user_id: str | None = None, **kw: Any) -> list[UsageRow]:
+        """Charged calls and amounts per event and time bucket (``since_us``,
+        ``until_us``, ``bucket_s``, ``event``)."""
+        return await self.ledger.off_loop(functools.partial(self.usage_now, user_id, **kw))
+
+    async def get_session(self, session: str) -> dict[str, Any]:
+        """A session's state, by its token or its public id."""
+        return await self.ledger.off_loop(self.get_session_now, session)
 
     async def provision_user(
         self,
@@ -476,9 +525,9 @@ class DripClient(_Base):
     async def close_session(self, session: str) -> dict[str, Any]:
         """No new call may hold against the session; calls in flight still settle."""
         led = self.ledger
-        state = await led.off_loop(self.get_session, session)
+        state = await led.off_loop(self.get_session_now, session)
         await led.set_status("session:" + state["public_id"], AccountStatus.FROZEN)
-        return await led.off_loop(self.get_session, session)
+        return await led.off_loop(self.get_session_now, session)
 
     def meter(
         self,
@@ -539,10 +588,10 @@ class SyncDripClient:
         return self._client.get_user_now(user_id)
 
     def list_users(self, *, after: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        return self._client.list_users(after=after, limit=limit)
+        return self._client.list_users_now(after=after, limit=limit)
 
     def usage(self, user_id: str | None = None, **kw: Any) -> list[UsageRow]:
-        return self._client.usage(user_id, **kw)
+        return self._client.usage_now(user_id, **kw)
 
     def debit(
         self,
@@ -597,15 +646,21 @@ class SyncDripClient:
         return c._session(token, info)
 
     def get_session(self, session: str) -> dict[str, Any]:
-        return self._client.get_session(session)
+        return self._client.get_session_now(session)
 
     def close_session(self, session: str) -> dict[str, Any]:
-        state = self._client.get_session(session)
+        state = self._client.get_session_now(session)
         self._ledger.set_status("session:" + state["public_id"], AccountStatus.FROZEN)
-        return self._client.get_session(session)
+        return self._client.get_session_now(session)
 
     def close(self) -> None:
         self._client.close()
+
+    def __enter__(self) -> SyncDripClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 __all__ = ["DripClient", "SyncDripClient", "wallet_id"]

@@ -15,12 +15,15 @@ available as :func:`last_charge`.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from drip import errors
@@ -69,7 +72,7 @@ class _Pricing:
     def actual(self, result: Any) -> int:
         if not self.dynamic:
             return self.hold
-        amount = parse_amount(self.fn(result), param="cost")
+        amount = parse_amount(_float_noise_off(self.fn(result)), param="cost")
         if amount > self.hold:
             log.warning(
                 "meter(%r): cost %d exceeds max_cost %d; charging max_cost",
@@ -78,6 +81,25 @@ class _Pricing:
             return self.hold
         return amount
 
+
+def _float_noise_off(cost: object) -> object:
+    """A cost function's float, as the 6-decimal amount it stands for when it is one up
+    to float arithmetic's noise: ``1234 * 0.000002`` is 0.0024679999999999997, and is
+    charged 0.002468 (refusing it would leave a call that already ran unbilled). A float
+    that really has more decimals (``0.0000001``) is refused as before."""
+    if not isinstance(cost, float) or not math.isfinite(cost):
+        return cost
+    exact = Decimal(repr(cost))
+    rounded = exact.quantize(_ATOMIC, rounding=ROUND_HALF_EVEN)
+    if rounded != exact and rounded and abs(exact - rounded) <= abs(rounded) * _FLOAT_NOISE:
+        return rounded
+    return cost
+
+
+#: One atomic unit, and the relative error float arithmetic leaves in a product of a few
+#: terms (doubles carry ~16 significant digits).
+_ATOMIC = Decimal("0.000001")
+_FLOAT_NOISE = Decimal("1e-12")
 
 Payer = Callable[[tuple[Any, ...], dict[str, Any]], str]
 
@@ -312,6 +334,8 @@ async def _settle_failed_async(
 # --- module-level configuration (the seed's ``drip.configure()`` + ``@meter``) ---------
 
 _default_client: DripClient | None = None
+#: clients ``configure`` replaced (closed at exit)
+_retired: list[DripClient] = []
 
 
 def configure(config: Any = None, **settings: Any) -> DripClient:
@@ -322,10 +346,25 @@ def configure(config: Any = None, **settings: Any) -> DripClient:
     global _default_client
     if config is not None and settings:
         raise errors.ConfigError("pass either a DripConfig or keyword settings, not both")
-    if _default_client is not None:
-        _default_client.close()
-    _default_client = DripClient(config if config is not None else DripConfig(**settings))
+    config = config if config is not None else DripConfig(**settings)
+    old = _default_client
+    if old is not None:
+        if old.config == config:
+            return old  # configured again the same way: the same client
+        # calls in flight still use the old client: it is closed at exit, not now (their
+        # work ran; closing under them would leave it unbilled and its holds reserving)
+        if not _retired:
+            atexit.register(_close_retired)
+        _retired.append(old)
+    _default_client = DripClient(config)
     return _default_client
+
+
+def _close_retired() -> None:
+    for client in _retired:
+        with contextlib.suppress(Exception):
+            client.close()
+    _retired.clear()
 
 
 def default_client() -> DripClient:

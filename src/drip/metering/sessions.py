@@ -279,7 +279,7 @@ class Session:
     """What ``create_session`` returns. ``id`` is the bearer token for ``X-Drip-Session``
     (shown once); ``public_id`` names the session in admin APIs and logs."""
 
-    id: str
+    id: str = field(repr=False)  # a bearer token: never in a printed Session
     public_id: str
     user_id: str
     provider: str

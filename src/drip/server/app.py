@@ -48,7 +48,7 @@ from drip.ledger import AccountKind, Transfer, UsageRow, funding_account_id
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
-from drip.server.charges import Amount
+from drip.server.charges import Amount, Metadata
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.endpoints import add_routes as add_endpoint_routes
 from drip.server.idempotency import (
@@ -95,7 +95,7 @@ class WalletCreate(BaseModel):
     user_id: str = Field(min_length=1, max_length=150, pattern=r"^[^/]+$")
     email: str | None = Field(default=None, max_length=320)
     initial_balance: Amount = "0"
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
 
 
 class TopUp(BaseModel):
@@ -483,7 +483,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Query(max_length=150)] = None,
     ) -> dict[str, Any]:
-        users = client.list_users(after=after, limit=limit)
+        users = client.list_users_now(after=after, limit=limit)
         more = len(users) == limit
         return {
             "data": [wallet_json(u) for u in users],
@@ -543,7 +543,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             body.user_id, body.provider, body.budget, expires_in=body.expires_in_s,
             policy=body.policy,
         )  # fmt: skip
-        state = await run_in_threadpool(client.get_session, session.public_id)
+        state = await client.get_session(session.public_id)
         return {"token": session.id} | session_json(state)
 
     @app.get("/v1/sessions/current", tags=["sessions"])
@@ -551,11 +551,13 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         token: Annotated[str, Header(alias="X-Drip-Session")],
     ) -> dict[str, Any]:
         """The state of the session whose token is sent (no API key needed)."""
-        return session_json(client.get_session(token) if token.startswith("ds_") else _no_session())
+        return session_json(
+            client.get_session_now(token) if token.startswith("ds_") else _no_session()
+        )
 
     @app.get("/v1/sessions/{public_id}", tags=["sessions"])
     def get_session(public_id: str, _: Reader) -> dict[str, Any]:
-        return session_json(client.get_session(public_id))
+        return session_json(client.get_session_now(public_id))
 
     @app.post("/v1/sessions/{public_id}/close", tags=["sessions"])
     async def close_session(public_id: str, _: Admin) -> dict[str, Any]:
@@ -656,7 +658,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
             )  # fmt: skip
         if since_us is not None and until_us is not None and since_us > until_us:
             raise errors.InvalidRequest("since_us is after until_us", param="since_us")
-        rows = client.usage(user_id, since_us=since_us, until_us=until_us, bucket_s=bucket_s,
+        rows = client.usage_now(user_id, since_us=since_us, until_us=until_us, bucket_s=bucket_s,
                             event=event)  # fmt: skip
         if format == "csv":
             return Response(

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StrictInt
 
 from drip import errors
 from drip.ledger import Charge, Transfer, TransferFlags
@@ -33,8 +33,22 @@ def _exact_amount(value: object) -> object:
             'amounts are decimal strings, e.g. "0.007" (or whole USDC as an integer): '
             "a JSON number with a fraction is not exact"
         )
+    if isinstance(value, str) and "_" in value:  # "1_5" would be 15: no digit grouping here
+        raise ValueError('amounts are plain decimal strings, e.g. "1000.50" (no "_")')
     return value
 
+
+def _storable_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the ledger would refuse (too large, too deep, not UTF-8) is a 422 before any
+    work: metadata too deep to serialise back would break every read of its row."""
+    try:
+        encode_metadata(value)
+    except errors.InvalidRequest as exc:
+        raise ValueError(exc.message) from None
+    return value
+
+
+Metadata = Annotated[dict[str, Any] | None, AfterValidator(_storable_metadata)]
 
 Amount = Annotated[
     str | int,
@@ -48,7 +62,7 @@ class ChargeCreate(BaseModel):
     amount: Amount
     event: str = Field(min_length=1, max_length=64)
     user_id: str | None = Field(default=None, max_length=150)
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
 
 
 class HoldCreate(ChargeCreate):

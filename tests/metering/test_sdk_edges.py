@@ -1,0 +1,145 @@
+"""The SDK used the way its users do, found by review: a cost function's float, a user id
+at the length limit, the async client's reads, a closed client, the first use of one
+client from many threads, a session token in a printout or behind a redirect."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from drip import DripClient, DripConfig, errors, last_charge
+from drip.ledger import open_ledger
+from drip.metering.http import async_session_client, session_client
+
+
+@pytest.fixture
+def client(sqlite_url: str) -> Any:
+    c = DripClient(DripConfig(database_url=sqlite_url))
+    c.sync.provision_user("alice", initial_balance="10")
+    yield c
+    c.close()
+
+
+async def test_a_float_cost_is_charged_as_the_amount_it_stands_for(client: DripClient) -> None:
+    """``tokens * 0.000002`` is 0.0024679999999999997 for 1234 tokens: it used to fail
+    after the call ran (unbilled, result lost); a float of more decimals still fails."""
+
+    @client.meter(cost=lambda r: r * 0.000002, max_cost="1", event="tokens")
+    async def llm(n: int, user_id: str) -> int:
+        return n
+
+    assert await llm(1234, user_id="alice") == 1234
+    assert last_charge().amount == 2_468  # type: ignore[union-attr]
+    for n in range(1, 300):
+        await llm(n, user_id="alice")  # every count is a whole number of atomic units
+
+    @client.meter(cost=lambda r: 0.0000001, max_cost="1", event="tiny")
+    async def tiny(user_id: str) -> None:
+        return None
+
+    with pytest.raises(errors.InvalidAmount):
+        await tiny(user_id="alice")
+
+
+async def test_a_user_id_too_long_writes_nothing(client: DripClient) -> None:
+    long_id = "b" * 151
+    with pytest.raises(errors.InvalidId) as info:
+        await client.provision_user(long_id, email="x@example.com", initial_balance="1")
+    assert info.value.details.get("param", info.value.param) == "user_id"
+    assert [u["user_id"] for u in await client.list_users()] == ["alice"]
+    await client.provision_user("c" * 150, initial_balance="1")  # the limit itself is fine
+
+
+async def test_the_async_clients_reads_are_awaitable(client: DripClient) -> None:
+    session = await client.create_session("alice", "default", "1")
+    assert [u["user_id"] for u in await client.list_users()] == ["alice"]
+    assert await client.usage("alice") == []
+    assert (await client.get_session(session.id))["public_id"] == session.public_id
+
+
+def test_a_closed_client_stays_closed(sqlite_url: str, tmp_path: Any) -> None:
+    with DripClient(DripConfig(database_url=sqlite_url)) as c:
+        c.sync.provision_user("u", initial_balance="1")
+    with pytest.raises(errors.ClientClosed):
+        c.sync.get_user("u")
+    # a ledger given to a client is the giver's: closing the client neither closes it nor
+    # lets the client open another one (from its config) behind the caller's back
+    led = open_ledger(sqlite_url)
+    given = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/other.db"), ledger=led)
+    assert given.sync.get_user("u")["user_id"] == "u"
+    given.close()
+    with pytest.raises(errors.ClientClosed):
+        given.sync.get_user("u")
+    assert led.sync.balance("user:u").posted == 1_000_000  # still open
+    led.close()
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_one_client_opens_one_ledger_whatever_the_threads(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import drip.metering.client as module
+
+    opened: list[object] = []
+    real = module.open_ledger
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        led = real(*args, **kwargs)
+        opened.append(led)
+        return led
+
+    monkeypatch.setattr(module, "open_ledger", counting)
+    c = DripClient(DripConfig(database_url=sqlite_url))
+    barrier = threading.Barrier(8)
+
+    def first_use(i: int) -> None:
+        barrier.wait()
+        c.sync.provision_user(f"t{i}", initial_balance="1")
+
+    threads = [threading.Thread(target=first_use, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c.close()
+    assert len(opened) == 1
+
+
+async def test_a_session_prints_without_its_token_and_replays_say_so(client: DripClient) -> None:
+    session = await client.create_session("alice", "default", "1")
+    assert session.id not in repr(session) and session.public_id in repr(session)
+    first = await client.debit("alice", "0.5", "search", idempotency_key="order-1")
+    again = await client.debit("alice", "0.5", "search", idempotency_key="order-1")
+    assert not first.replayed and again.replayed
+    assert (await client.get_user("alice"))["balance_usdc"] == Decimal("9.5")
+
+
+async def test_the_session_token_never_follows_a_redirect_elsewhere() -> None:
+    token = "ds_" + "A" * 43
+    seen: list[tuple[str, str | None]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("x-drip-session")))
+        if request.url.path == "/export":
+            return httpx.Response(302, headers={"location": "https://cdn.other.example/f"})
+        if request.url.path == "/here":
+            return httpx.Response(302, headers={"location": "/there"})
+        return httpx.Response(200)
+
+    transport = httpx.MockTransport(handler)
+    base = "https://api.provider.example"
+    with session_client(token, base_url=base, transport=transport, follow_redirects=True) as h:
+        h.get("/export")
+        h.get("/here")
+    async with async_session_client(token, base_url=base, transport=transport,
+                                    follow_redirects=True) as ah:  # fmt: skip
+        await ah.get("/export")
+    assert seen == [
+        (f"{base}/export", token), ("https://cdn.other.example/f", None),
+        (f"{base}/here", token), (f"{base}/there", token),
+        (f"{base}/export", token), ("https://cdn.other.example/f", None),
+    ]  # fmt: skip
