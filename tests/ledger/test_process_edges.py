@@ -347,3 +347,31 @@ def test_a_read_that_keeps_failing_is_a_store_error(pg_ledger: tuple[Ledger, str
     # the pool replaced what broke: reads go on
     assert led.store.query("SELECT 1") == [(1,)]
     assert led.check_invariants().ok
+
+
+def test_event_loops_that_used_the_ledger_are_not_kept(store_url: str) -> None:
+    """A batcher per event loop, in a dictionary weak on the loop, used to keep its loop
+    alive itself: every ``asyncio.run`` that touched the ledger stayed in memory (on
+    PostgreSQL with an open connection) until the store closed."""
+    led = open_ledger(store_url)
+    try:
+
+        async def setup() -> None:
+            await led.create_account("w", "wallet")
+            await led.create_account("r", "revenue")
+            await led.transfer("t", funding_account_id("USDC"), "w", 10**9, code="topup")
+
+        async def call() -> None:
+            hold = await led.hold(uuid.uuid4().hex, "w", "r", 10, code="c", timeout_s=60,
+                                  private=True)  # fmt: skip
+            await led.post(hold, 5)
+
+        asyncio.run(setup())
+        for _ in range(20):
+            asyncio.run(call())
+        gc.collect()
+        batchers = led.store._loop_batchers  # type: ignore[attr-defined]
+        assert len(batchers) <= 1
+        assert led.balance("w").posted == 10**9 - 20 * 5
+    finally:
+        led.close()

@@ -939,12 +939,21 @@ class _LoopBatcher:
 
     def __init__(self, store: SqliteStore, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
-        self.loop = loop
+        #: weakly: the batcher is the value of the store's loop-keyed weak dictionary, so
+        #: a strong reference would keep every loop (and batcher) that ever used the store
+        self._loop = weakref.ref(loop)
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.scheduled = False
         #: batches run in a context of their own, not the first submitter's (whose
         #: variables, such as a request id in the logs, are not the batch's)
         self.context = contextvars.Context()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        if loop is None:  # pragma: no cover - a loop that is gone runs no code
+            raise errors.StoreError("the event loop of this batch is gone")
+        return loop
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()
