@@ -155,3 +155,25 @@ def test_amounts_have_no_digit_grouping_and_metadata_no_deep_nesting(server: Ser
         assert listed.status_code == 200 and [w["user_id"] for w in listed.json()["data"]] == [
             "alice"]  # fmt: skip
         assert http.get("/v1/wallets/alice").json()["available"]["atomic"] == 0
+
+
+def test_errors_name_the_fields_the_request_has(server: Server) -> None:
+    """Not the ledger's internal names (``code``, ``provision:<user>``) nor a character
+    position of malformed JSON."""
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "alice", "initial_balance": "1"})
+        r = http.post("/v1/charges", json={"user_id": "alice", "amount": "0.1",
+                                           "event": "bad event"},
+                      headers={"Idempotency-Key": "e1"})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "event"
+        r = http.post("/v1/wallets", json={"user_id": "alice", "initial_balance": "2"})
+        assert _code(r) == (409, "already_exists", "initial_balance")
+        assert "provision:" not in r.json()["error"]["message"]
+        r = http.post("/v1/charges", content=b'{"amount": ', headers={
+            "Content-Type": "application/json", "Idempotency-Key": "e2"})  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["param"] is None
+        policy = {"max_per_call": "1", "windows": [{"per": 60, "max_amount": "0.5"}]}
+        r = http.post("/v1/sessions", json={"user_id": "alice", "provider": "default",
+                                            "budget": "1", "policy": policy})  # fmt: skip
+        assert r.json()["policy"]["max_per_call"] == "1"  # as every amount is written
+        assert r.json()["policy"]["windows"][0]["max_amount"] == "0.5"

@@ -362,6 +362,19 @@ class _Base:
 
 
 @contextmanager
+def provision_conflict(user_id: str) -> Iterator[None]:
+    """The user's provisioning credit exists with another amount: in the caller's words
+    (not the ledger's internal ``provision:<user>`` id)."""
+    try:
+        yield
+    except errors.IdempotencyConflict:
+        raise errors.AlreadyExists(
+            f"user {user_id!r} was provisioned with another initial_balance",
+            param="initial_balance",
+        ) from None
+
+
+@contextmanager
 def session_errors(info: SessionInfo, event: str = "") -> Iterator[None]:
     """The ledger's refusals on a session's account, in the session's words; refusals on
     the wallet in the user's."""
@@ -447,8 +460,9 @@ class DripClient(_Base):
                 f"user {user_id!r} exists with a different profile", param="user_id"
             ) from exc
         if amount:
-            await led.transfer(f"provision:{user_id}", funding_account_id(led.asset.symbol),
-                               account, amount, code="topup")  # fmt: skip
+            with provision_conflict(user_id):
+                await led.transfer(f"provision:{user_id}", funding_account_id(led.asset.symbol),
+                                   account, amount, code="topup")  # fmt: skip
         return await self.ledger.off_loop(self.get_user_now, user_id)
 
     async def payer_async(
@@ -580,8 +594,9 @@ class SyncDripClient:
                 f"user {user_id!r} exists with a different profile", param="user_id"
             ) from exc
         if amount:
-            led.transfer(f"provision:{user_id}", funding_account_id(c.ledger.asset.symbol),
-                         account, amount, code="topup")  # fmt: skip
+            with provision_conflict(user_id):
+                led.transfer(f"provision:{user_id}", funding_account_id(c.ledger.asset.symbol),
+                             account, amount, code="topup")  # fmt: skip
         return c.get_user_now(user_id)
 
     def get_user(self, user_id: str) -> dict[str, Any]:

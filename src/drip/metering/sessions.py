@@ -26,7 +26,7 @@ from typing import Any
 from drip import errors
 from drip.ledger import Account, AccountKind, AccountStatus
 from drip.ledger.types import WindowLimit, check_id
-from drip.money import AmountLike, parse_amount, to_decimal
+from drip.money import AmountLike, format_plain, parse_amount, to_decimal
 
 TOKEN_PREFIX = "ds_"
 SESSION_PREFIX = "session:"
@@ -108,7 +108,7 @@ class Policy:
 
     def to_json(self) -> dict[str, Any]:
         def usdc(units: int | None) -> str | None:
-            return None if units is None else str(to_decimal(units))
+            return None if units is None else format_plain(units)
 
         return {
             "max_per_call": usdc(self.max_per_call),

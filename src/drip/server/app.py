@@ -77,6 +77,8 @@ BODY_BYTES_MAX = 1024 * 1024
 #: Writes idempotent by their own nature (a wallet per user id; a checkout is only a
 #: pending top-up): ``Idempotency-Key`` is optional there, required on the others.
 _IDEMPOTENCY_OPTIONAL = frozenset({("post", "/v1/wallets"), ("post", "/v1/checkout")})
+#: Ledger parameter names an error may carry, as the requests name them.
+_LEDGER_PARAMS = {"code": "event", "pending_id": "hold_id"}
 #: The query parameters of ``GET /v1/usage``.
 _USAGE_PARAMS = frozenset({"user_id", "event", "since_us", "until_us", "bucket_s", "format"})
 #: Methods counted by name in the metrics; any other is "other" (labels stay bounded).
@@ -324,12 +326,16 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
 
     @app.exception_handler(errors.DripError)
     async def drip_error(_: Request, exc: errors.DripError) -> JSONResponse:
+        if exc.param in _LEDGER_PARAMS:  # the ledger's name for what the request calls so
+            exc.param = _LEDGER_PARAMS[exc.param]
         return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        if first.get("type") == "json_invalid":  # its "loc" is a character position
+            where = None
         err = errors.InvalidRequest(str(first.get("msg", "invalid request")), param=where)
         body = err.to_dict()
         body["error"]["code"] = "validation_error"
