@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,15 +123,21 @@ class DripConfig(BaseSettings):
 
 
 def mask_password(url: object) -> object:
-    """``url`` with the password of its user info replaced by ``***``."""
+    """``url`` with its password replaced by ``***``: the user info's
+    (``user:pw@host``) and a ``password=`` parameter's (``?password=pw``)."""
     if not isinstance(url, str):
         return url
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    if not sep:
         return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    userinfo, at, host = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    rest = _PASSWORD_PARAM.sub(r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def unknown_env(environ: os._Environ[str] | dict[str, str]) -> list[str]:

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from drip import DripClient, DripConfig, DripInsufficientCredits, errors, last_charge
+from drip.config import mask_password
 from drip.ledger import AccountKind, Ledger, open_ledger
 from drip.metering.client import WALLET_PREFIX, wallet_id
 from drip.money import format_amount
@@ -158,7 +159,7 @@ def run_demo(database_url: str, *, fresh: bool = True, console: Console | None =
         if fresh:
             _remove_sqlite(path)
     config = DripConfig(database_url=database_url)
-    where = database_url.split("@")[-1]  # never the password
+    where = str(mask_password(database_url))  # never the password
     ledger = open_ledger(database_url, fee_bps=config.fee_bps)
     try:
         if path is None:

@@ -238,8 +238,9 @@ class ConfigError(DripError):
     status = 400
 
 
-class ClientClosed(ConfigError):
-    """The client was closed: make a new one (it never reopens by itself)."""
+class ClientClosed(StoreError):
+    """The client was closed, and the ledger it was given with it is its owner's: it
+    cannot open another one by itself (a client that opened its own reopens on use)."""
 
     code = "client_closed"
 

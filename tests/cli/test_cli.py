@@ -583,3 +583,22 @@ def test_the_demo_shows_its_url_literally(tmp_path: Path) -> None:
     out = ok(drip_cli("demo", url=url))
 
     assert f"Drip demo on {url} " in out
+
+
+def test_read_commands_refuse_a_database_that_holds_no_ledger(tmp_path: Any) -> None:
+    """Opening it would put Drip's tables into another program's database, and report
+    that new, empty ledger healthy."""
+    import sqlite3
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    before = other.read_bytes()
+    for args in (["doctor"], ["wallet", "list"], ["wallet", "show", "alice"], ["usage"]):
+        result = CliRunner().invoke(app, [*args, "--database-url", f"sqlite:///{other}"])
+        assert result.exit_code == 1, (args, result.output)
+        assert "holds no Drip ledger" in result.output
+    assert other.read_bytes() == before
+    with sqlite3.connect(other) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    assert tables == ["notes"]

@@ -4,6 +4,7 @@ client from many threads, a session token in a printout or behind a redirect."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from decimal import Decimal
 from typing import Any
@@ -61,11 +62,12 @@ async def test_the_async_clients_reads_are_awaitable(client: DripClient) -> None
     assert (await client.get_session(session.id))["public_id"] == session.public_id
 
 
-def test_a_closed_client_stays_closed(sqlite_url: str, tmp_path: Any) -> None:
+def test_a_closed_client_opens_only_what_it_owns(sqlite_url: str, tmp_path: Any) -> None:
+    # a client that opened its own ledger opens it again on use (an app served twice)
     with DripClient(DripConfig(database_url=sqlite_url)) as c:
         c.sync.provision_user("u", initial_balance="1")
-    with pytest.raises(errors.ClientClosed):
-        c.sync.get_user("u")
+    assert c.sync.get_user("u")["user_id"] == "u"
+    c.close()
     # a ledger given to a client is the giver's: closing the client neither closes it nor
     # lets the client open another one (from its config) behind the caller's back
     led = open_ledger(sqlite_url)
@@ -143,3 +145,46 @@ async def test_the_session_token_never_follows_a_redirect_elsewhere() -> None:
         (f"{base}/here", token), (f"{base}/there", token),
         (f"{base}/export", token), ("https://cdn.other.example/f", None),
     ]  # fmt: skip
+
+
+def test_a_replaced_default_client_is_closed_after_a_hold_lifetime(tmp_path: Any) -> None:
+    import time
+
+    import drip
+    module = importlib.import_module("drip.metering.meter")
+
+    saved = module._default_client
+    module._default_client = None
+    try:
+        first = drip.configure(database_url=f"sqlite:///{tmp_path}/a.db", hold_timeout_s=1)
+        first.sync.provision_user("u")
+        drip.configure(database_url=f"sqlite:///{tmp_path}/b.db")
+        assert first._ledger is not None  # calls in flight may still use it
+        deadline = time.monotonic() + 10
+        while first._ledger is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first._ledger is None and first not in module._retired
+    finally:
+        if module._default_client is not None:
+            module._default_client.close()
+        module._close_retired()
+        module._default_client = saved
+
+
+def test_wallets_of_longer_ids_made_before_the_limit_still_work(sqlite_url: str) -> None:
+    old = "u" * 153  # provisionable before USER_ID_MAX (the ledger allows 160 in all)
+    led = open_ledger(sqlite_url)
+    led.sync.create_account(f"user:{old}", "wallet", owner=old)
+    led.close()
+    with DripClient(DripConfig(database_url=sqlite_url)) as c:
+        c.sync.topup(old, "1")
+        assert c.sync.get_user(old)["balance_usdc"] == Decimal("1")
+        c.sync.debit(old, "0.25", "search")
+        assert c.sync.get_user(old)["balance_usdc"] == Decimal("0.75")
+
+
+def test_a_printed_config_masks_a_password_given_as_a_parameter() -> None:
+    for url in ("postgresql://drip@db/drip?password=s3cret",
+                "postgresql:///drip?user=drip&password=s3cret&sslmode=require"):  # fmt: skip
+        config = DripConfig(database_url=url)
+        assert "s3cret" not in repr(config) and "password=***" in repr(config)

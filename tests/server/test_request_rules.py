@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import httpx
 import pytest
 
 from drip.config import DripConfig
@@ -177,3 +178,72 @@ def test_errors_name_the_fields_the_request_has(server: Server) -> None:
                                             "budget": "1", "policy": policy})  # fmt: skip
         assert r.json()["policy"]["max_per_call"] == "1"  # as every amount is written
         assert r.json()["policy"]["windows"][0]["max_amount"] == "0.5"
+
+
+def test_an_app_serves_again_after_its_lifespan_ended(store_url: str) -> None:
+    """The lifespan closes the client; the same app served again (a second TestClient, a
+    restart in one process) must open it again, not answer every request with an error."""
+    from fastapi.testclient import TestClient
+
+    from drip.server.app import create_app
+
+    app = create_app(DripConfig(database_url=store_url))
+    admin, _ = app.state.keys.create("admin", "tests")
+    for user in ("alice", "bob"):
+        with TestClient(app) as http:
+            r = http.post("/v1/wallets", json={"user_id": user},
+                          headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+            assert r.status_code == 201, r.text
+
+
+def test_policy_amounts_have_no_digit_grouping(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "alice", "initial_balance": "10"})
+        for policy in ({"max_per_call": "0_5"}, {"windows": [{"per": 60, "max_amount": "1_0"}]},
+                       {"routes": {"llm_*": {"budget": "0_50"}}}):  # fmt: skip
+            r = http.post("/v1/sessions", json={"user_id": "alice", "provider": "default",
+                                                "budget": "2", "policy": policy})  # fmt: skip
+            assert r.status_code == 422, r.text
+        ok = http.post(
+            "/v1/sessions",
+            json={
+                "user_id": "alice",
+                "provider": "default",
+                "budget": "2",
+                "policy": {"routes": {"llm_*": {"budget": "0.5"}}},
+            },
+        )
+        assert ok.status_code == 201, ok.text  # an underscore in a pattern is fine
+
+
+def test_keys_answered_before_they_were_the_services_are_still_honoured(
+    store_url: str, run_app: Any
+) -> None:
+    """A request answered (or left dying) under the old per-API-key scheme, whose ledger id
+    is idem:<api key id>:<key>, retried after the upgrade: one charge in total."""
+    from drip.server.app import create_app
+
+    app = create_app(DripConfig(database_url=store_url))
+    admin, key = app.state.keys.create("admin", "tests")
+    client = app.state.client
+    client.sync.provision_user("eve", initial_balance="10")
+    # what the previous release left: the charge made, its record claimed, never answered
+    client.ledger.sync.charge(f"idem:{key.key_id}:k1", "user:eve", client.revenue_account,
+                              1_000_000, code="search")  # fmt: skip
+    from drip.server.charges import ChargeCreate, _keyed
+    from drip.server.idempotency import Responses
+
+    body = {"user_id": "eve", "amount": "1", "event": "search"}
+    digest = Responses.body_digest("POST", "/v1/charges", _keyed(ChargeCreate(**body), None))
+    client.ledger.store.execute(
+        "INSERT INTO http_idempotency (key_id, idem_key, method, path, body_sha256, status, "
+        "response, created_us) VALUES (?, 'k1', 'POST', '/v1/charges', ?, 0, 'null', 1)",
+        (key.key_id, digest),
+    )
+    client.close()
+    app = create_app(DripConfig(database_url=store_url))  # restarted on the new release
+    with httpx.Client(base_url=run_app(app), headers={"Authorization": f"Bearer {admin}"}) as h:
+        r = h.post("/v1/charges", json=body, headers={"Idempotency-Key": "k1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["transfer_id"] == f"idem:{key.key_id}:k1"
+        assert h.get("/v1/wallets/eve").json()["available"]["atomic"] == 9_000_000

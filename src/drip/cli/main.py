@@ -10,8 +10,10 @@ printed as they are, never as Rich markup.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -69,10 +71,31 @@ def _config(database_url: str | None) -> DripConfig:
 
 
 def _require_database(url: str) -> None:
-    """Refuse a SQLite file that does not exist: opening it would create an empty one."""
+    """Refuse a database that holds no Drip ledger: opening it would create one (an
+    empty file, or Drip's tables in another program's database) and report it healthy."""
     path = sqlite_file(url)
-    if path is not None and not os.path.exists(path):
-        raise errors.StoreError(f"no SQLite database at {path!r}", param="database_url")
+    if path is not None:
+        if not os.path.exists(path):
+            raise errors.StoreError(f"no SQLite database at {path!r}", param="database_url")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                   "name = 'drip_migrations'").fetchone()  # fmt: skip
+        except sqlite3.Error as exc:
+            raise errors.StoreError(f"cannot read {path!r}: {exc}", param="database_url") from None
+        if found is None:
+            raise errors.StoreError(f"{path!r} holds no Drip ledger", param="database_url")
+    elif url.startswith(("postgres://", "postgresql://")):
+        import psycopg
+
+        try:
+            with psycopg.connect(url, connect_timeout=5) as conn:
+                row = conn.execute("SELECT to_regclass('drip_migrations')").fetchone()
+        except psycopg.Error:
+            return  # opening the ledger reports why (with the password masked)
+        if row is None or row[0] is None:
+            raise errors.StoreError("this PostgreSQL database holds no Drip ledger",
+                                    param="database_url")  # fmt: skip
 
 
 def _client(database_url: str | None, *, existing: bool = False) -> DripClient:

@@ -66,10 +66,16 @@ USER_ID_MAX = 150
 def wallet_id(user_id: str) -> str:
     """The ledger account of a user's prepaid wallet."""
     check_id(user_id, "user_id", caller=True)
-    if len(user_id) > USER_ID_MAX:
+    return f"{WALLET_PREFIX}{user_id}"
+
+
+def new_wallet_id(user_id: str) -> str:
+    """``wallet_id`` of a user being created: ``USER_ID_MAX`` applies (wallets made
+    before the limit keep working through ``wallet_id``)."""
+    if isinstance(user_id, str) and len(user_id) > USER_ID_MAX:
         raise errors.InvalidId(f"user_id is longer than {USER_ID_MAX} characters",
                                param="user_id")  # fmt: skip
-    return f"{WALLET_PREFIX}{user_id}"
+    return wallet_id(user_id)
 
 
 def user_status(account: Account) -> str:
@@ -167,8 +173,11 @@ class _Base:
         if led is not None and self._revenue_ready:
             return led
         with self._open_lock:
-            if self._closed:
-                raise errors.ClientClosed("this DripClient is closed; make a new one")
+            if self._closed and not self._owns_ledger:
+                # the ledger it was given is closed or the giver's: never open another one
+                # from the config behind the caller's back
+                raise errors.ClientClosed("this DripClient was closed; make a new one")
+            self._closed = False  # a client that opened its own ledger reopens on use
             led = self._ledger
             if led is None:
                 led = open_ledger(self.config.database_url, fee_bps=self.config.fee_bps)
@@ -197,7 +206,7 @@ class _Base:
         container_image: str | None,
         metadata: Mapping[str, Any] | None,
     ) -> tuple[str, dict[str, Any], int]:
-        account = wallet_id(user_id)
+        account = new_wallet_id(user_id)
         amount = parse_amount(initial_balance, param="initial_balance")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise errors.InvalidRequest("metadata must be an object", param="metadata")
@@ -352,10 +361,12 @@ class _Base:
                        info.policy)  # fmt: skip
 
     def close(self) -> None:
-        """Close the ledger this client opened (one given to it is the giver's to close);
-        using the client afterwards raises ``ClientClosed``."""
+        """Close the ledger this client opened; using the client again opens it afresh
+        (an app served twice). A ledger given to the client is the giver's to close:
+        the client lets go of it, and using it afterwards raises ``ClientClosed``."""
         with self._open_lock:
             self._closed = True
+            self._revenue_ready = False
             led, self._ledger = self._ledger, None
         if led is not None and self._owns_ledger:
             led.close()

@@ -22,6 +22,7 @@ import functools
 import inspect
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -351,20 +352,34 @@ def configure(config: Any = None, **settings: Any) -> DripClient:
     if old is not None:
         if old.config == config:
             return old  # configured again the same way: the same client
-        # calls in flight still use the old client: it is closed at exit, not now (their
-        # work ran; closing under them would leave it unbilled and its holds reserving)
-        if not _retired:
-            atexit.register(_close_retired)
-        _retired.append(old)
+        _retire(old)
     _default_client = DripClient(config)
     return _default_client
 
 
+def _retire(client: DripClient) -> None:
+    """Close a replaced client once the calls it may be running are done: not now (their
+    work ran; closing under them would leave them unbilled and their holds reserving),
+    but after a hold's lifetime (a call running longer than that has lost its hold
+    anyway), or at exit, whichever comes first."""
+    if not _retired:
+        atexit.register(_close_retired)
+    _retired.append(client)
+    timer = threading.Timer(client.config.hold_timeout_s, _close_one, args=(client,))
+    timer.daemon = True
+    timer.start()
+
+
+def _close_one(client: DripClient) -> None:
+    with contextlib.suppress(ValueError):
+        _retired.remove(client)
+    with contextlib.suppress(Exception):
+        client.close()
+
+
 def _close_retired() -> None:
-    for client in _retired:
-        with contextlib.suppress(Exception):
-            client.close()
-    _retired.clear()
+    for client in list(_retired):
+        _close_one(client)
 
 
 def default_client() -> DripClient:

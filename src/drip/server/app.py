@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import psycopg
 import psycopg_pool
@@ -45,10 +45,11 @@ from starlette.requests import ClientDisconnect
 from drip import errors
 from drip.config import DripConfig
 from drip.ledger import AccountKind, Transfer, UsageRow, funding_account_id
+from drip.ledger.store import Store
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.money import format_plain, parse_amount, to_decimal
-from drip.server.charges import Amount, Metadata
+from drip.server.charges import Amount, Live, Metadata
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.endpoints import add_routes as add_endpoint_routes
 from drip.server.idempotency import (
@@ -77,6 +78,8 @@ BODY_BYTES_MAX = 1024 * 1024
 #: Writes idempotent by their own nature (a wallet per user id; a checkout is only a
 #: pending top-up): ``Idempotency-Key`` is optional there, required on the others.
 _IDEMPOTENCY_OPTIONAL = frozenset({("post", "/v1/wallets"), ("post", "/v1/checkout")})
+#: A policy's amount fields (its other strings, event patterns, may hold "_").
+_POLICY_AMOUNTS = frozenset({"max_per_call", "max_amount", "budget"})
 #: Ledger parameter names an error may carry, as the requests name them.
 _LEDGER_PARAMS = {"code": "event", "pending_id": "hold_id"}
 #: The query parameters of ``GET /v1/usage``.
@@ -117,6 +120,8 @@ def _no_fractions(value: Any, where: str = "policy") -> Any:
                          'as decimal strings ("0.10")')  # fmt: skip
     if isinstance(value, dict):
         for k, v in value.items():
+            if k in _POLICY_AMOUNTS and isinstance(v, str) and "_" in v:  # "0_5" would be 5
+                raise ValueError(f'{where}.{k}: amounts are plain decimal strings (no "_")')
             _no_fractions(v, f"{where}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -291,9 +296,30 @@ def wallet_json(user: dict[str, Any]) -> dict[str, Any]:
 def create_app(config: DripConfig | None = None) -> FastAPI:
     config = config or DripConfig()
     client = DripClient(config)
-    keys = KeyStore(client.ledger.store)
-    responses = Responses(client.ledger.store)
-    checkouts = Checkouts(client.ledger.store)
+    # the client's store as of each use: the lifespan closes the client at shutdown, and
+    # an app served again (a second TestClient, a restart in-process) opens it afresh
+    store = cast(Store, Live(lambda: client.ledger.store))
+    keys = KeyStore(store)
+    responses = Responses(store)
+    checkouts = Checkouts(store)
+    #: requests answered when Idempotency-Keys were each API key's (ledger ids
+    #: ``idem:<api key id>:<key>``): only then is a new key also looked up the old way
+    legacy_keys = bool(
+        store.query("SELECT 1 FROM http_idempotency WHERE key_id <> ? LIMIT 1", (SERVICE_SCOPE,))
+        or store.query("SELECT 1 FROM transfers WHERE id >= 'idem:' AND id < 'idem;' LIMIT 1")
+    )
+
+    def used_before(key_id: str, idem_key: str, legacy_id: str) -> bool:
+        """Whether the key was used the old way: a record, a transfer or a checkout."""
+        record = store.query(
+            "SELECT 1 FROM http_idempotency WHERE key_id = ? AND idem_key = ?", (key_id, idem_key)
+        )
+        return (
+            bool(record)
+            or store.get_transfer(legacy_id) is not None
+            or (checkouts.exists_for(legacy_id))
+        )
+
     registry = CollectorRegistry()
     requests_total = Counter(
         "drip_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
@@ -424,10 +450,16 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         # the records are database round trips: off the event loop, as every read here
         record = (SERVICE_SCOPE, idem_key, method, path, digest)
         found = await run_in_threadpool(responses.find, *record)
-        if found is None:  # answered before keys were the service's: per API key
+        run_id = f"req:{idem_key}"
+        if found is None and legacy_keys:  # keys were once the API key's: look there too
             found = await run_in_threadpool(
                 responses.find, key.key_id, idem_key, method, path, digest
             )
+            legacy_id = f"idem:{key.key_id}:{idem_key}"
+            if found is None and await run_in_threadpool(
+                used_before, key.key_id, idem_key, legacy_id
+            ):  # a request that died after (perhaps) moving money: run it under its old
+                run_id = legacy_id  # id, so the ledger answers it as the replay it is
         token = None
         for _ in range(CLAIM_ATTEMPTS if found is None else 0):
             token = await run_in_threadpool(responses.claim, *record)
@@ -440,7 +472,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                 break
         if token is not None:
             try:
-                found = await run(f"req:{idem_key}")
+                found = await run(run_id)
             except BaseException:
                 await _to_the_end(responses.release, SERVICE_SCOPE, idem_key, token)
                 raise
@@ -454,7 +486,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         return JSONResponse(payload, status_code=status)
 
     add_charge_routes(app, client, once, Admin)
-    add_endpoint_routes(app, client.ledger.store, Admin)
+    add_endpoint_routes(app, store, Admin)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:

@@ -9,7 +9,7 @@ retry, even one racing the original on another server process, moves money once.
 """
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StrictInt
 
 from drip import errors
-from drip.ledger import Charge, Transfer, TransferFlags
+from drip.ledger import Charge, Ledger, Transfer, TransferFlags
 from drip.ledger.ledger import Cap
 from drip.ledger.types import DERIVED_SEP, TIMEOUT_S_MAX, check_id, encode_metadata
 from drip.metering import DripClient, wallet_id
@@ -36,6 +36,18 @@ def _exact_amount(value: object) -> object:
     if isinstance(value, str) and "_" in value:  # "1_5" would be 15: no digit grouping here
         raise ValueError('amounts are plain decimal strings, e.g. "1000.50" (no "_")')
     return value
+
+
+class Live:
+    """Every attribute looked up on what ``get()`` returns at that moment."""
+
+    __slots__ = ("_get",)
+
+    def __init__(self, get: Callable[[], object]) -> None:
+        self._get = get
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
 
 
 def _storable_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -81,7 +93,7 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
     """Mount the routes; ``admin`` is the dependency that requires an admin key."""
     SessionHeader = Annotated[str | None, Header(alias="X-Drip-Session")]
     IdemKey = Annotated[str | None, Header(alias="Idempotency-Key")]
-    led = client.ledger
+    led = cast(Ledger, Live(lambda: client.ledger))  # reopened after a lifespan's end
 
     def caps_of(hold_id: str) -> list[Cap]:
         caps: list[Cap] = []

@@ -82,13 +82,20 @@ class Checkouts:
         self.store = store
         store.migrate("checkouts", CHECKOUT_MIGRATIONS)
 
+    @staticmethod
+    def _id_for(request_id: str) -> str:
+        return "co_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
+
+    def exists_for(self, request_id: str) -> bool:
+        """Whether a checkout was created for ``request_id``."""
+        found = self.store.query("SELECT 1 FROM checkouts WHERE id = ?",
+                                 (self._id_for(request_id),))  # fmt: skip
+        return bool(found)
+
     def create(self, user_id: str, amount: int, request_id: str = "") -> Checkout:
         """A pending checkout. With ``request_id`` (an Idempotency-Key's), its id comes
         from it, so running that request again returns the same checkout."""
-        if request_id:
-            checkout_id = "co_" + hashlib.sha256(request_id.encode()).hexdigest()[:24]
-        else:
-            checkout_id = f"co_{secrets.token_hex(12)}"
+        checkout_id = self._id_for(request_id) if request_id else f"co_{secrets.token_hex(12)}"
         self.store.execute(
             "INSERT INTO checkouts (id, user_id, amount, status, created_us) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
