@@ -151,6 +151,7 @@ def test_a_replaced_default_client_is_closed_after_a_hold_lifetime(tmp_path: Any
     import time
 
     import drip
+
     module = importlib.import_module("drip.metering.meter")
 
     saved = module._default_client
