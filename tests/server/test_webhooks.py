@@ -224,27 +224,31 @@ def test_a_delivery_that_stopped_before_marking_its_checkout_paid_is_finished(
     assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
 
 
-def test_a_credit_an_older_release_left_unresumed_is_resumed_by_the_retry(
+def test_a_retry_of_a_credit_never_resumes_a_user_paused_since(
     server: Server, store_url: str
 ) -> None:
-    """Before a top-up resumed in its own transaction, its resume was a second write: a
-    delivery that stopped in between left the checkout pending and the payer paused."""
+    """Credited (resumed with it), then paused by an operator (a fraud hold) before the
+    delivery marked its checkout paid: the processor's retry, or a twin delivery to
+    another process, must not turn the user back on. It used to, because the checkout
+    still said pending."""
     from drip.ledger import funding_account_id, open_ledger
 
-    checkout = _checkout(server, "legacy", "1.00")
+    checkout = _checkout(server, "held", "1.00")
     led = open_ledger(store_url)
     try:
-        led.sync.set_status("user:legacy", "frozen")
-        led.sync.transfer(f"checkout:{checkout}", funding_account_id("USDC"), "user:legacy",
-                          1_000_000, code="topup")  # the credit alone, as it stood  # fmt: skip
+        led.sync.transfer(f"checkout:{checkout}", funding_account_id("USDC"), "user:held",
+                          1_000_000, code="topup", resume=True)  # fmt: skip
+        led.sync.set_status("user:held", "frozen")  # the operator's hold, after the credit
     finally:
         led.close()
-    payload = stripe_event(checkout, 100, event_id="evt_legacy")
+    payload = stripe_event(checkout, 100, event_id="evt_retry_held")
     r = post_stripe(server, payload, stripe_header(payload, server.stripe_secret))
     assert r.status_code == 200, r.text
+    assert r.json()["replayed"] is True
     with server.client(server.admin) as http:
-        wallet = http.get("/v1/wallets/legacy").json()
-    assert wallet["status"] == "active" and wallet["available"]["atomic"] == 1_000_000
+        wallet = http.get("/v1/wallets/held").json()
+        assert http.get(f"/v1/checkout/{checkout}").json()["status"] == "paid"
+    assert wallet["status"] == "paused" and wallet["available"]["atomic"] == 1_000_000
 
 
 def test_undecodable_or_non_object_bodies_are_400(server: Server) -> None:

@@ -641,14 +641,14 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         transfer = await client.topup(
             checkout.user_id, to_decimal(checkout.amount), idempotency_key=f"checkout:{checkout.id}"
         )
-        if transfer.replayed and checkout.status == "pending":
-            # credited, never marked paid: a delivery that stopped in between. Since the
-            # credit resumes in its own transaction this finds the user resumed already;
-            # a credit written by a release whose resume was a second write may not have
-            await client.restore(checkout.user_id)
+        # a replay resumes nobody, even on a checkout still marked pending (a delivery
+        # that stopped between its credit and marking it paid, or a twin running now):
+        # the credit resumed the user in its own transaction, and whoever paused them
+        # since (an operator's hold) must not be overruled by a duplicate delivery
         await run_in_threadpool(checkouts.mark_paid, checkout.id, payment.event_id)
         return {"received": True, "credited": _money(transfer.amount),
-                "checkout_id": checkout.id, "transfer_id": transfer.id}  # fmt: skip
+                "checkout_id": checkout.id, "transfer_id": transfer.id,
+                "replayed": transfer.replayed}  # fmt: skip
 
     @app.post("/v1/webhooks/stripe", tags=["top-ups"])
     async def stripe_webhook(request: Request) -> dict[str, Any]:
