@@ -261,11 +261,13 @@ def test_prices_and_signers_are_checked_at_configuration(chain: Devnet, tmp_path
         client.close()
 
 
-async def test_a_settlement_that_fails_after_serving_answers_402_for_the_real_resource(
+async def test_a_settlement_that_reverts_after_serving_answers_502_naming_its_transaction(
     chain: Devnet, shop: Shop, run_app: Any, facilitator_url: str, tmp_path: Any
 ) -> None:
-    """The payer empties its wallet while the handler runs: settlement fails, the client
-    gets 402 naming this resource, the reservation is released, nothing is booked."""
+    """The payer empties its wallet while the handler runs: the settlement's transaction
+    reverts. A failure that names a transaction is not a bare 402: 502 settlement_pending
+    with the transaction, the row kept unknown with it (reconciliation reads the receipt),
+    nothing booked."""
     from drip.chain.artifacts import artifact
     from drip.chain.devnet import send
 
@@ -289,10 +291,10 @@ async def test_a_settlement_that_fails_after_serving_answers_402_for_the_real_re
         url = run_app(app)
         async with httpx.AsyncClient(base_url=url, transport=x402_payer(chain, 6)) as http:
             r = await http.get("/drain")
-        assert r.status_code == 402
-        assert "settlement failed" in r.json()["error"]
-        assert r.json()["resource"]["url"] == "https://api.acme.test/drain"
-        assert client.ledger.store.query("SELECT count(*) FROM x402_payments", ())[0][0] == 0
+        assert r.status_code == 502 and r.json()["error"]["code"] == "settlement_pending"
+        [(status, tx)] = client.ledger.store.query("SELECT status, tx_hash FROM x402_payments", ())
+        assert status == "unknown" and tx in r.json()["error"]["message"]
+        assert chain.web3().eth.get_transaction_receipt(tx)["status"] == 0
         assert client.ledger.balance(client.revenue_account).posted == 0
     finally:
         client.close()

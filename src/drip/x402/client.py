@@ -5,14 +5,20 @@ The x402 SDK (``x402Client`` with the EVM exact scheme) builds and signs the pay
 Drip decides whether it may: max per call, budgets per rolling hour and day, allowed
 recipients, networks and assets. A refused payment is not signed; the 402 comes back to
 the caller with the refusal in ``X-Drip-Payment-Refused``.
+
+A signed authorization can be settled by whoever holds it until it expires, whatever the
+server answered: once signed, a payment counts against the budgets as a settled one does
+(a 402 or 500 to the paid retry does not make it unspent), and its lifetime is the
+policy's ``max_timeout_s`` at most, never longer because a server asked for it.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -28,10 +34,17 @@ from x402.schemas import PaymentRequired, PaymentRequirements
 
 from drip.money import parse_amount
 
+#: default lifetime of a signed authorization: time to serve and settle, not hours
+MAX_TIMEOUT_S = 300
+#: an amount as x402 writes it: a positive integer in decimal digits, at most a uint256
+_AMOUNT = re.compile(r"[1-9][0-9]{0,77}")
+
 
 @dataclass(frozen=True, slots=True)
 class SpendPolicy:
-    """Limits in atomic units; ``None`` means no limit. Sets compare lower-cased."""
+    """Limits in atomic units; ``None`` means no limit. Sets compare lower-cased.
+    ``max_timeout_s``: the longest a signed authorization stays valid (a server's
+    ``maxTimeoutSeconds`` may only shorten it)."""
 
     max_per_call: int | None = None
     budget_per_hour: int | None = None
@@ -39,6 +52,11 @@ class SpendPolicy:
     allowed_recipients: frozenset[str] | None = None
     allowed_networks: frozenset[str] | None = None
     allowed_assets: frozenset[str] | None = None
+    max_timeout_s: int = MAX_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if type(self.max_timeout_s) is not int or not 0 < self.max_timeout_s <= 86_400:
+            raise ValueError("max_timeout_s must be an int of seconds in 1..86400")
 
     @classmethod
     def of(
@@ -50,6 +68,7 @@ class SpendPolicy:
         allowed_recipients: object = None,
         allowed_networks: object = None,
         allowed_assets: object = None,
+        max_timeout_s: int = MAX_TIMEOUT_S,
     ) -> SpendPolicy:
         """Amounts as people write them (``"0.05"``); addresses in any case."""
 
@@ -61,7 +80,7 @@ class SpendPolicy:
 
         return cls(amount(max_per_call, "max_per_call"), amount(budget_per_hour, "budget_per_hour"),
                    amount(budget_per_day, "budget_per_day"), names(allowed_recipients),
-                   names(allowed_networks), names(allowed_assets))  # fmt: skip
+                   names(allowed_networks), names(allowed_assets), max_timeout_s)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +109,18 @@ class PolicyRefused(Exception):
     """The spend policy does not allow this payment (nothing was signed)."""
 
 
-def check(policy: SpendPolicy, spent: _Ledger, req: PaymentRequirements, now_s: float) -> None:
-    amount = int(req.amount)
+def amount_of(req: PaymentRequirements) -> int:
+    """The option's amount; PolicyRefused unless it is a canonical positive integer (a
+    negative one would raise the budget it is recorded against)."""
+    amount = req.amount
+    if not isinstance(amount, str) or not _AMOUNT.fullmatch(amount) or int(amount) >= 2**256:
+        raise PolicyRefused("amount is not a positive integer")
+    return int(amount)
+
+
+def check(policy: SpendPolicy, spent: _Ledger, req: PaymentRequirements, now_s: float) -> int:
+    """The option's amount, when the policy allows paying it; PolicyRefused otherwise."""
+    amount = amount_of(req)
     rules = [
         (policy.allowed_networks is not None
          and str(req.network).lower() not in policy.allowed_networks, "network not allowed"),
@@ -111,6 +140,7 @@ def check(policy: SpendPolicy, spent: _Ledger, req: PaymentRequirements, now_s: 
     for broken, reason in rules:
         if broken:
             raise PolicyRefused(reason)
+    return amount
 
 
 class PayingTransport(httpx.AsyncBaseTransport):
@@ -136,7 +166,11 @@ class PayingTransport(httpx.AsyncBaseTransport):
         if response.status_code != 402 or header is None or "payment-signature" in request.headers:
             return response
         await response.aread()
-        required = decode_payment_required_header(header)
+        try:
+            required = decode_payment_required_header(header)
+        except ValueError:  # a server's junk: nothing to pay
+            response.headers["X-Drip-Payment-Refused"] = "unreadable PAYMENT-REQUIRED"
+            return response
         if not isinstance(required, PaymentRequired) or not required.accepts:
             return response
         now_s = time.time()
@@ -145,7 +179,7 @@ class PayingTransport(httpx.AsyncBaseTransport):
             refusal = "no acceptable payment option"
             for option in required.accepts:
                 try:
-                    check(self.policy, self._spent, option, now_s)
+                    amount = check(self.policy, self._spent, option, now_s)
                 except PolicyRefused as exc:
                     refusal = str(exc)
                     continue
@@ -154,23 +188,45 @@ class PayingTransport(httpx.AsyncBaseTransport):
             if allowed is None:
                 response.headers["X-Drip-Payment-Refused"] = refusal
                 return response
-            record = Payment(str(request.url), int(allowed.amount), allowed.pay_to,
-                             allowed.asset, str(allowed.network), now_s)  # fmt: skip
+            record = Payment(str(request.url), amount, allowed.pay_to, allowed.asset,
+                             str(allowed.network), now_s)  # fmt: skip
             self._spent.payments.append(record)
-        only = required.model_copy(update={"accepts": [allowed]})
-        payload = await self._x402.create_payment_payload(only)
+        # the authorization is valid for the policy's lifetime at most (the SDK signs for
+        # the option's maxTimeoutSeconds, and for an hour when that is 0)
+        asked = allowed.max_timeout_seconds
+        lifetime = min(asked, self.policy.max_timeout_s) if asked > 0 else self.policy.max_timeout_s
+        signing = allowed.model_copy(update={"max_timeout_seconds": lifetime})
+        try:
+            payload = await self._x402.create_payment_payload(
+                required.model_copy(update={"accepts": [signing]})
+            )
+        except BaseException:
+            with self._spent.lock:  # nothing was signed: nothing is spent
+                self._spent.payments.remove(record)
+            raise
+        # ``accepted`` echoes the server's option as offered (servers match on it); the
+        # shorter lifetime is in the signed authorization only
+        payload = payload.model_copy(update={"accepted": allowed})
         request.headers["PAYMENT-SIGNATURE"] = encode_payment_signature_header(payload)
+        # from here on the authorization exists: it stays counted whatever happens next
         paid = await self.inner.handle_async_request(request)
-        settlement = paid.headers.get("payment-response")
-        with self._spent.lock:
-            self._spent.payments.remove(record)
-            if settlement is not None and paid.status_code < 400:
-                tx = decode_payment_response_header(settlement).transaction
-                self._spent.payments.append(
-                    Payment(record.url, record.amount, record.pay_to, record.asset,
-                            record.network, record.at_s, tx)
-                )  # fmt: skip
+        tx = _settled_transaction(paid.headers.get("payment-response"))
+        if tx is not None:
+            with self._spent.lock:
+                at = self._spent.payments.index(record)
+                self._spent.payments[at] = replace(record, transaction=tx)
         return paid
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def _settled_transaction(header: str | None) -> str | None:
+    """The transaction a ``PAYMENT-RESPONSE`` reports settled, if it is readable."""
+    if header is None:
+        return None
+    try:
+        settlement = decode_payment_response_header(header)
+    except ValueError:  # a server's junk does not undo the payment: it stays counted
+        return None
+    return settlement.transaction if settlement.success and settlement.transaction else None

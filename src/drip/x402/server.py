@@ -8,15 +8,20 @@
   across server processes on one PostgreSQL.
 - Default order: verify, serve, settle; the response start is held back until the first
   body chunk so ``PAYMENT-RESPONSE`` can ride on it. ``settle_first`` routes settle
-  before the handler runs (for side effects that cannot be undone).
-- A settlement that definitely failed answers 402 with the reason; one whose outcome is
-  unknown (an exception, a timeout) answers 502 ``settlement_pending`` with what is
-  known, never a bare 402. An error status from the handler is not settled, and its
-  reservation is released (the authorization was never used on-chain).
+  before the handler runs (for side effects that cannot be undone). A payment that
+  expires within ``settle_margin_s`` is refused before the handler runs: it could not be
+  settled after serving.
+- A settlement that definitely failed (refused, nothing sent) answers 402 with the
+  reason; one whose outcome is unknown (an exception, a timeout, a failure that names a
+  transaction, ``settlement_pending``) answers 502 ``settlement_pending`` with what is
+  known, never a bare 402, and its row stays ``unknown``. An error status from the handler
+  is not settled, and its reservation is released (the authorization was never used
+  on-chain).
 - Every settled payment is recorded in the ledger: ``x402:<network>`` -> the provider's
   revenue account, id ``x402:<payer>:<nonce>``, sent back as ``X-Drip-Receipt``. With a
   ``signer`` key, the 402 carries signed offers and ``PAYMENT-RESPONSE`` a signed receipt
-  (the x402 ``offer-receipt`` extension, EIP-712); the receipt is kept with the payment.
+  (the x402 ``offer-receipt`` extension, EIP-712) when the resource was delivered (not on
+  a settle-first route's error answer); the receipt is kept with the payment.
 - One flow for both kinds of callers: with ``sessions=`` (the ``DripMeter`` price table),
   a request carrying ``X-Drip-Session`` (or a payer the ``payer=`` resolver finds) is
   metered against its prepaid wallet, one carrying ``PAYMENT-SIGNATURE`` pays in x402,
@@ -33,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +46,20 @@ from typing import Any
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from starlette.requests import Request
+from x402 import ERR_SETTLEMENT_PENDING
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
     encode_payment_response_header,
 )
-from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo
+from x402.mechanisms.evm import ERR_VALID_BEFORE_EXPIRED
+from x402.schemas import (
+    PaymentPayload,
+    PaymentRequired,
+    PaymentRequirements,
+    ResourceInfo,
+    SettleResponse,
+)
 
 from drip import errors
 from drip.asgi.middleware import (
@@ -67,7 +81,7 @@ from drip.ledger.types import check_code
 from drip.metering import DripClient
 from drip.money import format_plain, parse_amount
 from drip.x402 import receipts
-from drip.x402.facilitator import authorization_key
+from drip.x402.facilitator import read_authorization
 
 log = logging.getLogger("drip.x402")
 
@@ -91,6 +105,8 @@ PAYMENT_MIGRATIONS = (Migration(1, _V1, _V1), Migration(2, _V2, _V2))
 SESSION_EXTENSION = "drip-session"
 STATE_KEY = "x402"
 OFFER_CACHE_MAX = 1024
+#: how long a payment must stay valid when it arrives: the handler's time plus settling
+SETTLE_MARGIN_S = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +180,9 @@ def add_x402(app: Any, **options: Any) -> None:
 class X402Meter:
     """Wrap an ASGI app: ``X402Meter(app, client=..., facilitator=..., routes={...})``;
     add ``sessions={...}`` (``drip.asgi.price``) to accept Drip sessions on the same routes
-    and ``signer=`` (a key) for signed offers and receipts."""
+    and ``signer=`` (a key) for signed offers and receipts. ``settle_margin_s``: a payment
+    whose authorization expires sooner than that is refused before the handler runs (set
+    it above the routes' handling time plus a settlement's)."""
 
     def __init__(
         self,
@@ -177,6 +195,7 @@ class X402Meter:
         payer: Callable[[Scope], str | None] | None = None,
         signer: LocalAccount | str | None = None,
         public_url: str | None = None,
+        settle_margin_s: int = SETTLE_MARGIN_S,
     ) -> None:
         self.app = app
         self.client = client
@@ -199,6 +218,15 @@ class X402Meter:
             for key, route in self.routes.items():
                 if not str(route.requirements.network).startswith("eip155:"):
                     raise errors.ConfigError(f"route {key!r}: signed receipts need eip155")
+        if type(settle_margin_s) is not int or settle_margin_s < 0:
+            raise errors.ConfigError("X402Meter(settle_margin_s=...) must be an int >= 0")
+        for key, route in self.routes.items():
+            if route.requirements.max_timeout_seconds <= settle_margin_s:
+                # clients sign for maxTimeoutSeconds: every payment would be refused
+                raise errors.ConfigError(
+                    f"route {key!r}: max_timeout_s must exceed settle_margin_s ({settle_margin_s})"
+                )
+        self.settle_margin_s = settle_margin_s
         self._offers: dict[tuple[int, str], dict[str, Any]] = {}
         self._ready = False
 
@@ -261,8 +289,16 @@ class X402Meter:
             payload = decode_payment_signature_header(signature)
             if not isinstance(payload, PaymentPayload):
                 raise ValueError("x402 v2 payloads only")
+            # (payer, nonce) as the SDK reads them: one key however the payer spells them
+            authorization = read_authorization(payload)
         except Exception as exc:  # noqa: BLE001 - any undecodable header is the payer's error
             await self._payment_required(scope, send, route, f"invalid payment: {exc}"[:200])
+            return
+        if authorization.valid_before < time.time() + self.settle_margin_s:
+            # the SDK accepts 6 s of validity: the handler would run for a payment that
+            # expires before it can be settled
+            reason = f"{ERR_VALID_BEFORE_EXPIRED}: valid for less than {self.settle_margin_s} s"
+            await self._payment_required(scope, send, route, reason)
             return
         requirements = route.requirements
         try:
@@ -276,7 +312,7 @@ class X402Meter:
             reason = verified.invalid_reason or "invalid payment"
             await self._payment_required(scope, send, route, reason)
             return
-        key = authorization_key(payload) or ((verified.payer or "").lower(), signature[-64:])
+        key = authorization.key
         store = self.client.ledger.store
         if not store.execute(
             "INSERT INTO x402_payments (payer, nonce, route, amount, status, created_us) "
@@ -359,7 +395,8 @@ class _PaidCall:
         self.payload = payload
         self.key = key
         self.url = url
-        self.response_header: bytes | None = None
+        #: the facilitator's answer once the payment settled
+        self.settled: SettleResponse | None = None
         self.transfer_id: str | None = None
         self.transaction: str | None = None
         self.done = False
@@ -379,14 +416,12 @@ class _PaidCall:
         try:
             result = await self.meter.facilitator.settle(self.payload, self.route.requirements)
         except Exception as exc:  # noqa: BLE001 - outcome unknown: keep the reservation
-            store.execute("UPDATE x402_payments SET status = 'unknown' WHERE payer = ? AND "
-                          "nonce = ?", self.key)  # fmt: skip
-            await _json(send, 502, {"error": {
-                "type": "api_error", "code": "settlement_pending", "param": None,
-                "message": f"the payment's settlement outcome is unknown ({type(exc).__name__})",
-            }})  # fmt: skip
+            await self._unknown(send, None, type(exc).__name__)
             return False
         if not result.success:
+            if _ambiguous(result):
+                await self._unknown(send, result.transaction or None, result.error_reason)
+                return False
             self._release()
             await self.meter._payment_required(
                 self.scope, send, self.route,
@@ -395,28 +430,55 @@ class _PaidCall:
             return False
         # the money moved: say so first, then book it (a booking failure is logged and
         # left for reconciliation from this row; the payer is still served)
+        self.settled = result
         self.transaction = result.transaction
         store.execute("UPDATE x402_payments SET status = 'settled', tx_hash = ? WHERE payer = ? "
                       "AND nonce = ?", (result.transaction, *self.key))  # fmt: skip
-        receipt = None
         try:
-            if self.meter.signer is not None:
+            self.transfer_id = await self._record(result.transaction, str(result.network))
+            store.execute("UPDATE x402_payments SET transfer_id = ? WHERE payer = ? AND nonce = ?",
+                          (self.transfer_id, *self.key))  # fmt: skip
+        except Exception:
+            log.exception("x402 payment settled (tx %s) but not booked", result.transaction)
+        return True
+
+    async def _unknown(self, send: Send, transaction: str | None, reason: str | None) -> None:
+        """The settlement may still move the money: keep the row (``unknown``, with the
+        transaction when there is one) for reconciliation, and answer 502, never a bare
+        402 (the client would pay again for what it may have paid)."""
+        self.meter.client.ledger.store.execute(
+            "UPDATE x402_payments SET status = 'unknown', tx_hash = ? WHERE payer = ? "
+            "AND nonce = ?",
+            (transaction, *self.key),
+        )
+        message = f"the payment's settlement outcome is unknown ({reason or 'unknown'})"
+        if transaction:
+            message += f"; transaction {transaction}"
+        await _json(send, 502, {"error": {"type": "api_error", "code": "settlement_pending",
+                                          "message": message, "param": None}})  # fmt: skip
+
+    def _payment_response(self, delivered: bool) -> bytes:
+        """``PAYMENT-RESPONSE`` of the settled payment. A signed receipt attests delivery
+        (the offer-receipt extension returns one only on success): none when a settle-first
+        route's handler answered an error."""
+        assert self.settled is not None
+        result = self.settled
+        signer = self.meter.signer
+        if delivered and signer is not None:
+            try:
                 receipt = receipts.sign_receipt(
-                    self.meter.signer, network=str(result.network), resource_url=self.url,
+                    signer, network=str(result.network), resource_url=self.url,
                     payer=result.payer or self.key[0], transaction=result.transaction,
                 )  # fmt: skip
                 extensions = {**(result.extensions or {}), **receipts.extension(receipt=receipt)}
                 result = result.model_copy(update={"extensions": extensions})
-            self.transfer_id = await self._record(result.transaction, str(result.network))
-            store.execute(
-                "UPDATE x402_payments SET transfer_id = ?, receipt = ? WHERE payer = ? "
-                "AND nonce = ?",
-                (self.transfer_id, json.dumps(receipt) if receipt else None, *self.key),
-            )
-        except Exception:
-            log.exception("x402 payment settled (tx %s) but not booked", result.transaction)
-        self.response_header = encode_payment_response_header(result).encode()
-        return True
+                self.meter.client.ledger.store.execute(
+                    "UPDATE x402_payments SET receipt = ? WHERE payer = ? AND nonce = ?",
+                    (json.dumps(receipt), *self.key),
+                )
+            except Exception:
+                log.exception("x402 payment settled (tx %s): no receipt", result.transaction)
+        return encode_payment_response_header(result).encode()
 
     async def _record(self, tx_hash: str, network: str) -> str:
         led = self.meter.client.ledger
@@ -445,7 +507,8 @@ class _PaidCall:
             """Settle (or release) on the app's status, then send its start; False when
             settling failed and the client got our answer instead."""
             status = int(held["status"])
-            if status >= 400 or (status >= 300 and not self.route.charge_redirects):
+            delivered = status < 300 or (status < 400 and self.route.charge_redirects)
+            if not delivered:
                 if not self.done:
                     self.done = True
                     self._release()
@@ -453,8 +516,8 @@ class _PaidCall:
                 self.answered = True  # settle answered the client itself
                 return False
             headers = list(held.get("headers", []))
-            if self.response_header is not None:
-                headers.append((b"payment-response", self.response_header))
+            if self.settled is not None:
+                headers.append((b"payment-response", self._payment_response(delivered)))
             if self.transfer_id is not None:
                 headers.append((b"x-drip-receipt", self.transfer_id.encode()))
             await send({**held, "headers": headers})
@@ -487,6 +550,15 @@ class _PaidCall:
         if not self.done:  # the app answered nothing: nothing was delivered
             self.done = True
             self._release()
+
+
+def _ambiguous(result: SettleResponse) -> bool:
+    """A failed settlement whose money may still move: it names a transaction (one was
+    sent: whether it landed is for reconciliation to read from its receipt), or says its
+    outcome is unknown (the SDK's ``settlement_pending``, Drip's ``settle_error: ...``)."""
+    reason = result.error_reason or ""
+    return (bool(result.transaction) or reason == ERR_SETTLEMENT_PENDING
+            or reason.startswith("settle_error"))  # fmt: skip
 
 
 async def _json(send: Send, status: int, body: Any,
