@@ -379,9 +379,18 @@ class Engine:
                     done.append(self._earlier_fee(spec))
                     continue
                 try:
-                    done.append(self._transfer_one(spec))
+                    result = self._transfer_one(spec)
                 except errors.DripError as exc:
                     raise _ChainFailed(index, exc) from None
+                if index and result.replayed != done[0].replayed:
+                    # all or nothing holds for a replay too: a chain written before with
+                    # other legs (a cap it did not have) is another request, not a replay
+                    raise _ChainFailed(index, errors.IdempotencyConflict(
+                        f"transfer id {chain[0].id!r} was already used in a chain without "
+                        f"{spec.id!r}" if result.replayed is False else
+                        f"transfer {spec.id!r} exists, but {chain[0].id!r} is new",
+                        param="id"))  # fmt: skip
+                done.append(result)
         except _ChainFailed as failed:
             for table, key, old in reversed(undo):
                 if old is _MISSING:

@@ -35,6 +35,7 @@ from drip.ledger.types import (
     AccountSpec,
     Balance,
     Hold,
+    HoldState,
     InvariantReport,
     Page,
     Transfer,
@@ -311,11 +312,34 @@ class _Plans:
     def charge_after_expiry(self, hold: Transfer, amount: int, *, caps: Sequence[Cap] = ()) -> Plan:
         """A call whose hold expired before its capture, charged afresh under the id its
         capture would have had (``<hold>~post``): a receipt announced for that capture
-        exists, and capturing the hold again is refused as resolved."""
+        exists, and capturing the hold again is refused as resolved. Only for a hold
+        that did expire (a state that never changes again): on a live one it would
+        charge beside the hold, and take the id its capture needs."""
         return self._charge(
             f"{hold.id}{DERIVED_SEP}post", hold.debit_account_id, hold.credit_account_id,
             amount, code=hold.code, metadata={"expired_hold": hold.id}, caps=caps,
         )  # fmt: skip
+
+    def with_earlier_fee(self, charge: Charge) -> Charge:
+        """A replayed charge with the fee leg it was first written with (the plan had
+        none: the fee rate is 0 now, and may not have been then)."""
+        if not charge.replayed or charge.fee is not None:
+            return charge
+        fee = self.store.get_transfer(f"{charge.id}{DERIVED_SEP}fee")
+        if fee is None:
+            return charge
+        fee.replayed = True
+        return Charge(charge.transfer, fee)
+
+    def check_expired(self, hold: Transfer) -> None:
+        """``charge_after_expiry``'s condition: the hold expired (a state that never
+        changes again, so checking it before the batch is exact)."""
+        state = self.store.get_hold(hold.id) if isinstance(hold, Transfer) else None
+        if state is None or state.state != HoldState.EXPIRED:
+            raise errors.InvalidRequest(
+                f"hold {getattr(hold, 'id', hold)!r} has not expired: capture it instead",
+                param="hold",
+            )
 
     def _charge(
         self,
@@ -632,10 +656,15 @@ class Ledger(_Reads):
         result: Charge = await self._run(
             self.plans.charge(transfer_id, wallet, revenue, amount, **kw)
         )
+        if result.replayed and result.fee is None:
+            return await self.off_loop(self.plans.with_earlier_fee, result)
         return result
 
     async def charge_after_expiry(self, hold: Transfer, amount: int, **kw: Any) -> Charge:
+        await self.off_loop(self.plans.check_expired, hold)
         result: Charge = await self._run(self.plans.charge_after_expiry(hold, amount, **kw))
+        if result.replayed and result.fee is None:
+            return await self.off_loop(self.plans.with_earlier_fee, result)
         return result
 
     async def hold(self, hold_id: str, wallet: str, revenue: str, amount: int,
@@ -659,6 +688,8 @@ class Ledger(_Reads):
                    **kw: Any) -> Charge:  # fmt: skip
         op, read = self.plans.post(hold, amount, **kw)  # _run, inlined: the hot pair
         result: Charge = read(await self.store.submit_async(op))
+        if result.transfer.replayed and result.fee is None:
+            return await self.off_loop(self.plans.with_earlier_fee, result)
         return result
 
     async def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
@@ -702,11 +733,12 @@ class SyncLedger(_Reads):
     def charge(self, transfer_id: str, wallet: str, revenue: str, amount: int,
                **kw: Any) -> Charge:  # fmt: skip
         result: Charge = self._run(self.plans.charge(transfer_id, wallet, revenue, amount, **kw))
-        return result
+        return self.plans.with_earlier_fee(result) if result.replayed else result
 
     def charge_after_expiry(self, hold: Transfer, amount: int, **kw: Any) -> Charge:
+        self.plans.check_expired(hold)
         result: Charge = self._run(self.plans.charge_after_expiry(hold, amount, **kw))
-        return result
+        return self.plans.with_earlier_fee(result) if result.replayed else result
 
     def hold(self, hold_id: str, wallet: str, revenue: str, amount: int, **kw: Any) -> Transfer:
         result: Transfer = self._run(self.plans.hold(hold_id, wallet, revenue, amount, **kw))
@@ -714,7 +746,7 @@ class SyncLedger(_Reads):
 
     def post(self, hold: Transfer | Hold | str, amount: int | None = None, **kw: Any) -> Charge:
         result: Charge = self._run(self.plans.post(hold, amount, **kw))
-        return result
+        return self.plans.with_earlier_fee(result) if result.replayed else result
 
     def void(self, hold: Transfer | Hold | str, **kw: Any) -> Transfer:
         result: Transfer = self._run(self.plans.void(hold, **kw))
