@@ -147,24 +147,42 @@ async def test_the_session_token_never_follows_a_redirect_elsewhere() -> None:
     ]  # fmt: skip
 
 
-def test_a_replaced_default_client_is_closed_after_a_hold_lifetime(tmp_path: Any) -> None:
+def test_a_replaced_default_client_is_closed_once_its_calls_are_done(tmp_path: Any) -> None:
     import time
 
     import drip
 
     module = importlib.import_module("drip.metering.meter")
-
     saved = module._default_client
     module._default_client = None
     try:
         first = drip.configure(database_url=f"sqlite:///{tmp_path}/a.db", hold_timeout_s=1)
-        first.sync.provision_user("u")
+        first.sync.provision_user("u", initial_balance="1")
+        started, go_on = threading.Event(), threading.Event()
+
+        @drip.meter(cost="0.5", event="slow")
+        def slow(user_id: str) -> str:
+            started.set()
+            go_on.wait(10)
+            return "done"
+
+        results: list[object] = []
+        worker = threading.Thread(target=lambda: results.append(slow("u")))
+        worker.start()
+        started.wait(10)
         drip.configure(database_url=f"sqlite:///{tmp_path}/b.db")
-        assert first._ledger is not None  # calls in flight may still use it
-        deadline = time.monotonic() + 10
-        while first._ledger is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first._ledger is None and first not in module._retired
+        time.sleep(1.5)  # past the hold's lifetime: the call still runs on the old client
+        assert first._ledger is not None
+        go_on.set()
+        worker.join(10)
+        assert results == ["done"] and first._ledger is None  # charged late, then closed
+        assert first not in module._retired
+        with DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/a.db")) as check:
+            assert check.sync.get_user("u")["balance_usdc"] == Decimal("0.5")
+        idle = drip.configure(database_url=f"sqlite:///{tmp_path}/c.db")
+        idle.sync.provision_user("v")
+        drip.configure(database_url=f"sqlite:///{tmp_path}/d.db")
+        assert idle._ledger is None  # nothing in flight: closed at once
     finally:
         if module._default_client is not None:
             module._default_client.close()

@@ -5,6 +5,7 @@ rounded a cap, could never be credited or reached, filtered nothing)."""
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import httpx
@@ -246,4 +247,35 @@ def test_keys_answered_before_they_were_the_services_are_still_honoured(
         r = h.post("/v1/charges", json=body, headers={"Idempotency-Key": "k1"})
         assert r.status_code == 200, r.text
         assert r.json()["transfer_id"] == f"idem:{key.key_id}:k1"
+        assert h.get("/v1/wallets/eve").json()["available"]["atomic"] == 9_000_000
+
+
+def test_a_key_answered_by_an_older_process_beside_this_one_is_honoured(
+    store_url: str, run_app: Any
+) -> None:
+    """A rolling upgrade: this process started on a database with no per-key records;
+    a process of the previous release, still serving, then answers k2 its way; the
+    client's retry lands here."""
+    from drip.server.app import create_app
+    from drip.server.charges import ChargeCreate, _keyed
+    from drip.server.idempotency import Responses
+
+    app = create_app(DripConfig(database_url=store_url))
+    admin, key = app.state.keys.create("admin", "tests")
+    app.state.client.sync.provision_user("eve", initial_balance="10")
+    body = {"user_id": "eve", "amount": "1", "event": "search"}
+    digest = Responses.body_digest("POST", "/v1/charges", _keyed(ChargeCreate(**body), None))
+    with httpx.Client(base_url=run_app(app), headers={"Authorization": f"Bearer {admin}"}) as h:
+        # a process of the previous release, still serving beside this one, answers k2
+        old = app.state.client  # the same database
+        old.ledger.sync.charge(f"idem:{key.key_id}:k2", "user:eve", old.revenue_account,
+                               1_000_000, code="search")  # fmt: skip
+        answer = {"transfer_id": f"idem:{key.key_id}:k2", "charged": "1"}
+        old.ledger.store.execute(
+            "INSERT INTO http_idempotency (key_id, idem_key, method, path, body_sha256, "
+            "status, response, created_us) VALUES (?, 'k2', 'POST', '/v1/charges', ?, 200, ?, 1)",
+            (key.key_id, digest, json.dumps(answer)),
+        )
+        r = h.post("/v1/charges", json=body, headers={"Idempotency-Key": "k2"})
+        assert r.status_code == 200 and r.json() == answer  # its answer, not a second charge
         assert h.get("/v1/wallets/eve").json()["available"]["atomic"] == 9_000_000

@@ -373,21 +373,26 @@ class Engine:
         changed_holds = set(self.writes.changed_holds)
         self._undo = undo
         done: list[Result] = []
+        #: whether each leg wrote a row (a replay, even of this batch's twin, writes none)
+        created: list[bool] = []
         try:
             for index, spec in enumerate(chain):
                 if index and done[0].replayed and spec.id.endswith(_FEE_SUFFIX):
                     done.append(self._earlier_fee(spec))
+                    created.append(False)
                     continue
+                rows = len(self.writes.new_transfers)
                 try:
                     result = self._transfer_one(spec)
                 except errors.DripError as exc:
                     raise _ChainFailed(index, exc) from None
-                if index and result.replayed != done[0].replayed:
+                created.append(len(self.writes.new_transfers) > rows)
+                if index and created[index] != created[0]:
                     # all or nothing holds for a replay too: a chain written before with
                     # other legs (a cap it did not have) is another request, not a replay
                     raise _ChainFailed(index, errors.IdempotencyConflict(
                         f"transfer id {chain[0].id!r} was already used in a chain without "
-                        f"{spec.id!r}" if result.replayed is False else
+                        f"{spec.id!r}" if created[index] else
                         f"transfer {spec.id!r} exists, but {chain[0].id!r} is new",
                         param="id"))  # fmt: skip
                 done.append(result)
@@ -405,11 +410,25 @@ class Engine:
                 del self.writes.changed_accounts[key]
             for key in set(self.writes.changed_holds) - changed_holds:
                 del self.writes.changed_holds[key]
+            self._expire_chain_holds(chain)
             linked = errors.LinkedEventFailed("another transfer in this linked chain failed")
             return [failed.error if k == failed.index else linked for k in range(len(chain))]
         finally:
             self._undo = None
         return done
+
+    def _expire_chain_holds(self, chain: tuple[TransferSpec, ...]) -> None:
+        """After a chain failed, the holds its legs resolve that are past their timeout
+        expire anyway (as the first one found so did): a capture whose hold expired
+        fails at its first leg, and its companions (a session's ``~cap0``) must not go
+        on reserving until the sweep, or a late charge would find them in the way."""
+        for spec in chain:
+            if spec.flags & (_POST | _VOID) and spec.pending_id:
+                hold = self._hold(spec.pending_id)
+                if (hold is not None and hold.state == _HOLD_PENDING
+                        and hold.expires_us is not None and hold.expires_us <= self.now_us
+                        and hold.id not in self._due_expiries):  # fmt: skip
+                    self._due_expiries.append(hold.id)
 
     def _earlier_fee(self, spec: TransferSpec) -> Transfer | None:
         """A replayed charge's fee leg as it was first written, or None if it carried

@@ -360,6 +360,32 @@ class _Base:
                        info.provider, to_decimal(info.budget), info.expires_us,
                        info.policy)  # fmt: skip
 
+    #: calls in flight through the module-level ``meter`` (see ``retire``)
+    _calls = 0
+    _retired: Callable[[], object] | None = None
+
+    def call_started(self) -> None:
+        with self._open_lock:
+            self._calls += 1
+
+    def call_ended(self) -> None:
+        with self._open_lock:
+            self._calls -= 1
+            done = self._retired if self._calls == 0 else None
+        if done is not None:
+            self.close()
+            done()
+
+    def retire(self, then: Callable[[], object]) -> None:
+        """Close once no call is in flight (now, if none is), then call ``then``."""
+        with self._open_lock:
+            idle = self._calls == 0
+            if not idle:
+                self._retired = then
+        if idle:
+            self.close()
+            then()
+
     def close(self) -> None:
         """Close the ledger this client opened; using the client again opens it afresh
         (an app served twice). A ledger given to the client is the giver's to close:

@@ -22,7 +22,6 @@ import functools
 import inspect
 import logging
 import math
-import threading
 from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -145,7 +144,10 @@ def make_meter(
     max_cost: AmountLike | None = None,
     void_on_error: bool | None = None,
     session_param: str | None = None,
+    track: bool = False,
 ) -> Callable[[F], F]:
+    """``track``: count each call in flight on its client (``configure`` closes a client
+    it replaced only once none is)."""
     check_code(event, "event")
     pricing = _Pricing(cost, max_cost, event)
 
@@ -182,6 +184,15 @@ def make_meter(
             async def metered_async(*args: Any, **kwargs: Any) -> Any:
                 _last_charge.set(None)
                 client = get_client()
+                if not track:
+                    return await run_async(client, args, kwargs)
+                client.call_started()
+                try:
+                    return await run_async(client, args, kwargs)
+                finally:
+                    client.call_ended()
+
+            async def run_async(client: DripClient, args: Any, kwargs: Any) -> Any:
                 wallet, caps, refusals = await resolve_async(client, payer(args, kwargs))
                 led = client.ledger
                 with refusals:
@@ -209,6 +220,15 @@ def make_meter(
         def metered(*args: Any, **kwargs: Any) -> Any:
             _last_charge.set(None)
             client = get_client()
+            if not track:
+                return run(client, args, kwargs)
+            client.call_started()
+            try:
+                return run(client, args, kwargs)
+            finally:
+                client.call_ended()
+
+        def run(client: DripClient, args: Any, kwargs: Any) -> Any:
             wallet, caps, refusals = resolve(client, payer(args, kwargs))
             led = client.ledger.sync
             with refusals:
@@ -358,28 +378,25 @@ def configure(config: Any = None, **settings: Any) -> DripClient:
 
 
 def _retire(client: DripClient) -> None:
-    """Close a replaced client once the calls it may be running are done: not now (their
-    work ran; closing under them would leave them unbilled and their holds reserving),
-    but after a hold's lifetime (a call running longer than that has lost its hold
-    anyway), or at exit, whichever comes first."""
+    """Close a replaced client once the calls it is running are done (now, if none is):
+    closing under them would leave work that ran unbilled and its holds reserving. At
+    exit, whatever is left is closed."""
     if not _retired:
         atexit.register(_close_retired)
     _retired.append(client)
-    timer = threading.Timer(client.config.hold_timeout_s, _close_one, args=(client,))
-    timer.daemon = True
-    timer.start()
+    client.retire(lambda: _forget(client))
 
 
-def _close_one(client: DripClient) -> None:
+def _forget(client: DripClient) -> None:
     with contextlib.suppress(ValueError):
         _retired.remove(client)
-    with contextlib.suppress(Exception):
-        client.close()
 
 
 def _close_retired() -> None:
     for client in list(_retired):
-        _close_one(client)
+        _forget(client)
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def default_client() -> DripClient:
@@ -399,4 +416,4 @@ def meter(
 ) -> Callable[[F], F]:
     """``@client.meter`` on the client set by :func:`configure` (looked up at call time)."""
     return make_meter(default_client, cost, event, user_id_param, max_cost, void_on_error,
-                      session_param)  # fmt: skip
+                      session_param, track=True)  # fmt: skip

@@ -302,23 +302,24 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     keys = KeyStore(store)
     responses = Responses(store)
     checkouts = Checkouts(store)
-    #: requests answered when Idempotency-Keys were each API key's (ledger ids
-    #: ``idem:<api key id>:<key>``): only then is a new key also looked up the old way
-    legacy_keys = bool(
-        store.query("SELECT 1 FROM http_idempotency WHERE key_id <> ? LIMIT 1", (SERVICE_SCOPE,))
-        or store.query("SELECT 1 FROM transfers WHERE id >= 'idem:' AND id < 'idem;' LIMIT 1")
-    )
 
-    def used_before(key_id: str, idem_key: str, legacy_id: str) -> bool:
-        """Whether the key was used the old way: a record, a transfer or a checkout."""
+    def legacy_lookup(
+        key_id: str, idem_key: str, method: str, path: str, digest: str
+    ) -> tuple[tuple[int, Any] | None, bool]:
+        """A key as the previous release scoped it (per API key, ledger id
+        ``idem:<api key id>:<key>``; a process of that release may still serve beside
+        this one): its stored answer, and whether it was used at all (a record, a
+        transfer or a checkout), so a retry runs under the old id. A few indexed
+        lookups, for new keys only."""
+        found = responses.find(key_id, idem_key, method, path, digest)
+        if found is not None:
+            return found, True
+        legacy_id = f"idem:{key_id}:{idem_key}"
         record = store.query(
             "SELECT 1 FROM http_idempotency WHERE key_id = ? AND idem_key = ?", (key_id, idem_key)
         )
-        return (
-            bool(record)
-            or store.get_transfer(legacy_id) is not None
-            or (checkouts.exists_for(legacy_id))
-        )
+        used = bool(record) or store.get_transfer(legacy_id) is not None
+        return None, used or checkouts.exists_for(legacy_id)
 
     registry = CollectorRegistry()
     requests_total = Counter(
@@ -451,15 +452,12 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         record = (SERVICE_SCOPE, idem_key, method, path, digest)
         found = await run_in_threadpool(responses.find, *record)
         run_id = f"req:{idem_key}"
-        if found is None and legacy_keys:  # keys were once the API key's: look there too
-            found = await run_in_threadpool(
-                responses.find, key.key_id, idem_key, method, path, digest
+        if found is None:  # keys were once the API key's: look there too
+            found, legacy = await run_in_threadpool(
+                legacy_lookup, key.key_id, idem_key, method, path, digest
             )
-            legacy_id = f"idem:{key.key_id}:{idem_key}"
-            if found is None and await run_in_threadpool(
-                used_before, key.key_id, idem_key, legacy_id
-            ):  # a request that died after (perhaps) moving money: run it under its old
-                run_id = legacy_id  # id, so the ledger answers it as the replay it is
+            if legacy:  # a request that died after (perhaps) moving money: run it under
+                run_id = f"idem:{key.key_id}:{idem_key}"  # its old id, answered as a replay
         token = None
         for _ in range(CLAIM_ATTEMPTS if found is None else 0):
             token = await run_in_threadpool(responses.claim, *record)

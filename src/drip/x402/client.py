@@ -37,6 +37,9 @@ from drip.money import parse_amount
 #: default lifetime of a signed authorization: time to serve and settle, not hours
 MAX_TIMEOUT_S = 300
 #: an amount as x402 writes it: a positive integer in decimal digits, at most a uint256
+#: The shortest authorization lifetime a policy may ask for: servers refuse a payment
+#: that expires within their settle margin (X402Meter's default is 30 s).
+MIN_TIMEOUT_S = 60
 _AMOUNT = re.compile(r"[1-9][0-9]{0,77}")
 
 
@@ -55,8 +58,10 @@ class SpendPolicy:
     max_timeout_s: int = MAX_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        if type(self.max_timeout_s) is not int or not 0 < self.max_timeout_s <= 86_400:
-            raise ValueError("max_timeout_s must be an int of seconds in 1..86400")
+        if type(self.max_timeout_s) is not int or not MIN_TIMEOUT_S <= self.max_timeout_s <= 86_400:
+            # shorter than a server's settle margin (Drip's default 30 s), every payment
+            # would be refused after signing, and each would still count in the budget
+            raise ValueError(f"max_timeout_s must be an int of seconds in {MIN_TIMEOUT_S}..86400")
 
     @classmethod
     def of(
