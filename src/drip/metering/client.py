@@ -377,11 +377,12 @@ class _Base:
             done()
 
     def retire(self, then: Callable[[], object]) -> None:
-        """Close once no call is in flight (now, if none is), then call ``then``."""
+        """Close once no call is in flight (now, if none is), then call ``then``. A call
+        that fetched the client just before its retirement reopens it on use: it is
+        closed again when that call ends."""
         with self._open_lock:
             idle = self._calls == 0
-            if not idle:
-                self._retired = then
+            self._retired = then
         if idle:
             self.close()
             then()
