@@ -207,3 +207,61 @@ def test_a_printed_config_masks_a_password_given_as_a_parameter() -> None:
                 "postgresql:///drip?user=drip&password=s3cret&sslmode=require"):  # fmt: skip
         config = DripConfig(database_url=url)
         assert "s3cret" not in repr(config) and "password=***" in repr(config)
+
+
+def test_a_call_starting_while_its_client_is_retired_runs_on_a_ledger_that_stays_open(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configure() decided the old client was idle, then closed its ledger a moment
+    later; a call that counted itself in between took its hold on that ledger and
+    failed with StoreError after its work ran. The ledger is now let go of in the same
+    step as the count is read: such a call opens a fresh one."""
+    module = importlib.import_module("drip.metering.meter")
+    saved = module._default_client
+    module._default_client = None
+    try:
+        first = module.configure(DripConfig(database_url=f"sqlite:///{tmp_path}/d.db"))
+        first.sync.provision_user("u", initial_balance="10")
+        closing, running, closed = threading.Event(), threading.Event(), threading.Event()
+
+        def slowly(real: Any) -> Any:
+            def slow(*args: Any) -> Any:  # preempted right after retire() decided
+                if closed.is_set():
+                    return real(*args)
+                closing.set()
+                running.wait(5)
+                try:
+                    return real(*args)
+                finally:
+                    closed.set()
+
+            return slow
+
+        # whichever way the retirement closes the ledger (close(), or letting go of it
+        # under the lock first), it is held up while the call runs
+        monkeypatch.setattr(first, "close", slowly(first.close))
+        if hasattr(first, "_close_detached"):
+            monkeypatch.setattr(first, "_close_detached", slowly(first._close_detached))
+        monkeypatch.setattr(module, "default_client", lambda: first)  # fetched before
+
+        @module.meter("0.1", "llm")
+        def call(user_id: str) -> int:
+            running.set()
+            closed.wait(5)
+            return 1
+
+        other = DripConfig(database_url=f"sqlite:///{tmp_path}/e.db")
+        retiring = threading.Thread(target=module.configure, args=(other,))
+        retiring.start()
+        closing.wait(5)
+        assert call(user_id="u") == 1
+        retiring.join(10)
+        assert last_charge() is not None and first._ledger is None
+        with DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/d.db")) as check:
+            assert check.sync.get_user("u")["balance_usdc"] == Decimal("9.9")
+    finally:
+        monkeypatch.undo()
+        if module._default_client is not None:
+            module._default_client.close()
+        module._close_retired()
+        module._default_client = saved

@@ -372,8 +372,11 @@ class _Base:
         with self._open_lock:
             self._calls -= 1
             done = self._retired if self._calls == 0 else None
+            # detached in the same step as the count is read: a call counting itself in
+            # right after opens a fresh ledger (closed in turn when it ends)
+            led = self._detach() if done is not None else None
         if done is not None:
-            self.close()
+            self._close_detached(led)
             done()
 
     def retire(self, then: Callable[[], object]) -> None:
@@ -383,20 +386,29 @@ class _Base:
         with self._open_lock:
             idle = self._calls == 0
             self._retired = then
+            led = self._detach() if idle else None
         if idle:
-            self.close()
+            self._close_detached(led)
             then()
+
+    def _detach(self) -> Ledger | None:
+        """Under ``_open_lock``: let go of the ledger (the next use opens another)."""
+        self._closed = True
+        self._revenue_ready = False
+        led, self._ledger = self._ledger, None
+        return led
+
+    def _close_detached(self, led: Ledger | None) -> None:
+        if led is not None and self._owns_ledger:
+            led.close()
 
     def close(self) -> None:
         """Close the ledger this client opened; using the client again opens it afresh
         (an app served twice). A ledger given to the client is the giver's to close:
         the client lets go of it, and using it afterwards raises ``ClientClosed``."""
         with self._open_lock:
-            self._closed = True
-            self._revenue_ready = False
-            led, self._ledger = self._ledger, None
-        if led is not None and self._owns_ledger:
-            led.close()
+            led = self._detach()
+        self._close_detached(led)
 
 
 @contextmanager
