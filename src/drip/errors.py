@@ -205,6 +205,15 @@ class DripInsufficientCredits(DripError):
 InsufficientFunds = DripInsufficientCredits
 
 
+class PayerRequired(DripError):
+    """The call names no payer (no session token, no user the provider recognises): a
+    402, but not a wallet short of credit (nothing to top up)."""
+
+    code = "payer_required"
+    type = "payment_required_error"
+    status = 402
+
+
 class SessionBudgetExhausted(DripInsufficientCredits):
     """The session's budget cannot cover the call (the wallet may still have funds)."""
 
@@ -248,6 +257,7 @@ class ClientClosed(StoreError):
 __all__ = [
     "AccountFrozen",
     "ClientClosed",
+    "PayerRequired",
     "AccountNotFound",
     "AlreadyExists",
     "AmountExceedsHold",

@@ -236,3 +236,13 @@ async def test_x402_a_response_without_a_body_message_is_sent_and_settled(
     assert dict(sent[0]["headers"])[b"x-drip-receipt"].startswith(b"x402:")
     rows = client.ledger.store.query("SELECT status FROM x402_payments")
     assert [tuple(r) for r in rows] == [("settled",)]
+
+
+def test_a_request_naming_no_payer_is_not_told_to_top_up(
+    client: DripClient, run_app: Callable[[object], str]
+) -> None:
+    url = run_app(DripMeter(api([]), client=client, routes={"/v1/*": price("v", "0.1")}))
+    with httpx.Client(base_url=url) as http:
+        r = http.get("/v1/x")
+    assert r.status_code == 402
+    assert r.json()["error"]["code"] == "payer_required"  # not insufficient_credits

@@ -265,3 +265,10 @@ def test_a_call_starting_while_its_client_is_retired_runs_on_a_ledger_that_stays
             module._default_client.close()
         module._close_retired()
         module._default_client = saved
+
+
+async def test_a_user_id_no_path_could_reach_is_refused(client: DripClient) -> None:
+    with pytest.raises(errors.InvalidId) as info:
+        await client.provision_user("team/a", initial_balance="1")
+    assert info.value.param == "user_id"
+    assert [u["user_id"] for u in await client.list_users()] == ["alice"]

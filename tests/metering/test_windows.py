@@ -290,3 +290,23 @@ async def test_retry_after_is_when_the_refused_call_fits(store_url: str) -> None
     finally:
         client.close()
         led.close()
+
+
+async def test_a_route_budget_too_small_is_a_402_even_when_a_window_is_full(
+    client: DripClient,
+) -> None:
+    """No wait cures a route budget the call does not fit: it used to be a 429 "retry
+    later" whenever the session's window was full too (the window is checked first)."""
+    session = await client.create_session(
+        "w", "default", "1",
+        policy={"windows": [{"per": "minute", "max_amount": "0.04"}],
+                "routes": {"llm_*": {"budget": "0.02"}}},
+    )  # fmt: skip
+    await meter(client, "search", "0.03")(session=session.id)
+    with pytest.raises(errors.SessionBudgetExhausted) as info:
+        await meter(client, "llm_x", "0.03")(session=session.id)
+    assert info.value.status == 402 and "llm_*" in info.value.message
+    with pytest.raises(errors.RateLimited):  # fits its route budget: the window decides
+        await meter(client, "llm_y", "0.015")(session=session.id)
+    state = client.sync.get_session(session.id)
+    assert (state["spent"], state["pending"]) == (30_000, 0)

@@ -279,3 +279,11 @@ def test_a_key_answered_by_an_older_process_beside_this_one_is_honoured(
         r = h.post("/v1/charges", json=body, headers={"Idempotency-Key": "k2"})
         assert r.status_code == 200 and r.json() == answer  # its answer, not a second charge
         assert h.get("/v1/wallets/eve").json()["available"]["atomic"] == 9_000_000
+
+
+def test_true_is_not_an_amount_and_says_so(server: Server) -> None:
+    with server.client(server.admin) as http:
+        http.post("/v1/wallets", json={"user_id": "alice"})
+        r = http.post("/v1/wallets/alice/topup", json={"amount": True},
+                      headers={"Idempotency-Key": "t"})  # fmt: skip
+    assert r.status_code == 422 and "true/false is not one" in r.json()["error"]["message"]

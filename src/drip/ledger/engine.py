@@ -384,6 +384,8 @@ class Engine:
                 rows = len(self.writes.new_transfers)
                 try:
                     result = self._transfer_one(spec)
+                except errors.RateLimited as exc:
+                    raise _ChainFailed(*self._worse_than_waiting(chain, index, exc)) from None
                 except errors.DripError as exc:
                     raise _ChainFailed(index, exc) from None
                 created.append(len(self.writes.new_transfers) > rows)
@@ -416,6 +418,22 @@ class Engine:
         finally:
             self._undo = None
         return done
+
+    def _worse_than_waiting(
+        self, chain: tuple[TransferSpec, ...], index: int, waited: errors.RateLimited
+    ) -> tuple[int, errors.DripError]:
+        """A rolling window refused leg ``index``: if a later leg would be refused for a
+        reason no wait cures (a route budget too small for the call), that is the answer,
+        not "retry later". The later legs are tried on the chain's own state, which its
+        failure undoes."""
+        for later in range(index + 1, len(chain)):
+            try:
+                self._transfer_one(chain[later])
+            except errors.RateLimited:
+                continue
+            except errors.DripError as exc:
+                return later, exc
+        return index, waited
 
     def _expire_chain_holds(self, chain: tuple[TransferSpec, ...]) -> None:
         """After a chain failed, the holds its legs resolve that are past their timeout

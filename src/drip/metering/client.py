@@ -75,6 +75,8 @@ def new_wallet_id(user_id: str) -> str:
     if isinstance(user_id, str) and len(user_id) > USER_ID_MAX:
         raise errors.InvalidId(f"user_id is longer than {USER_ID_MAX} characters",
                                param="user_id")  # fmt: skip
+    if isinstance(user_id, str) and "/" in user_id:  # no REST path could reach the wallet
+        raise errors.InvalidId("user_id may not contain '/'", param="user_id")
     return wallet_id(user_id)
 
 
@@ -311,10 +313,10 @@ class _Base:
                 )
             return wallet, caps, session_errors(info, event)
         if user_id is None:
-            raise errors.DripInsufficientCredits(
-                "payment required: send X-Drip-Session with a session token",
-                param="X-Drip-Session",
-            )
+            raise errors.PayerRequired(
+                "payment required: this request names no payer (send X-Drip-Session with a "
+                "session token)", param="X-Drip-Session",
+            )  # fmt: skip
         return wallet_id(user_id), [], user_errors(user_id, event)
 
     def get_session_now(self, session: str) -> dict[str, Any]:

@@ -28,7 +28,9 @@ def _exact_amount(value: object) -> object:
     """Amounts arrive as decimal strings, or whole USDC as JSON integers. A JSON number
     with a fraction is a binary float by the time it is parsed (``1.00000000000000001``
     reads as 1, ``90071992547.409921`` as ``...40993``), and ``true`` is not an amount."""
-    if isinstance(value, bool | float):
+    if isinstance(value, bool):
+        raise ValueError('amounts are decimal strings, e.g. "0.007": true/false is not one')
+    if isinstance(value, float):
         raise ValueError(
             'amounts are decimal strings, e.g. "0.007" (or whole USDC as an integer): '
             "a JSON number with a fraction is not exact"
