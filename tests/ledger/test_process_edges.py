@@ -375,3 +375,21 @@ def test_event_loops_that_used_the_ledger_are_not_kept(store_url: str) -> None:
         assert led.balance("w").posted == 10**9 - 20 * 5
     finally:
         led.close()
+
+
+def test_a_migration_that_fails_on_postgresql_is_a_store_error(postgres_url: str) -> None:
+    """A statement or lock timeout (or a lost connection) while migrating raised a raw
+    psycopg error from open_ledger; SQLite's is a StoreError, and so is this now. Here:
+    another session holds the migration lock past this one's lock_timeout."""
+    from urllib.parse import quote
+
+    from drip.ledger.postgres import _MIGRATION_LOCK_KEY
+
+    impatient = postgres_url.replace(quote("-csearch_path="),
+                                     quote("-clock_timeout=100 -csearch_path="))  # fmt: skip
+    assert impatient != postgres_url
+    with psycopg.connect(postgres_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+        with pytest.raises(errors.StoreError) as info:
+            open_ledger(impatient).close()
+    assert "cannot prepare PostgreSQL database" in info.value.message

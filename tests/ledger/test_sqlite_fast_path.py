@@ -9,6 +9,7 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -771,3 +772,59 @@ async def test_a_capture_with_a_fee_looks_nothing_up(tmp_path: Any) -> None:
         assert lookups == ["SELECT 1 FROM transfers WHERE id IN ('call-1') LIMIT 1"], lookups
     finally:
         led.close()
+
+
+def test_after_a_failed_commit_holds_are_answered_only_once_committed(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk: every window's commit fails. Holds answered before they committed
+    were rolled back call after call, each after its work ran (and went unbilled).
+    After one failed commit, holds wait for their own commit again, so a call fails
+    before it runs; once a commit succeeds, windows come back."""
+    from drip import DripClient, DripConfig
+    from drip.ledger.sqlite import SqliteStore
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/full.db"))
+    client.sync.provision_user("u", initial_balance="10")
+    full = {"on": False}
+    real_commit = SqliteStore._commit
+
+    def commit(self: SqliteStore, cur: Any, window: Any) -> None:
+        if full["on"]:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(self, cur, window)
+
+    monkeypatch.setattr(SqliteStore, "_commit", commit)
+    ran = {"n": 0}
+
+    @client.meter(cost="0.01", event="work")
+    async def work(user_id: str) -> None:
+        ran["n"] += 1
+
+    async def calls(n: int) -> list[object]:
+        return [await _outcome(work(user_id="u")) for _ in range(n)]
+
+    try:
+        asyncio.run(calls(3))  # windows on: holds answered before their commit
+        before = ran["n"]
+        full["on"] = True
+        outcomes = asyncio.run(calls(20))
+        assert all(isinstance(o, errors.StoreError) for o in outcomes)
+        assert ran["n"] - before <= 1  # at most the call whose hold was in the window
+        full["on"] = False
+        assert asyncio.run(calls(5)) == [None] * 5
+        store = client.ledger.store
+        assert store._deferring  # type: ignore[attr-defined]
+        assert client.sync.get_user("u")["balance_usdc"] == Decimal("10") - Decimal(
+            "0.01") * (before + 5)  # fmt: skip
+        assert client.ledger.check_invariants().ok
+    finally:
+        client.close()
+
+
+async def _outcome(call: Any) -> object:
+    try:
+        await call
+    except Exception as exc:  # noqa: BLE001 - the test looks at which
+        return exc
+    return None

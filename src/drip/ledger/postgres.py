@@ -349,6 +349,14 @@ class PostgresStore(Store):
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         if self.inherited:
             raise errors.StoreError(FORKED)
+        try:
+            self._migrate(component, migrations)
+        except psycopg.Error as exc:  # a timeout, a lost connection: typed, as SQLite's
+            raise errors.StoreError(
+                f"cannot prepare PostgreSQL database: {_safe(exc, self.url)}"
+            ) from None
+
+    def _migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         with psycopg.connect(self.url, autocommit=False) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
             conn.execute(

@@ -188,6 +188,8 @@ class SqliteStore(Store):
         self._fast_seq: int | None = None
         #: the loop connection's open transaction, if a batch of holds left one open
         self._window: _Window | None = None
+        #: whether holds may be answered before they commit (off after a failed commit)
+        self._deferring = True
         #: taken by whoever runs or commits the window (the loop, or a thread settling it)
         self._window_mutex = threading.Lock()
         self._presence = _Presence(path)
@@ -314,6 +316,7 @@ class SqliteStore(Store):
                     self._abandon(cur, window)
                 except BaseException as exc:
                     if self._window is window and window is not None:  # not committed
+                        self._deferring = False  # see _commit
                         self._abandon(cur, window)
                     if isinstance(exc, sqlite3.Error):
                         raise errors.StoreError(f"SQLite could not commit: {exc}") from exc
@@ -340,8 +343,8 @@ class SqliteStore(Store):
     ) -> list[list[Result]]:
         """The batch inside the open transaction; commits unless it may stay open."""
         results = None
-        defer = (may_defer and private_holds_only(ops) and window.roomy()
-                 and self._presence.alone())  # fmt: skip
+        defer = (may_defer and self._deferring and private_holds_only(ops)
+                 and window.roomy() and self._presence.alone())  # fmt: skip
         if window.version == self._fast_version:
             results = self._from_memory(
                 cur, window, ops, check_ids=defer or window.answered > 0, answered=defer
@@ -483,6 +486,10 @@ class SqliteStore(Store):
         cur.execute("COMMIT")
         # committed: nothing after this point may raise (the batch is done)
         self._window = None
+        # windows again: after a failed one (a full disk, an I/O error) holds are answered
+        # only once committed, so a fault that lasts fails each call before its work runs
+        # instead of rolling back holds already answered, call after call
+        self._deferring = True
         self._fast_version = window.version
         self._write_lock.release()
         self._since_checkpoint += 1
@@ -528,6 +535,7 @@ class SqliteStore(Store):
                 self._commit(cur, window)
             except BaseException as exc:
                 if self._window is window:  # not committed: undo it
+                    self._deferring = False  # see _commit
                     self._abandon(cur, window)
                 if isinstance(exc, sqlite3.Error | _Replay):
                     raise errors.StoreError(f"SQLite could not commit: {exc!r}") from exc
