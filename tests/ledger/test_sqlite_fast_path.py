@@ -828,3 +828,61 @@ async def _outcome(call: Any) -> object:
     except Exception as exc:  # noqa: BLE001 - the test looks at which
         return exc
     return None
+
+
+def test_a_capture_the_store_failed_is_tried_again_or_releases_its_hold(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commit faults that come and go: a call's hold committed, then its capture's commit
+    failed. The call ran unbilled and its hold reserved the user's funds until its
+    timeout. The capture is now tried once more, and if that fails too, the hold is
+    voided."""
+    from drip import DripClient, DripConfig
+    from drip.ledger.sqlite import SqliteStore
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/flap.db"))
+    client.sync.provision_user("u", initial_balance="10")
+    commits = {"n": 0, "every": 0}
+    real_commit = SqliteStore._commit
+
+    def commit(self: SqliteStore, cur: Any, window: Any) -> None:
+        commits["n"] += 1
+        if commits["every"] and commits["n"] % commits["every"] == 0:
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(self, cur, window)
+
+    monkeypatch.setattr(SqliteStore, "_commit", commit)
+
+    @client.meter(cost="0.01", event="work")
+    async def work(user_id: str) -> None:
+        return None
+
+    @client.meter(cost="0.01", event="work_sync")
+    def work_sync(user_id: str) -> None:
+        return None
+
+    async def calls(n: int) -> list[object]:
+        return [await _outcome(work(user_id="u")) for _ in range(n)]
+
+    try:
+        asyncio.run(calls(3))
+        for every in (2, 3):
+            commits["every"] = every
+            outcomes = asyncio.run(calls(30))
+            for _ in range(10):
+                outcomes.append(_outcome_sync(work_sync, "u"))
+            assert any(o is None for o in outcomes)
+        commits["every"] = 0
+        balance = client.ledger.balance("user:u")
+        assert balance.pending == 0  # nothing left reserving for a call that ran
+        assert client.ledger.check_invariants().ok
+    finally:
+        client.close()
+
+
+def _outcome_sync(fn: Any, user: str) -> object:
+    try:
+        fn(user_id=user)
+    except Exception as exc:  # noqa: BLE001 - the test looks at which
+        return exc
+    return None

@@ -301,6 +301,13 @@ def _late_caps(caps: list[Cap]) -> list[Cap]:
     return [Cap(c[0], c[1]) for c in caps]
 
 
+def _retrying(hold: Transfer, exc: errors.DripError) -> None:
+    """A capture the store failed (a commit refused: a full disk, a lost connection):
+    the call ran, so it is tried once more before it is given up (and its hold voided,
+    so a fault that comes and goes leaves no funds reserved for an unbilled call)."""
+    log.warning("capture of %s failed (%s); trying once more", hold.id, exc.code)
+
+
 def _late(hold: Transfer, exc: errors.DripError) -> None:
     log.warning(
         "hold %s expired before its capture (raise hold_timeout_s above the longest call); "
@@ -312,7 +319,18 @@ async def capture_async(led: Ledger, hold: Transfer, amount: int, caps: list[Cap
     """Capture ``amount`` of the hold. If the hold expired while the call ran, charge the
     amount afresh (it may be refused: then the call goes unbilled, and it is logged)."""
     try:
-        return await led.post(hold, amount, caps=caps)
+        try:
+            return await led.post(hold, amount, caps=caps)
+        except errors.StoreError as exc:
+            if isinstance(exc, errors.ClientClosed):
+                raise
+            _retrying(hold, exc)
+            try:  # the same id: if the first did land, this answers it as a replay
+                return await led.post(hold, amount, caps=caps)
+            except errors.StoreError:
+                with contextlib.suppress(errors.DripError):
+                    await led.void(hold, caps=caps)  # unbilled: at least not reserving
+                raise
     except errors.HoldExpired as exc:
         _late(hold, exc)
         if not amount:
@@ -327,7 +345,18 @@ async def capture_async(led: Ledger, hold: Transfer, amount: int, caps: list[Cap
 def capture_sync(led: SyncLedger, hold: Transfer, amount: int, caps: list[Cap]) -> Charge | None:
     """The blocking twin of :func:`capture_async`."""
     try:
-        return led.post(hold, amount, caps=caps)
+        try:
+            return led.post(hold, amount, caps=caps)
+        except errors.StoreError as exc:
+            if isinstance(exc, errors.ClientClosed):
+                raise
+            _retrying(hold, exc)
+            try:  # the same id: if the first did land, this answers it as a replay
+                return led.post(hold, amount, caps=caps)
+            except errors.StoreError:
+                with contextlib.suppress(errors.DripError):
+                    led.void(hold, caps=caps)  # unbilled: at least not reserving
+                raise
     except errors.HoldExpired as exc:
         _late(hold, exc)
         if not amount:
