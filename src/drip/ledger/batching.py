@@ -61,6 +61,24 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_forked_child)
 
 
+class LoopBound:
+    """A per-event-loop batcher's hold on its loop: weak, since the batcher is the value
+    of its store's dictionary keyed weakly by that loop (a strong reference would keep
+    every loop, and batcher, that ever used the store)."""
+
+    _loop: weakref.ref[asyncio.AbstractEventLoop]
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop()
+        if loop is None:  # pragma: no cover - a loop that is gone runs no code
+            raise errors.StoreError("the event loop of this batch is gone")
+        return loop
+
+
 class _Item:
     __slots__ = ("future", "loop", "op")
 

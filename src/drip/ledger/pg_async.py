@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from drip import errors
-from drip.ledger.batching import answer, drop_orphans, fail, hand_off_cancelled
+from drip.ledger.batching import LoopBound, answer, drop_orphans, fail, hand_off_cancelled
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
 from drip.ledger.types import BATCH_OPS_MAX
@@ -29,26 +28,18 @@ if TYPE_CHECKING:
     from drip.ledger.postgres import PostgresStore
 
 
-class LoopBatcher:
+class LoopBatcher(LoopBound):
     """One event loop's batches: applied on the loop, sent on its own connection."""
 
     def __init__(self, store: PostgresStore, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
-        #: weakly (see the SQLite twin): its connection is closed when the loop is gone
-        self._loop = weakref.ref(loop)
-        weakref.finalize(loop, self.close)
+        self.bind(loop)
+        weakref.finalize(loop, self.close)  # its connection closes when the loop is gone
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.running = False
         self.conn: psycopg.AsyncConnection[Any] | None = None
         #: batches run in a context of their own, not the first submitter's
         self.context = contextvars.Context()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop()
-        if loop is None:  # pragma: no cover - a loop that is gone runs no code
-            raise errors.StoreError("the event loop of this batch is gone")
-        return loop
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()

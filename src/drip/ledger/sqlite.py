@@ -40,7 +40,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from drip import errors
-from drip.ledger.batching import FORKED, answer, drop_orphans, fail, on_fork_in_child
+from drip.ledger.batching import (
+    FORKED,
+    LoopBound,
+    answer,
+    drop_orphans,
+    fail,
+    on_fork_in_child,
+)
 from drip.ledger.engine import Engine, Op, Result, Writes, private_holds_only
 from drip.ledger.rowcache import RowCache, apply_remembered
 from drip.ledger.store import (
@@ -942,26 +949,17 @@ class _Window:
         return writes
 
 
-class _LoopBatcher:
+class _LoopBatcher(LoopBound):
     """Coalesces the operations one event loop submits during one turn into one batch."""
 
     def __init__(self, store: SqliteStore, loop: asyncio.AbstractEventLoop) -> None:
         self.store = store
-        #: weakly: the batcher is the value of the store's loop-keyed weak dictionary, so
-        #: a strong reference would keep every loop (and batcher) that ever used the store
-        self._loop = weakref.ref(loop)
+        self.bind(loop)
         self.pending: list[tuple[Op, asyncio.Future[list[Result]]]] = []
         self.scheduled = False
         #: batches run in a context of their own, not the first submitter's (whose
         #: variables, such as a request id in the logs, are not the batch's)
         self.context = contextvars.Context()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop()
-        if loop is None:  # pragma: no cover - a loop that is gone runs no code
-            raise errors.StoreError("the event loop of this batch is gone")
-        return loop
 
     def submit(self, op: Op) -> asyncio.Future[list[Result]]:
         future: asyncio.Future[list[Result]] = self.loop.create_future()

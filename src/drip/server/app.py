@@ -311,15 +311,12 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         this one): its stored answer, and whether it was used at all (a record, a
         transfer or a checkout), so a retry runs under the old id. A few indexed
         lookups, for new keys only."""
-        found = responses.find(key_id, idem_key, method, path, digest)
-        if found is not None:
+        found, recorded = responses.lookup(key_id, idem_key, method, path, digest)
+        if recorded:
             return found, True
         legacy_id = f"idem:{key_id}:{idem_key}"
-        record = store.query(
-            "SELECT 1 FROM http_idempotency WHERE key_id = ? AND idem_key = ?", (key_id, idem_key)
-        )
-        used = bool(record) or store.get_transfer(legacy_id) is not None
-        return None, used or checkouts.exists_for(legacy_id)
+        used = store.get_transfer(legacy_id) is not None or checkouts.exists_for(legacy_id)
+        return None, used
 
     registry = CollectorRegistry()
     requests_total = Counter(

@@ -98,14 +98,24 @@ class Responses:
     ) -> tuple[int, Any] | None:
         """The stored response of this key, None if there is none; 409 if the key was used
         for another request, or if its first request is still running."""
+        return self.lookup(key_id, idem_key, method, path, digest)[0]
+
+    def lookup(
+        self, key_id: str, idem_key: str, method: str, path: str, digest: str
+    ) -> tuple[tuple[int, Any] | None, bool]:
+        """As ``find``, and whether the key has a record at all (answered or not)."""
         rows = self.store.query(
             "SELECT method, path, body_sha256, status, response, created_us "
             "FROM http_idempotency WHERE key_id = ? AND idem_key = ?",
             (key_id, idem_key),
         )
         if not rows:
-            return None
-        r_method, r_path, r_digest, status, response, claimed_us = rows[0]
+            return None, False
+        return self._answer(rows[0], method, path, digest), True
+
+    @staticmethod
+    def _answer(row: Any, method: str, path: str, digest: str) -> tuple[int, Any] | None:
+        r_method, r_path, r_digest, status, response, claimed_us = row
         if (r_method, r_path, r_digest) != (method, path, digest):
             raise IdempotencyConflictHttp(
                 "this Idempotency-Key was already used with a different request",
