@@ -13,7 +13,12 @@ PostgreSQL schema, dropped at the end). Per store it measures, time-boxed:
   of each hold+capture pair (the clean latency: nothing else is queued);
 * metered calls per second from 8 asyncio tasks on ONE hot wallet, same event loop;
 * the store's raw insert rate: single-row INSERTs of ledger-shaped rows in one
-  transaction into a scratch copy of the ``transfers`` table (same columns, indexes).
+  transaction into a scratch copy of the ``transfers`` table (same columns, indexes);
+* (SQLite) the ceiling of the journal's design: 8 tasks making metered calls through
+  the same event-loop hand-offs, with the SQL the store sends for them and no ledger
+  logic at all (no checks, no objects, no memory of rows). No implementation of this
+  journal in Python on this machine goes faster; what the ceiling leaves above a
+  target's rate is all the time the ledger's own logic may take.
 
 It then checks the ledger's invariants and the hot wallet's balance, and fails loudly
 (exit status 1) if either is wrong. See bench/README.md for what each metric means.
@@ -41,6 +46,7 @@ from urllib.parse import quote
 from drip import errors
 from drip.ledger import Ledger, TransferFlags, open_ledger
 from drip.ledger.schema import LEDGER_MIGRATIONS
+from drip.ledger.sqlite import INSERT_ROWS_MAX
 from drip.ledger.store import TRANSFER_INSERT_COLUMNS
 from drip.metering.client import new_call_id
 
@@ -64,14 +70,12 @@ _PENDING = int(TransferFlags.PENDING)
 _POST = int(TransferFlags.POST_PENDING)
 
 
-def _raw_ddl(dialect: str) -> str:
-    """The ledger's own ``transfers`` table and indexes (every migration), renamed to
-    ``bench_raw_transfers``: the raw insert reference pays for the same indexes."""
+def _raw_ddl(dialect: str, table: str = "transfers", prefix: str = "bench_raw_") -> str:
+    """The ledger's own ``table`` and its indexes (every migration), renamed to
+    ``<prefix><table>``: the raw insert reference pays for the same indexes."""
     script = ";".join(getattr(m, dialect) for m in LEDGER_MIGRATIONS)
-    statements = [
-        st for st in script.split(";") if re.search(r"\btransfers\b", st.split("(", 1)[0])
-    ]
-    renamed = [re.sub(r"\btransfers(_\w+)?\b", r"bench_raw_transfers\1", st) for st in statements]
+    statements = [st for st in script.split(";") if re.search(rf"\b{table}\b", st.split("(", 1)[0])]
+    renamed = [re.sub(rf"\b{table}(_\w+)?\b", rf"{prefix}{table}\1", st) for st in statements]
     return ";\n".join(renamed) + ";"
 
 
@@ -348,6 +352,140 @@ def _raw_metrics(store: str, rows: int, elapsed: float, metrics: list[Metric]) -
     return raw
 
 
+# --- the design's ceiling (SQLite) ----------------------------------------------------
+
+
+_CEILING_TRANSFERS = "bench_ceiling_transfers"
+_CEILING_ACCOUNTS = "bench_ceiling_accounts"
+
+
+class _BareSqlBatcher:
+    """What the SQLite store does for a window of metered calls, without the ledger: a
+    batch of holds (one turn of the loop) opens the window (``BEGIN IMMEDIATE``, ``PRAGMA
+    data_version``) and checks its ids are new; a batch of captures writes every row of
+    the window (each hold's row carrying its resolution, each capture's row), updates the
+    two accounts and commits. Callers are answered as the store answers them."""
+
+    def __init__(self, conn: sqlite3.Connection, run: str, *, one_row: bool = False) -> None:
+        self.conn = conn
+        self.run = run
+        #: write only the hold's row (carrying its capture), as a journal keeping a hold
+        #: and its capture in one row would
+        self.one_row = one_row
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[tuple[str, asyncio.Future[int]]] = []
+        self.scheduled = False
+        self.window: list[tuple[Any, ...]] = []
+        self.seq = 0
+        self.counters = [0, 0]
+
+    def submit(self, kind: str) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = self.loop.create_future()
+        self.pending.append((kind, future))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._first_turn)
+        return future
+
+    def _first_turn(self) -> None:  # as the store's loop batcher: one more turn to grow
+        self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        batch, self.pending, self.scheduled = self.pending, [], False
+        cur = self.conn.cursor()
+        holds = [f for kind, f in batch if kind == "hold"]
+        posts = [f for kind, f in batch if kind == "post"]
+        ts = time.time_ns() // 1000
+        if holds:
+            if not self.window:
+                cur.execute("BEGIN IMMEDIATE")
+                cur.execute("PRAGMA data_version").fetchone()
+            ids = []
+            for _ in holds:
+                self.seq += 2
+                hold_id = f"{self.run}-ceil-{self.seq}"
+                ids.append(hold_id)
+                self.window.append((
+                    hold_id, f"{self.run}-wallet", f"{self.run}-revenue", HOLD_AMOUNT,
+                    "search", _PENDING, None, HOLD_TIMEOUT_S, None, ts,
+                    ts + HOLD_TIMEOUT_S * 1_000_000, 1, CAPTURE_AMOUNT, f"{hold_id}~post",
+                    self.seq - 1,
+                ))  # fmt: skip
+                if self.one_row:
+                    continue
+                self.window.append((
+                    f"{hold_id}~post", f"{self.run}-wallet", f"{self.run}-revenue",
+                    CAPTURE_AMOUNT, "search", _POST, hold_id, 0, None, ts, None, None, None,
+                    None, self.seq,
+                ))  # fmt: skip
+            marks = ",".join("?" * len(ids))
+            cur.execute(f"SELECT 1 FROM {_CEILING_TRANSFERS} WHERE id IN ({marks}) LIMIT 1", ids)
+            cur.fetchone()
+        if posts and self.window:
+            rows, self.window = self.window, []
+            for start in range(0, len(rows), INSERT_ROWS_MAX):
+                chunk = rows[start : start + INSERT_ROWS_MAX]
+                marks = ",".join([f"({','.join('?' * 15)})"] * len(chunk))
+                cur.execute(f"INSERT INTO {_CEILING_TRANSFERS} ({_RAW_COLUMNS}, seq) "
+                            f"VALUES {marks}", [v for row in chunk for v in row])  # fmt: skip
+            self.counters[0] += CAPTURE_AMOUNT * len(posts)
+            cur.executemany(
+                f"UPDATE {_CEILING_ACCOUNTS} SET status = ?, debits_posted = ?, "
+                "credits_posted = ?, debits_pending = ?, credits_pending = ? WHERE id = ?",
+                [("open", self.counters[0], 0, 0, 0, f"{self.run}-wallet"),
+                 ("open", 0, self.counters[0], 0, 0, f"{self.run}-revenue")],
+            )  # fmt: skip
+            cur.execute("COMMIT")
+        for future in holds + posts:
+            future.set_result(0)
+
+
+async def _ceiling_calls(batcher: _BareSqlBatcher, deadline: float) -> int:
+    n = 0
+    clock = time.perf_counter
+    while clock() < deadline:
+        await batcher.submit("hold")
+        await batcher.submit("post")
+        n += 1
+    return n
+
+
+def _ceiling_sqlite(
+    path: str, run: str, seconds: float, *, one_row: bool = False
+) -> tuple[int, float]:
+    """Metered calls per second of the design's ceiling (see ``_BareSqlBatcher``), on a
+    scratch copy of the ledger's tables in the benchmark's file."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for pragma in ("busy_timeout=30000", "synchronous=NORMAL", "cache_size=-65536",
+                       "wal_autocheckpoint=0"):  # fmt: skip
+            conn.execute(f"PRAGMA {pragma}")
+        # a fresh copy of the journal (same columns and indexes) and of the two accounts
+        conn.execute(f"DROP TABLE IF EXISTS {_CEILING_TRANSFERS}")
+        conn.execute(f"DROP TABLE IF EXISTS {_CEILING_ACCOUNTS}")
+        for table in ("transfers", "accounts"):
+            conn.executescript(_raw_ddl("sqlite", table, "bench_ceiling_"))
+        conn.executemany(
+            f"INSERT INTO {_CEILING_ACCOUNTS} (id, kind, asset, flags, status, debits_posted, "
+            "credits_posted, debits_pending, credits_pending, created_us) "
+            "VALUES (?, ?, 'USDC', 0, 'open', 0, 0, 0, 0, 0)",
+            [(f"{run}-wallet", "wallet"), (f"{run}-revenue", "revenue")],
+        )
+
+        async def go() -> tuple[int, float]:
+            batcher = _BareSqlBatcher(conn, run, one_row=one_row)
+            start = time.perf_counter()
+            deadline = start + seconds
+            counts = await asyncio.gather(
+                *(_ceiling_calls(batcher, deadline) for _ in range(WORKERS))
+            )
+            return sum(counts), time.perf_counter() - start
+
+        return asyncio.run(go())
+    finally:
+        conn.close()
+
+
 # --- the stores ------------------------------------------------------------------------
 
 
@@ -357,9 +495,26 @@ def bench_sqlite(run: str, seconds: float, warmup_s: float) -> StoreResult:
         metrics, notes = asyncio.run(
             _bench_ledger(f"sqlite:///{path}", "sqlite", run, seconds, warmup_s)
         )
+        ceiling_calls, ceiling_elapsed = _ceiling_sqlite(path, run, seconds)
+        one_row_calls, one_row_elapsed = _ceiling_sqlite(path, run, seconds, one_row=True)
         rows, elapsed = _raw_insert_sqlite(path, run, seconds)
     metrics.append(_raw_metrics("sqlite", rows, elapsed, metrics))
+    raw = metrics[-1].value
+    ceiling = ceiling_calls / ceiling_elapsed
+    metrics.append(Metric("sqlite.ceiling_calls_per_s.concurrent", ceiling, "calls/s", raw,
+                          ceiling / raw))  # fmt: skip
+    one_row = one_row_calls / one_row_elapsed
+    metrics.append(Metric("sqlite.ceiling_calls_per_s.one_row", one_row, "calls/s", raw,
+                          one_row / raw))  # fmt: skip
     notes.append(f"raw insert: {rows:,} rows in one transaction in {elapsed:.2f} s")
+    notes.append(
+        f"ceiling: {ceiling_calls:,} calls by {WORKERS} tasks in {ceiling_elapsed:.2f} s with the "
+        "store's SQL and the event loop's hand-offs, no ledger logic"
+    )
+    notes.append(
+        f"ceiling of a journal writing one row per call (a hold and its capture as one "
+        f"row): {one_row_calls:,} calls in {one_row_elapsed:.2f} s"
+    )
     where = f"SQLite {sqlite3.sqlite_version}, WAL, synchronous=NORMAL, fresh file in a temp dir"
     return StoreResult("sqlite", where, metrics, notes)
 
@@ -441,6 +596,12 @@ def targets(results: list[StoreResult]) -> list[tuple[str, bool | None, str]]:
                 f"{ratio:.1%}",
             ),
             (
+                "  the ledger's logic per call (1/rate - 1/ceiling) vs what the ratio target "
+                "leaves it (1/(25% of raw) - 1/ceiling)",
+                None,
+                _logic_budget(sq, conc, ratio),
+            ),
+            (
                 f"SQLite hold+capture p99 < {TARGET_SQLITE_P99_MS:g} ms (sequential)",
                 p99 < TARGET_SQLITE_P99_MS,
                 f"{p99:.3f} ms",
@@ -459,6 +620,17 @@ def targets(results: list[StoreResult]) -> list[tuple[str, bool | None, str]]:
             )
         )
     return out
+
+
+def _logic_budget(sq: StoreResult, conc: float, ratio: float) -> str:
+    """What the ledger's own logic takes per concurrent call, and what the ratio target
+    leaves for it above the design's ceiling (negative: no logic at all would reach it)."""
+    if not any(m.metric == "sqlite.ceiling_calls_per_s.concurrent" for m in sq.metrics):
+        return "-"
+    ceiling_us = 1e6 / sq.value("ceiling_calls_per_s.concurrent")
+    target_us = 1e6 / (TARGET_SQLITE_RAW_RATIO * sq.value("raw_insert_per_s"))
+    return (f"{1e6 / conc - ceiling_us:.1f} us per call now; "
+            f"{target_us - ceiling_us:.1f} us left by the target")  # fmt: skip
 
 
 def _fmt(value: float | None, unit: str = "") -> str:
