@@ -12,6 +12,7 @@ that broke under its statement runs once more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -393,3 +394,85 @@ def test_a_migration_that_fails_on_postgresql_is_a_store_error(postgres_url: str
         with pytest.raises(errors.StoreError) as info:
             open_ledger(impatient).close()
     assert "cannot prepare PostgreSQL database" in info.value.message
+
+
+class _Forwarder:
+    """A TCP forwarder in front of PostgreSQL that can be cut, as an outage would: every
+    connection through it closes, and new ones are refused."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self._socket = socket
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.conns: list[Any] = []
+        self.cut_off = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # cut
+            upstream = self._socket.create_connection(("127.0.0.1", self.upstream))
+            with self.lock:  # a connection accepted just before the cut is cut too
+                self.conns += [client, upstream]
+                if self.cut_off:
+                    self._close(client, upstream)
+                    continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _close(self, *socks: Any) -> None:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(self._socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def cut(self) -> None:
+        with self.lock:
+            self.cut_off = True
+            self.listener.close()
+            self._close(*self.conns)
+
+
+def test_reads_fail_fast_while_the_server_is_unreachable(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the server gone, a read waits for a pooled connection for ``POOL_TIMEOUT_S``
+    and is then a StoreError (a 503), not a request held for the pool's default 30 s."""
+    from urllib.parse import urlsplit
+
+    from drip.ledger import postgres
+
+    monkeypatch.setattr(postgres, "POOL_TIMEOUT_S", 1.0)
+    port = urlsplit(postgres_url).port or 5432
+    forwarder = _Forwarder(port)
+    led = _funded(postgres_url.replace(f":{port}/", f":{forwarder.port}/", 1))
+    try:
+        assert led.get_transfer("fund") is not None
+        forwarder.cut()
+        start = time.monotonic()
+        with pytest.raises(errors.StoreError):
+            for _ in range(3):  # the first may still find a pooled connection, then break
+                led.get_transfer("fund")
+        assert time.monotonic() - start < 10
+    finally:
+        led.close()

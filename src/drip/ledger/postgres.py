@@ -53,6 +53,10 @@ BATCH_RETRIES_MAX = 8
 WRITERS = 1
 #: Longest wait for the server to answer a new connection (psycopg: whole seconds).
 CONNECT_TIMEOUT_S = 10
+#: Longest a read waits for a pooled connection: with the server down, a request fails
+#: (503) after this instead of hanging for the pool's default 30 s, each, while they pile
+#: up; the pool keeps reconnecting in the background and serves again once it can.
+POOL_TIMEOUT_S = 5.0
 _MIGRATION_LOCK_KEY = 0x44524950  # "DRIP"
 _RETRYABLE = (
     pg_errors.DeadlockDetected,
@@ -127,9 +131,16 @@ class PostgresStore(Store):
             # one plain connection first: a server that is down or refuses the login is a
             # clear error now, not a pool retrying (and logging) for 30 s
             psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
+            #: every connection's: a server that stops answering (a host gone, packets
+            #: dropped) fails a connect in seconds, not after the OS's TCP timeout
+            self._timeouts: dict[str, Any] = (
+                {} if "connect_timeout" in conninfo_to_dict(url)  # the operator's own
+                else {"connect_timeout": CONNECT_TIMEOUT_S}
+            )  # fmt: skip
             self._pool = ConnectionPool(
-                url, min_size=1, max_size=8, kwargs={"autocommit": True}, open=True, timeout=30
-            )
+                url, min_size=1, max_size=8, kwargs={"autocommit": True, **self._timeouts},
+                open=True, timeout=POOL_TIMEOUT_S,
+            )  # fmt: skip
             self._pool.wait(timeout=30)
         except (psycopg.Error, Exception) as exc:
             raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc, url)}") from exc
@@ -155,7 +166,7 @@ class PostgresStore(Store):
     def _writer(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.url, autocommit=False)
+            conn = psycopg.connect(self.url, autocommit=False, **self._timeouts)
             # every statement a writer runs finds its rows by id or through an index, and
             # psycopg prepares them: a plan made while a table is young (a sequential scan
             # is cheapest on a few pages) would be kept as the journal grows past millions
