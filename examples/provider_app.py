@@ -3,7 +3,8 @@
     python examples/provider_app.py              # serves on 127.0.0.1:8080 (SQLite)
 
 - ``GET /search``: 0.007 USDC per call.
-- ``GET /generate?n=20``: streamed, 0.001 USDC per token actually sent (at most 100).
+- ``GET /generate?n=20``: streamed, 0.001 USDC per token actually sent (``n`` at most
+  100, the price's ``max_units``: a larger ``n`` is a 422, uncharged).
 - ``GET /health``: free (not in the price table).
 Callers send ``X-Drip-Session: <token>`` from ``client.create_session(...)``.
 """
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from drip import DripClient, DripConfig
 from drip.asgi import DripMeter, price, report_units
 
 PROVIDER = "api.example.com"
+#: the most tokens one /generate call may ask for: the price's max_units (the hold)
+MAX_TOKENS = 100
 
 
 def build(database_url: str, *, token_delay_s: float = 0.0) -> tuple[DripMeter, DripClient, dict]:
@@ -33,7 +37,10 @@ def build(database_url: str, *, token_delay_s: float = 0.0) -> tuple[DripMeter, 
         return {"query": q, "results": [f"https://example.org/{q}/{i}" for i in range(3)]}
 
     @api.get("/generate")
-    async def generate(request: Request, n: int = 10) -> StreamingResponse:
+    async def generate(
+        request: Request, n: Annotated[int, Query(ge=0, le=MAX_TOKENS)] = 10
+    ) -> StreamingResponse:
+        # n is capped at max_units: units beyond it would be served but never billed
         ran["generate"] += 1
 
         async def tokens():  # type: ignore[no-untyped-def]
@@ -60,7 +67,7 @@ def build(database_url: str, *, token_delay_s: float = 0.0) -> tuple[DripMeter, 
         client=client,
         routes={
             "GET /search": price("search", "0.007"),
-            "GET /generate": price("tokens", per_unit="0.001", max_units=100),
+            "GET /generate": price("tokens", per_unit="0.001", max_units=MAX_TOKENS),
             "GET /broken": price("broken", "0.01"),
         },
     )

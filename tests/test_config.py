@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,24 @@ def test_a_drip_variable_that_is_no_setting_is_warned_about(
     warned = [r.getMessage() for r in caplog.records if r.name == "drip.config"]
     assert len(warned) == 1 and warned[0].startswith("DRIP_FEE_BSP is not a Drip setting")
     assert "DRIP_FEE_BPS" in warned[0]
+
+
+def test_an_unpadded_standard_webhooks_secret_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``standardwebhooks`` pads the base64 itself: a secret without ``=`` works there, so
+    Drip must not refuse it at startup."""
+    from standardwebhooks.webhooks import Webhook
+
+    monkeypatch.chdir(tmp_path)
+    key = b"k" * 32
+    unpadded = "whsec_" + base64.b64encode(key).decode().rstrip("=")
+    assert not unpadded.endswith("=") and Webhook(unpadded)._whsecret == key
+    config = DripConfig(webhook_secret=unpadded)
+    assert config.webhook_secret is not None
+    assert config.webhook_secret.get_secret_value() == unpadded
+    padded = "whsec_" + base64.b64encode(key).decode()
+    assert DripConfig(webhook_secret=padded).webhook_secret is not None
+    for bad in ("whsec_" + "A" * 41, "whsec_not base64!", "whsec_" + "QUFB" * 3):
+        with pytest.raises(ValidationError):  # not base64 at all, or too short a key
+            DripConfig(webhook_secret=bad)

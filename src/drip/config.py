@@ -78,6 +78,7 @@ class DripConfig(BaseSettings):
         if value is None:
             return None
         raw = value.get_secret_value().removeprefix("whsec_")
+        raw += "=" * (-len(raw) % 4)  # unpadded base64 is accepted, as the library does
         try:
             key = base64.b64decode(raw, validate=True)
         except ValueError:

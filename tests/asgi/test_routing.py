@@ -246,3 +246,29 @@ def test_a_request_naming_no_payer_is_not_told_to_top_up(
         r = http.get("/v1/x")
     assert r.status_code == 402
     assert r.json()["error"]["code"] == "payer_required"  # not insufficient_credits
+
+
+def test_x402_prices_a_route_under_the_apps_own_root_path(
+    client: DripClient, run_app: Callable[[object], str]
+) -> None:
+    """``FastAPI(root_path="/api")`` routes ``/api/search`` to ``/search`` inside its own
+    ``__call__``: X402Meter prices that path too, or the route would be served unpaid."""
+    from fastapi import FastAPI
+
+    ran: list[str] = []
+    inner = FastAPI(root_path="/api")
+
+    @inner.get("/search")
+    async def search() -> dict[str, bool]:
+        ran.append("search")
+        return {"ok": True}
+
+    app = X402Meter(inner, client=client, facilitator=Facilitator(), routes={
+        "GET /search": x402_price("search", "0.01", pay_to=PAY_TO, asset=ASSET,
+                                  network="eip155:31337")})  # fmt: skip
+    with httpx.Client(base_url=run_app(app)) as http:
+        for path in ("/search", "/api/search"):
+            r = http.get(path)
+            assert r.status_code == 402, (path, r.status_code, r.text)
+            assert r.json()["accepts"][0]["amount"] == "10000"
+    assert ran == []

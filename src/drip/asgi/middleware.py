@@ -3,19 +3,24 @@
 identify payer -> price -> hold -> run -> capture / void -> headers
 
 - The payer is the session in ``X-Drip-Session`` (or whatever ``payer=`` returns: a
-  user id). No payer, or a payer that cannot afford the route's maximum, gets a 402
-  with Drip's JSON error; the handler never runs.
+  user id, from state an authentication layer that runs first has set, never from a
+  header the client chooses). No payer, or a payer that cannot afford the route's
+  maximum, gets a 402 with Drip's JSON error; the handler never runs.
 - A route costs ``per_call`` plus ``per_unit`` times the units the handler reports
   (``report_units(scope, n)``, or ``request.state.drip_units = n`` in Starlette/FastAPI),
   at most ``max_units``. The hold is the maximum; the capture is the actual cost.
 - The response's start is held back only until its first body chunk. A complete
-  response (one chunk) is captured before it is sent, so it carries ``X-Drip-Charged``,
-  ``X-Drip-Balance`` and ``X-Drip-Receipt``. A streamed response is sent as it comes
+  response (one chunk, or a first chunk holding all of the ``content-length``, as
+  Starlette's ``BaseHTTPMiddleware`` re-sends one) is captured before it is sent, so it
+  carries ``X-Drip-Charged``, ``X-Drip-Balance`` (left out if it cannot be read) and
+  ``X-Drip-Receipt``. A streamed response is sent as it comes
   (with ``X-Drip-Receipt`` and ``X-Drip-Max-Charge``) and captured just before its last
   chunk is sent; if the client goes away first, what the handler reported is charged.
 - An error status (>= 400), a redirect (3xx, unless the price says ``charge_redirects``)
   or an exception before the response starts voids the hold.
-- The most specific price wins (exact keys before globs, then the longest glob). A
+- The most specific price wins (exact keys before globs, then the longest glob). A key
+  without a method does not price ``OPTIONS`` (CORS preflights). A path is priced with
+  the wrapped app's own ``root_path`` (``FastAPI(root_path=...)``) stripped too. A
   websocket on a priced path is refused at its handshake.
 Nothing here reads a body into memory.
 """
@@ -67,6 +72,29 @@ class Price:
     #: whether a 3xx answer is charged (by default a redirect delivers nothing: voided)
     charge_redirects: bool = False
 
+    def __post_init__(self) -> None:
+        """The rules ``price()`` applies, for a ``Price`` built directly: one the ledger
+        would refuse is a ``ConfigError`` at startup, not a 400 or a 500 on every call."""
+        event = self.event
+        try:
+            check_code(event, "event")
+        except errors.DripError as exc:
+            raise errors.ConfigError(f"Price({event!r}): {exc.message}") from None
+        for name in ("per_call", "per_unit", "max_units"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise errors.ConfigError(f"Price({event!r}): {name} must be an int >= 0 "
+                                         f"(atomic units), not {value!r}")  # fmt: skip
+        if type(self.charge_redirects) is not bool:
+            raise errors.ConfigError(f"Price({event!r}): charge_redirects must be a bool")
+        if self.per_unit and self.max_units <= 0:
+            raise errors.ConfigError(f"price({event!r}): per_unit needs max_units > 0")
+        if self.hold <= 0:
+            raise errors.ConfigError(f"price({event!r}) must cost something")
+        if self.hold > AMOUNT_ATOMIC_MAX:
+            raise errors.ConfigError(f"price({event!r}): the hold (per_call + per_unit * "
+                                     "max_units) is more than the ledger can hold")  # fmt: skip
+
     @property
     def hold(self) -> int:
         return self.per_call + self.per_unit * self.max_units
@@ -91,13 +119,8 @@ def price(
     unit = parse_amount(per_unit, param="per_unit") if per_unit is not None else 0
     if unit and (not isinstance(max_units, int) or max_units <= 0):
         raise errors.ConfigError(f"price({event!r}): per_unit needs max_units > 0")
-    result = Price(event, fixed, unit, max_units if unit else 0, bool(charge_redirects))
-    if result.hold <= 0:
-        raise errors.ConfigError(f"price({event!r}) must cost something")
-    if result.hold > AMOUNT_ATOMIC_MAX:
-        raise errors.ConfigError(f"price({event!r}): the hold (per_call + per_unit * "
-                                 "max_units) is more than the ledger can hold")  # fmt: skip
-    return result
+    # Price checks the rest (it costs something, the ledger can hold it)
+    return Price(event, fixed, unit, max_units if unit else 0, bool(charge_redirects))
 
 
 def report_units(scope: Scope, units: int) -> None:
@@ -113,9 +136,15 @@ class RouteTable(Generic[V]):
     The most specific key wins, whatever the table's order: an exact key for any path the
     request is priced under (see ``scope_paths``) and any of its methods, before any glob;
     among globs, the one with the most literal characters (then the one naming a method).
+    A key without a method does not price ``OPTIONS`` (CORS preflights carry no payer):
+    only a key naming ``OPTIONS`` does. ``app`` is the wrapped app: a ``root_path`` it sets
+    itself is stripped too (see ``app_root_paths``).
     """
 
-    def __init__(self, table: Mapping[str, V], kind: type[V], made_by: str) -> None:
+    def __init__(
+        self, table: Mapping[str, V], kind: type[V], made_by: str, *, app: object = None
+    ) -> None:
+        self.app = app
         self.exact: dict[tuple[str, str], V] = {}
         self.patterns: list[tuple[str, str, V]] = []
         for key, value in table.items():
@@ -140,24 +169,26 @@ class RouteTable(Generic[V]):
 
     def find(self, method: str, paths: tuple[str, ...]) -> V | None:
         methods = request_methods(method)
+        any_method = "OPTIONS" not in methods  # "/path" means any method but OPTIONS
         for path in paths:
             for m in methods:
                 found = self.exact.get((m, path))
                 if found is not None:
                     return found
-            found = self.exact.get(("*", path))
+            found = self.exact.get(("*", path)) if any_method else None
             if found is not None:
                 return found
         for m, pattern, value in self.patterns:
-            if m != "*" and m not in methods:
+            if (m == "*" and not any_method) or (m != "*" and m not in methods):
                 continue
             if any(fnmatch.fnmatchcase(path, pattern) for path in paths):
                 return value
         return None
 
     def for_scope(self, scope: Scope) -> V | None:
+        roots = app_root_paths(self.app) if self.app is not None else ()
         # a websocket handshake is a GET
-        return self.find(str(scope.get("method") or "GET"), scope_paths(scope))
+        return self.find(str(scope.get("method") or "GET"), scope_paths(scope, roots))
 
 
 def _literal_chars(pattern: str) -> int:
@@ -171,23 +202,50 @@ def request_methods(method: str) -> tuple[str, ...]:
     return (method, "GET") if method == "HEAD" else (method,)
 
 
-def scope_paths(scope: Scope) -> tuple[str, ...]:
-    """The paths a request is priced under, in order: the one the app routes on (without
-    a Mount's or proxy's prefix), then the full path (price tables written with it)."""
-    return tuple(dict.fromkeys((route_path(scope), str(scope["path"]))))
+def scope_paths(scope: Scope, app_roots: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The paths a request is priced under, most specific first: the path without a
+    ``root_path`` the wrapped app sets itself (``app_roots``: it routes on that), the one
+    the app routes on (without a Mount's or proxy's prefix), then the full path (price
+    tables written with it)."""
+    path = str(scope["path"])
+    stripped = (strip_root(path, root) for root in app_roots)
+    return tuple(dict.fromkeys((*stripped, route_path(scope), path)))
 
 
 def route_path(scope: Scope) -> str:
     """The path the app routes on: ``path`` without the ``root_path`` prefix (a proxy's
     prefix, or a ``Mount``: servers and Starlette put it in both), as Starlette does."""
-    path = str(scope["path"])
-    root = str(scope.get("root_path") or "")
+    return strip_root(str(scope["path"]), str(scope.get("root_path") or ""))
+
+
+def strip_root(path: str, root: str) -> str:
+    """``path`` without the prefix ``root``, as Starlette's routing strips it."""
     if not root or not path.startswith(root):
         return path
     rest = path[len(root) :]
     if not rest:
         return "/"
     return rest if rest.startswith("/") else path
+
+
+#: how many ``.app`` links ``app_root_paths`` follows
+APP_CHAIN_MAX = 16
+
+
+def app_root_paths(app: object) -> tuple[str, ...]:
+    """The ``root_path`` attributes of the wrapped app and of the apps it wraps (``.app``),
+    innermost first: ``FastAPI(root_path="/api")`` puts its own in the scope inside its
+    ``__call__``, after the middleware priced the request, and routes without it (the
+    innermost app that sets one has the last word)."""
+    roots: list[str] = []
+    for _ in range(APP_CHAIN_MAX):
+        root = getattr(app, "root_path", None)
+        if isinstance(root, str) and root and root not in roots:
+            roots.append(root)
+        app = getattr(app, "app", None)
+        if app is None:
+            break
+    return tuple(reversed(roots))
 
 
 def _whole_units(value: object) -> int | None:
@@ -201,6 +259,16 @@ def _whole_units(value: object) -> int | None:
         return None
     whole = int(value)
     return whole if whole == value and whole >= 0 else None
+
+
+def _whole_body(start: Message, message: Message) -> bool:
+    """Whether a body chunk is the whole body the start's ``content-length`` announces."""
+    for key, value in start.get("headers", ()):
+        if bytes(key).lower() == b"content-length":
+            text = bytes(value).decode("latin-1").strip()
+            body = message.get("body") or b""
+            return text.isascii() and text.isdigit() and int(text) == len(body)
+    return False
 
 
 def _error_body(exc: errors.DripError) -> bytes:
@@ -221,7 +289,7 @@ class DripMeter:
     ) -> None:
         self.app = app
         self.client = client
-        self.routes = RouteTable(routes, Price, "drip.asgi.price(...)")
+        self.routes = RouteTable(routes, Price, "drip.asgi.price(...)", app=app)
         self.payer = payer
         #: extra headers for a 402 refusal (``X402Meter`` adds ``PAYMENT-REQUIRED``)
         self.on_402 = on_402
@@ -355,6 +423,11 @@ class _MeteredCall:
                 more = kind != "http.response.pathsend" and bool(message.get("more_body"))
                 if self.start is not None:
                     start, self.start = self.start, None
+                    if more and kind == "http.response.body" and _whole_body(start, message):
+                        # a complete response re-sent as a stream (Starlette's
+                        # BaseHTTPMiddleware: the body, then an empty last chunk): captured
+                        # before it is sent; the empty chunk then passes as it is
+                        more = False
                     await send(await self._headers(start, more=more))
                 elif self.streaming and not more and not self.settled:
                     # the stream's end: capture first, so the receipt exists when it arrives
@@ -394,10 +467,17 @@ class _MeteredCall:
             headers.append((b"x-drip-charged", b"0"))
         elif not more:
             charge = await self.capture()
-            headers += [
-                (b"x-drip-charged", format_plain(charge.amount if charge else 0).encode()),
-                (b"x-drip-balance", format_plain(await self._balance()).encode()),
-            ]
+            headers.append(
+                (b"x-drip-charged", format_plain(charge.amount if charge else 0).encode())
+            )
+            try:
+                balance = await self._balance()
+            except errors.DripError:
+                # the call is captured: answer it (a 500 would invite a paid retry)
+                log.exception("route %r: the balance after the capture could not be read; "
+                              "X-Drip-Balance left out", self.route.event)  # fmt: skip
+            else:
+                headers.append((b"x-drip-balance", format_plain(balance).encode()))
             if charge is not None:
                 headers.append((b"x-drip-receipt", charge.id.encode()))
         else:

@@ -202,7 +202,7 @@ class X402Meter:
         self.facilitator = facilitator
         self.routes = dict(routes)
         #: priced as ``DripMeter`` prices: the most specific key wins, globs allowed
-        self.table = RouteTable(self.routes, X402Price, "drip.x402.x402_price(...)")
+        self.table = RouteTable(self.routes, X402Price, "drip.x402.x402_price(...)", app=app)
         self.sessions = (
             DripMeter(app, client=client, routes=sessions, payer=payer, on_402=self._offer)
             if sessions
