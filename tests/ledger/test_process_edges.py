@@ -476,3 +476,34 @@ def test_reads_fail_fast_while_the_server_is_unreachable(
         assert time.monotonic() - start < 10
     finally:
         led.close()
+
+
+def test_every_connection_times_out_a_silent_server(postgres_url: str) -> None:
+    """Pool, writer and event-loop connections carry TCP timeouts (a server gone silent
+    fails a statement in seconds, not after the OS's ~15 min), except where the DSN sets
+    its own."""
+    own = f"{postgres_url}&connect_timeout=3"
+    led = open_ledger(own)
+    try:
+        store = led.store
+        writer = store._writer().info.get_parameters()  # type: ignore[attr-defined]
+        with store._pooled() as pooled:  # type: ignore[attr-defined]
+            reader = pooled.info.get_parameters()
+
+        async def loop_conn() -> dict[str, str]:
+            from drip.ledger.pg_async import LoopBatcher
+
+            batcher = LoopBatcher(store, asyncio.get_running_loop())  # type: ignore[arg-type]
+            conn = await batcher._connection()
+            try:
+                return dict(conn.info.get_parameters())
+            finally:
+                await conn.close()
+
+        looped = asyncio.run(loop_conn())
+        for params in (writer, reader, looped):
+            assert params["tcp_user_timeout"] == "15000"
+            assert params["keepalives"] == "1"
+            assert params["connect_timeout"] == "3"  # the DSN's own
+    finally:
+        led.close()

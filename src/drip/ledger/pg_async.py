@@ -112,7 +112,9 @@ class LoopBatcher(LoopBound):
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         if self.conn is None or self.conn.closed:
-            conn = await psycopg.AsyncConnection.connect(self.store.url, autocommit=True)
+            conn = await psycopg.AsyncConnection.connect(
+                self.store.url, autocommit=True, **self.store.timeouts
+            )
             await conn.execute("SET enable_seqscan = off")  # see PostgresStore._writer
             self.conn = conn
         return self.conn

@@ -53,6 +53,19 @@ BATCH_RETRIES_MAX = 8
 WRITERS = 1
 #: Longest wait for the server to answer a new connection (psycopg: whole seconds).
 CONNECT_TIMEOUT_S = 10
+#: TCP settings of every connection unless the DSN sets its own: a server that goes
+#: silent under an open connection (a host gone, packets dropped) fails the statement in
+#: about 15 s (unacknowledged data, or keepalive probes unanswered), not after the OS's
+#: retransmission timeout (about 15 minutes on Linux) with every writer of the process
+#: blocked behind it.
+_TCP_TIMEOUTS: dict[str, int] = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 5,
+    "tcp_user_timeout": 15_000,
+}
 #: Longest a read waits for a pooled connection: with the server down, a request fails
 #: (503) after this instead of hanging for the pool's default 30 s, each, while they pile
 #: up; the pool keeps reconnecting in the background and serves again once it can.
@@ -131,14 +144,13 @@ class PostgresStore(Store):
             # one plain connection first: a server that is down or refuses the login is a
             # clear error now, not a pool retrying (and logging) for 30 s
             psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
-            #: every connection's: a server that stops answering (a host gone, packets
-            #: dropped) fails a connect in seconds, not after the OS's TCP timeout
-            self._timeouts: dict[str, Any] = (
-                {} if "connect_timeout" in conninfo_to_dict(url)  # the operator's own
-                else {"connect_timeout": CONNECT_TIMEOUT_S}
-            )  # fmt: skip
+            #: every connection's (``_TCP_TIMEOUTS``), but for what the DSN sets itself
+            given = conninfo_to_dict(url)
+            self.timeouts: dict[str, Any] = {
+                k: v for k, v in _TCP_TIMEOUTS.items() if k not in given
+            }
             self._pool = ConnectionPool(
-                url, min_size=1, max_size=8, kwargs={"autocommit": True, **self._timeouts},
+                url, min_size=1, max_size=8, kwargs={"autocommit": True, **self.timeouts},
                 open=True, timeout=POOL_TIMEOUT_S,
             )  # fmt: skip
             self._pool.wait(timeout=30)
@@ -166,7 +178,7 @@ class PostgresStore(Store):
     def _writer(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.url, autocommit=False, **self._timeouts)
+            conn = psycopg.connect(self.url, autocommit=False, **self.timeouts)
             # every statement a writer runs finds its rows by id or through an index, and
             # psycopg prepares them: a plan made while a table is young (a sequential scan
             # is cheapest on a few pages) would be kept as the journal grows past millions
