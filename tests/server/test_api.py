@@ -430,11 +430,12 @@ def test_amounts_are_exact_or_refused(server: Server) -> None:
             assert set(_error(r)) == {"type", "code", "message", "param"}
         assert http.get("/v1/wallets/exact").json()["available"]["atomic"] == 0
         assert http.get("/v1/wallets/exact2").status_code == 404
-        for i, amount in enumerate(("90071992547.409921", 3)):
+        # (below CREDIT_ATOMIC_MAX, 10^9 USDC: one credit adds no more)
+        for i, amount in enumerate(("900719925.474099", 3)):
             r = http.post("/v1/wallets/exact/topup", json={"amount": amount},
                           headers={"Idempotency-Key": f"exact-ok-{i}"})  # fmt: skip
             assert r.status_code == 200, r.text
-        assert http.get("/v1/wallets/exact").json()["available"]["atomic"] == 90071992550409921
+        assert http.get("/v1/wallets/exact").json()["available"]["atomic"] == 900719928474099
 
 
 def test_malformed_ids_and_urls_are_4xx_never_500(server: Server) -> None:

@@ -213,11 +213,13 @@ def _patterns(raw: object, name: str) -> tuple[str, ...] | None:
     if raw is None:
         return None
     if not isinstance(raw, Sequence) or isinstance(raw, str):
-        raise errors.InvalidRequest(f"policy.{name} must be a list of event patterns")
+        raise errors.InvalidRequest(f"policy.{name} must be a list of event patterns",
+                                    param=f"policy.{name}")  # fmt: skip
     out = []
     for item in raw:
         if not isinstance(item, str) or not 0 < len(item) <= 64:
-            raise errors.InvalidRequest(f"policy.{name} entries are strings of 1-64 characters")
+            raise errors.InvalidRequest(f"policy.{name} entries are strings of 1-64 characters",
+                                        param=f"policy.{name}")  # fmt: skip
         out.append(item)
     return tuple(out)
 

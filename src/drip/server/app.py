@@ -46,10 +46,12 @@ from drip import errors
 from drip.config import DripConfig
 from drip.ledger import AccountKind, Transfer, UsageRow, funding_account_id
 from drip.ledger.store import Store
+from drip.ledger.types import encode_metadata
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
+from drip.metering.sessions import EXPIRES_IN_S_MAX, session_specs
 from drip.money import format_plain, parse_amount, to_decimal
-from drip.server.charges import Amount, Live, Metadata
+from drip.server.charges import Amount, Live, Metadata, RequestBody
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.endpoints import add_routes as add_endpoint_routes
 from drip.server.idempotency import (
@@ -65,6 +67,7 @@ from drip.server.topups import (
     Checkouts,
     Payment,
     PaymentMismatch,
+    event_type,
     standard_payment,
     stripe_payment,
     verify_standard,
@@ -84,6 +87,16 @@ _POLICY_AMOUNTS = frozenset({"max_per_call", "max_amount", "budget"})
 _LEDGER_PARAMS = {"code": "event", "pending_id": "hold_id"}
 #: The query parameters of ``GET /v1/usage``.
 _USAGE_PARAMS = frozenset({"user_id", "event", "since_us", "until_us", "bucket_s", "format"})
+#: Most one credit may add, in atomic units (10^9 USDC): a top-up, a positive adjustment,
+#: a wallet's initial balance, a checkout. Every credit is drawn from the one funding
+#: account, whose debit counter is a signed 64-bit integer (about 9.2 * 10^12 USDC): a
+#: typo such as "9000000000000" would otherwise bring it near overflow, after which every
+#: top-up of every user fails.
+CREDIT_ATOMIC_MAX = 10**15
+#: Where a validation error's ``loc`` says the value came from: not part of its name.
+_LOCATIONS = frozenset({"body", "query", "header", "path", "cookie"})
+#: Ids a URL path cannot carry: clients and proxies normalise ``/v1/wallets/..`` away.
+_DOT_SEGMENTS = frozenset({".", ".."})
 #: Methods counted by name in the metrics; any other is "other" (labels stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 #: An incoming ``X-Request-ID`` is kept if it looks like one; otherwise one is made.
@@ -95,7 +108,7 @@ _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 log = logging.getLogger("drip.server")
 
 
-class WalletCreate(BaseModel):
+class WalletCreate(RequestBody):
     # no "/": the wallet's routes (/v1/wallets/{user_id}/...) could never reach it
     user_id: str = Field(min_length=1, max_length=150, pattern=r"^[^/]+$")
     email: str | None = Field(default=None, max_length=320)
@@ -103,11 +116,11 @@ class WalletCreate(BaseModel):
     metadata: Metadata = None
 
 
-class TopUp(BaseModel):
+class TopUp(RequestBody):
     amount: Amount
 
 
-class CheckoutCreate(BaseModel):
+class CheckoutCreate(RequestBody):
     user_id: str = Field(min_length=1, max_length=150)
     amount: Amount
 
@@ -129,15 +142,15 @@ def _no_fractions(value: Any, where: str = "policy") -> Any:
     return value
 
 
-class SessionCreate(BaseModel):
+class SessionCreate(RequestBody):
     user_id: str = Field(min_length=1, max_length=150)
     provider: str = Field(min_length=1, max_length=150)
     budget: Amount
-    expires_in_s: StrictInt | None = Field(default=None, gt=0)
+    expires_in_s: StrictInt | None = Field(default=None, gt=0, le=EXPIRES_IN_S_MAX)
     policy: Annotated[dict[str, Any] | None, AfterValidator(_no_fractions)] = None
 
 
-class Adjust(BaseModel):
+class Adjust(RequestBody):
     amount: Amount = Field(description="Signed: positive credits the wallet, negative debits it")
     reason: str = Field(min_length=1, max_length=200)
 
@@ -231,6 +244,29 @@ def _error_response(exc: errors.DripError) -> JSONResponse:
     if exc.status in (409, 429) and "retry_after_s" in exc.details:
         headers["Retry-After"] = str(exc.details["retry_after_s"])
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
+def credit_amount(value: object, param: str, *, allow_zero: bool = False) -> int:
+    """An amount credited to a wallet (from the funding account), in atomic units:
+    refused above ``CREDIT_ATOMIC_MAX``."""
+    units = parse_amount(value, allow_zero=allow_zero, param=param)
+    if units > CREDIT_ATOMIC_MAX:
+        raise errors.InvalidAmount(
+            f"{param} is above the most one credit may add ({format_plain(CREDIT_ATOMIC_MAX)} "
+            "USDC)", param=param,
+        )  # fmt: skip
+    return units
+
+
+def single_query_params(request: Request) -> None:
+    """A query parameter sent twice (``?user_id=A&user_id=B``) is refused: taking either
+    one silently would answer for a filter the client did not mean."""
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name in seen:
+            raise errors.InvalidRequest(f"query parameter {name!r} is sent more than once",
+                                        param=name)  # fmt: skip
+        seen.add(name)
 
 
 def session_json(state: dict[str, Any]) -> dict[str, Any]:
@@ -356,11 +392,27 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        found = list(exc.errors())
+        # a misspelled field ({"amout": ...}) is named first, before the missing one
+        found.sort(key=lambda e: e.get("type") != "extra_forbidden")
+        first = found[0] if found else {}
+
+        def name(e: Any) -> str | None:
+            loc = tuple(e.get("loc", ()))
+            if loc and loc[0] in _LOCATIONS:  # "query.bucket_s" is the client's "bucket_s"
+                loc = loc[1:]
+            return ".".join(str(p) for p in loc) or None
+
+        where = name(first)
+        message = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":  # its "loc" is a character position
             where = None
-        err = errors.InvalidRequest(str(first.get("msg", "invalid request")), param=where)
+        elif first.get("type") == "extra_forbidden":
+            missing = [name(e) for e in found if e.get("type") == "missing"]
+            message = f"unknown field {where!r}: this request has no such field" + (
+                f" (required: {', '.join(map(str, missing))})" if missing else ""
+            )
+        err = errors.InvalidRequest(message, param=where)
         body = err.to_dict()
         body["error"]["code"] = "validation_error"
         return JSONResponse(body, status_code=422)
@@ -497,6 +549,10 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         body: WalletCreate, key: Admin, request: Request, idem: IdemKey = None
     ) -> JSONResponse:
         """Provision a user's wallet. Idempotent by user id; the key is optional here."""
+        if body.user_id in _DOT_SEGMENTS:  # /v1/wallets/.. is /v1/ to any HTTP client
+            raise errors.InvalidId(f"user_id may not be {body.user_id!r}: no URL path can "
+                                   "name it", param="user_id")  # fmt: skip
+        credit_amount(body.initial_balance, "initial_balance", allow_zero=True)
 
         async def run(_: str) -> tuple[int, Any]:
             user = await client.provision_user(
@@ -513,9 +569,11 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     @app.get("/v1/wallets", tags=["wallets"])
     def list_wallets(
         _: Reader,
+        request: Request,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         after: Annotated[str | None, Query(max_length=150)] = None,
     ) -> dict[str, Any]:
+        single_query_params(request)
         users = client.list_users_now(after=after, limit=limit)
         more = len(users) == limit
         return {
@@ -532,7 +590,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         user_id: str, body: TopUp, key: Admin, request: Request, idem: IdemKey = None
     ) -> JSONResponse:
         """Credit the wallet (resumes a paused user). Requires Idempotency-Key."""
-        parse_amount(body.amount, allow_zero=False)
+        credit_amount(body.amount, "amount")
         wallet_id(user_id)
 
         async def run(transfer_id: str) -> tuple[int, Any]:
@@ -549,6 +607,8 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     ) -> JSONResponse:
         """A signed correction with a reason, recorded against the funding account."""
         amount = parse_amount(body.amount, allow_zero=False, allow_negative=True)
+        if amount > 0:  # a credit; a debit is bounded by the wallet's balance
+            credit_amount(body.amount, "amount")
         wallet = wallet_id(user_id)
         led = client.ledger
         funding = funding_account_id(led.asset.symbol)
@@ -572,6 +632,11 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     async def create_session(body: SessionCreate, _: Admin) -> dict[str, Any]:
         """A budget on a user's wallet for one provider. The response's ``token`` is the
         ``X-Drip-Session`` value, shown only here; a retry opens another session."""
+        # the session's facts are stored with its account, within the metadata limit: a
+        # policy too large for it is refused as the policy, before anything is created
+        facts = session_specs(body.user_id, body.provider, body.budget, body.expires_in_s,
+                              body.policy)[1]  # fmt: skip
+        encode_metadata(facts.metadata(), param="policy")
         session = await client.create_session(
             body.user_id, body.provider, body.budget, expires_in=body.expires_in_s,
             policy=body.policy,
@@ -601,7 +666,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         body: CheckoutCreate, key: Admin, request: Request, idem: IdemKey = None
     ) -> JSONResponse:
         """A pending top-up; a signed payment webhook naming its id credits the wallet."""
-        amount = parse_amount(body.amount, allow_zero=False)
+        amount = credit_amount(body.amount, "amount")
         if config.stripe_webhook_secret is not None and amount % ATOMIC_PER_CENT:
             # Stripe charges whole cents: such a checkout could be paid but never credited
             raise errors.InvalidAmount(
@@ -656,7 +721,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         )  # fmt: skip
         payment = stripe_payment(event)
         if payment is None:
-            return {"received": True, "ignored": str(event.get("type"))}
+            return {"received": True, "ignored": event_type(event)}
         return await settle(payment, ("USD",))
 
     @app.post("/v1/webhooks/standard", tags=["top-ups"])
@@ -668,7 +733,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
                                   config.webhook_secret.get_secret_value())  # fmt: skip
         payment = standard_payment(message, request.headers["webhook-id"])
         if payment is None:
-            return {"received": True, "ignored": str(message.get("type"))}
+            return {"received": True, "ignored": event_type(message)}
         return await settle(payment, ("USDC",))
 
     @app.get("/v1/usage", tags=["usage"], response_model=None)
@@ -683,6 +748,7 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
         format: Annotated[str, Query(pattern="^(json|csv)$")] = "json",
     ) -> dict[str, Any] | Response:
         """Charged calls and USDC per event and time bucket; ``format=csv`` for a file."""
+        single_query_params(request)
         unknown = sorted(set(request.query_params) - _USAGE_PARAMS)
         if unknown:  # e.g. route= or model=: silently unfiltered totals would mislead
             raise errors.InvalidRequest(
@@ -706,11 +772,13 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
     def wallet_transfers(
         user_id: str,
         _: Reader,
+        request: Request,
         event: Annotated[str | None, Query(max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[str | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
         """The wallet's journal, newest first; pass ``next_cursor`` back for more."""
+        single_query_params(request)
         client.get_user_now(user_id)
         page = client.ledger.history(wallet_id(user_id), code=event, limit=limit, cursor=cursor)
         return {"data": [transfer_json(t) for t in page.items], "next_cursor": page.next_cursor}

@@ -14,7 +14,7 @@ from typing import Annotated, Any, cast
 from fastapi import FastAPI, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
 
 from drip import errors
 from drip.ledger import Charge, Ledger, Transfer, TransferFlags
@@ -72,7 +72,15 @@ Amount = Annotated[
 Once = Callable[..., Awaitable[JSONResponse]]
 
 
-class ChargeCreate(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: a field it does not have (a typo such as ``amout``, a name from
+    another API) is a 422 naming it, never silently dropped: ``{"amout": "0.01"}`` would
+    otherwise capture the whole hold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChargeCreate(RequestBody):
     amount: Amount
     event: str = Field(min_length=1, max_length=64)
     user_id: str | None = Field(default=None, max_length=150)
@@ -83,7 +91,7 @@ class HoldCreate(ChargeCreate):
     timeout_s: StrictInt = Field(default=300, gt=0, le=TIMEOUT_S_MAX)
 
 
-class Capture(BaseModel):
+class Capture(RequestBody):
     amount: Amount | None = Field(default=None, description="Omit to capture the whole hold")
 
 
@@ -201,10 +209,13 @@ def add_routes(app: FastAPI, client: DripClient, once: Once, admin: Any) -> None
 
     @app.post("/v1/holds/{hold_id}/capture", tags=["metering"])
     async def capture(
-        hold_id: str, body: Capture, key: admin, request: Request, idem: IdemKey = None
-    ) -> JSONResponse:
-        """Capture up to the held amount; the rest is released at once."""
+        hold_id: str, key: admin, request: Request, body: Capture | None = None,
+        idem: IdemKey = None,
+    ) -> JSONResponse:  # fmt: skip
+        """Capture up to the held amount; the rest is released at once. No body (or
+        ``{}``) captures the whole hold."""
         _check_hold_id(hold_id)
+        body = Capture() if body is None else body  # the same request (digest too) as {}
         amount = None if body.amount is None else parse_amount(body.amount)
 
         async def run(_: str) -> tuple[int, Any]:

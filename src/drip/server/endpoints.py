@@ -17,11 +17,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from drip import errors
 from drip.ledger.store import Migration, Store, wall_clock_us
 from drip.ledger.types import check_code
+from drip.server.charges import RequestBody
 
 _V1 = """
 CREATE TABLE webhook_endpoints (
@@ -40,7 +41,7 @@ EVENTS_MAX = 20
 _ENDPOINT_ID = re.compile(r"we_[0-9a-f]{24}")
 
 
-class EndpointCreate(BaseModel):
+class EndpointCreate(RequestBody):
     url: str = Field(min_length=8, max_length=2048)
     events: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=EVENTS_MAX)
 
@@ -55,7 +56,11 @@ def _check_url(url: str) -> str:
         _ = parts.port  # raises on a port out of range
     except ValueError:
         raise refused from None
-    if parts.scheme not in ("https", "http") or not hostname or parts.username:
+    if parts.scheme not in ("https", "http") or not hostname:
+        raise refused
+    # any userinfo: "https://:secret@host" has a password and an empty username, and
+    # the URL is listed back to every admin key
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise refused
     if _internal(hostname):
         raise errors.InvalidRequest(

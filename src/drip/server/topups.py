@@ -38,6 +38,10 @@ CHECKOUT_MIGRATIONS = (Migration(1, _V1, _V1),)
 _CHECKOUT_RE = re.compile(r"co_[0-9a-f]{24}")
 #: Stripe reports amounts in cents; USDC atomic units are millionths.
 ATOMIC_PER_CENT = 10_000
+#: Deepest nesting of a webhook body's objects and arrays (the body itself is level 1).
+#: Stripe's events are a dozen levels deep at most; a signed body nested thousands deep
+#: would exhaust the parser's recursion, or anything that walks it afterwards.
+WEBHOOK_DEPTH_MAX = 64
 
 
 class InvalidSignature(errors.DripError):
@@ -206,7 +210,8 @@ def verify_standard(payload: bytes, headers: dict[str, str], secret: str) -> dic
     if len(wanted) < 3:
         raise InvalidSignature("missing webhook-id, webhook-timestamp or webhook-signature")
     try:
-        Webhook(secret).verify(payload, wanted)
+        # verified only: the body is parsed once, below, where its depth is bounded
+        Webhook(secret).verify(payload, wanted, json_parse=False)
     except (WebhookVerificationError, ValueError) as exc:
         # the library's own words only: other errors could describe the secret
         reason = str(exc) if isinstance(exc, WebhookVerificationError) else "malformed"
@@ -233,6 +238,41 @@ def _json(payload: bytes) -> dict[str, Any]:
         body = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise errors.InvalidRequest(f"the webhook body is not JSON: {exc}") from None
+    except RecursionError:  # nested deeper than the parser can follow
+        raise errors.InvalidRequest(
+            f"the webhook body is nested deeper than {WEBHOOK_DEPTH_MAX} levels"
+        ) from None
+    if _depth_above(body, WEBHOOK_DEPTH_MAX):
+        raise errors.InvalidRequest(
+            f"the webhook body is nested deeper than {WEBHOOK_DEPTH_MAX} levels"
+        )
     if not isinstance(body, dict) or not isinstance(body.get("data", {}), dict):
         raise errors.InvalidRequest("the webhook body must be an object with an object data")
     return body
+
+
+def _depth_above(value: object, limit: int) -> bool:
+    """Whether ``value`` nests objects and arrays more than ``limit`` levels deep
+    (iteratively: a walk by recursion would fail on the very bodies it looks for)."""
+    level: list[object] = [value]
+    depth = 0
+    while level:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            return False
+        depth += 1
+        if depth > limit:
+            return True
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return False
+
+
+def event_type(event: dict[str, Any]) -> str:
+    """An event's type as echoed back for events Drip does not use (a string; anything
+    else is named by its JSON kind, never printed whole)."""
+    kind = event.get("type")
+    if isinstance(kind, str):
+        return kind
+    if isinstance(kind, dict | list):
+        return "object" if isinstance(kind, dict) else "array"
+    return str(kind)
