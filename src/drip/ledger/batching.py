@@ -110,8 +110,12 @@ class GroupCommitter:
         housekeeping: Callable[[], object] | None = None,
         housekeeping_interval_s: float = 1.0,
         name: str = "drip-writer",
+        isolate: Callable[[Exception], bool] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        #: whether a batch that failed with this error is run again one operation at a
+        #: time (a value the database refused fails its own operation, not its batch)
+        self._isolate = isolate
         self._batch_max = batch_max
         self._housekeeping = housekeeping
         self._housekeeping_interval_s = housekeeping_interval_s
@@ -244,31 +248,41 @@ class GroupCommitter:
         finally:
             self._housekeeping_lock.release()
 
-    def _run(self, batch: list[_Item]) -> None:
-        failed = False
+    def _outcomes(self, ops: list[Any]) -> list[tuple[Any, bool]]:
+        """Each operation's result, or its error (``True``: failed)."""
         try:
-            results: list[Any] = self._run_batch([item.op for item in batch])
+            return [(result, False) for result in self._run_batch(ops)]
         except errors.DripError as exc:
-            results, failed = [exc] * len(batch), True
+            return [(exc, True)] * len(ops)
         except Exception as exc:
-            log.exception("ledger batch of %d operations failed", len(batch))
-            results, failed = [as_store_error(exc)] * len(batch), True
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, Any]]] = {}
-        for item, result in zip(batch, results, strict=True):
+            if len(ops) > 1 and self._isolate is not None and self._isolate(exc):
+                # one operation's value (say, text the database cannot store) fails the
+                # whole transaction: run each alone, so that it fails only its own caller
+                # (whatever did commit is found again by id, as the store's retries do)
+                log.warning("ledger batch of %d operations failed (%r); running each alone",
+                            len(ops), exc)  # fmt: skip
+                return [outcome for op in ops for outcome in self._outcomes([op])]
+            log.exception("ledger batch of %d operations failed", len(ops))
+            return [(as_store_error(exc), True)] * len(ops)
+
+    def _run(self, batch: list[_Item]) -> None:
+        outcomes = self._outcomes([item.op for item in batch])
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, Any, bool]]] = {}
+        for item, (result, failed) in zip(batch, outcomes, strict=True):
             if item.loop is None:
                 if failed:
                     item.future.set_exception(result)
                 else:
                     item.future.set_result(result)
             else:
-                by_loop.setdefault(item.loop, []).append((item, result))
+                by_loop.setdefault(item.loop, []).append((item, result, failed))
         for loop, answers in by_loop.items():
-            pairs = [(item.future, result, failed) for item, result in answers]
+            pairs = [(item.future, result, failed) for item, result, failed in answers]
             try:
                 loop.call_soon_threadsafe(_resolve_async, pairs)
             except RuntimeError:  # the loop is closed: its callers are gone
-                if not failed:
-                    self._void_orphans(answers)
+                self._void_orphans([(item, result) for item, result, failed in answers
+                                    if not failed])  # fmt: skip
 
     def _void_orphans(self, answers: list[tuple[_Item, Any]]) -> None:
         """Private holds committed for callers whose event loop closed meanwhile: nobody

@@ -12,7 +12,8 @@ commits all-or-nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,12 +76,12 @@ class Loader(Protocol):
 # --- operations ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class CreateAccounts:
     accounts: tuple[AccountSpec, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class CreateTransfers:
     """Transfers applied in order; a ``LINKED`` run commits all-or-nothing."""
 
@@ -89,13 +90,13 @@ class CreateTransfers:
     private: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class SetAccountStatus:
     account_id: str
     status: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class ExpireHolds:
     """Expire these holds if their timeout has passed (ids found by the store's sweep)."""
 
@@ -103,6 +104,64 @@ class ExpireHolds:
 
 
 Op = CreateAccounts | CreateTransfers | SetAccountStatus | ExpireHolds
+
+#: What an operation's earlier attempts may have written: (transfer id, ts_us) pairs.
+Written = Set[tuple[str, int]]
+_NONE_WRITTEN: Written = frozenset()
+
+
+class Attempts:
+    """Transfers that operations' earlier attempts sent without learning whether they
+    committed (the connection broke after the statement or the COMMIT went out: an
+    ambiguous commit), kept per operation until it is run again.
+
+    The store runs such an operation again, and the engine then finds the rows the lost
+    attempt did write. A row with an id that attempt wrote and that attempt's timestamp
+    (``ts_us``, the attempt's clock) is the operation's own write, not an earlier call's:
+    it is answered as new (``replayed=False``; this call moved the money), where a row
+    written by anyone else (an earlier call with the same id) is a replay.
+
+    Operations are held weakly: an entry goes when its operation does (once its caller
+    has its answer), so a later call with the same id, a new operation, is a replay."""
+
+    def __init__(self) -> None:
+        self._by_op: dict[int, tuple[weakref.ref[CreateTransfers], set[tuple[str, int]]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_op)
+
+    def note(self, ops: Iterable[Op], writes: Writes) -> None:
+        """``ops``' attempt sent ``writes`` and may have committed them."""
+        if not writes.new_transfers:
+            return
+        sent = {t.id: t.ts_us for t in writes.new_transfers}
+        by_op = self._by_op
+        for op in ops:
+            if type(op) is not CreateTransfers:
+                continue
+            mine = {(s.id, sent[s.id]) for s in op.transfers if s.id in sent}
+            if not mine:
+                continue
+            entry = by_op.get(id(op))
+            if entry is None or entry[0]() is not op:
+                # the callback runs as the op is freed, before its id can be reused
+                entry = by_op[id(op)] = (weakref.ref(op, self._forget(id(op))), set())
+            entry[1].update(mine)
+
+    def _forget(self, key: int) -> Callable[[object], None]:
+        by_op = self._by_op
+
+        def forget(_: object) -> None:
+            by_op.pop(key, None)
+
+        return forget
+
+    def of(self, op: Op) -> Written:
+        """What ``op``'s earlier attempts may have written (empty if none failed)."""
+        entry = self._by_op.get(id(op))
+        if entry is None or entry[0]() is not op:
+            return _NONE_WRITTEN
+        return entry[1]
 
 
 def private_holds_only(ops: Iterable[Op]) -> bool:
@@ -183,6 +242,9 @@ class Engine:
         self._undo: list[tuple[dict[str, Any], str, Any]] | None = None
         #: holds found expired inside a chain: expired at the end, whatever the chain does
         self._due_expiries: list[str] = []
+        #: what the operation being applied may have written itself in an attempt whose
+        #: commit was lost (``Attempts``): such rows are its own, not replays
+        self.ours: Written = _NONE_WRITTEN
 
     # --- loading ----------------------------------------------------------------------
 
@@ -707,6 +769,10 @@ class Engine:
             # created by this very batch (its seq comes when it is written): the same
             # record, not a replay of an earlier one
             return existing
+        if self.ours and (existing.id, existing.ts_us) in self.ours:
+            # written by this very operation, in an attempt whose commit was lost
+            # (``Attempts``): this call moved the money, so it is no replay
+            return existing.copy()
         return _as_replay(existing)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeGuard, TypeVar
@@ -45,6 +46,7 @@ from drip.ledger.types import (
     WindowLimit,
     check_code,
     check_id,
+    check_text,
     encode_metadata,
 )
 from drip.money import USDC, Asset, check_atomic
@@ -53,6 +55,8 @@ T = TypeVar("T")
 
 #: Basis points in one whole: a fee rate of 250 bps is 2.5%.
 BPS_ONE = 10_000
+#: Pause before a failed read decorating a replay is tried again.
+_REREAD_PAUSE_S = 0.05
 
 
 def fee_account_id(asset: str) -> str:
@@ -222,9 +226,8 @@ class _Plans:
             )
         if not isinstance(flags, int) or isinstance(flags, bool) or not 0 <= flags <= _ALL_FLAGS:
             raise errors.InvalidRequest("flags must be AccountFlags", param="flags")
-        if owner is not None and (not isinstance(owner, str) or not 0 < len(owner) <= 160):
-            raise errors.InvalidRequest("owner must be a string of 1-160 characters",
-                                        param="owner")  # fmt: skip
+        if owner is not None:
+            check_text(owner, "owner")  # no NUL: it would fail the batch it rides in
         spec = AccountSpec(account_id, kind, self.asset.symbol, int(flags), owner,
                            encode_metadata(metadata))  # fmt: skip
         return CreateAccounts((spec,)), _one
@@ -322,10 +325,22 @@ class _Plans:
 
     def with_earlier_fee(self, charge: Charge) -> Charge:
         """A replayed charge with the fee leg it was first written with (the plan had
-        none: the fee rate is 0 now, and may not have been then)."""
+        none: the fee rate is 0 now, and may not have been then).
+
+        Only a replay is decorated (nothing moved in this call: the store answers what
+        a call's own lost-then-found commit wrote as new, ``Store.attempts``). The read
+        is tried once more if it fails (a connection the server dropped meanwhile);
+        if it fails again, the caller hears ``StoreError``: answering without the fee
+        leg would tell it the charge carried none, and trying again is safe (it is
+        answered as the same replay)."""
         if not charge.replayed or charge.fee is not None:
             return charge
-        fee = self.store.get_transfer(f"{charge.id}{DERIVED_SEP}fee")
+        fee_id = f"{charge.id}{DERIVED_SEP}fee"
+        try:
+            fee = self.store.get_transfer(fee_id)
+        except errors.StoreError:
+            time.sleep(_REREAD_PAUSE_S)
+            fee = self.store.get_transfer(fee_id)
         if fee is None:
             return charge
         fee.replayed = True

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from drip import errors
 from drip.ledger.batching import LoopBound, answer, drop_orphans, fail, hand_off_cancelled
 from drip.ledger.engine import Op, Result, private_holds_only
 from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
@@ -26,6 +28,8 @@ from drip.ledger.types import BATCH_OPS_MAX
 
 if TYPE_CHECKING:
     from drip.ledger.postgres import PostgresStore
+
+log = logging.getLogger("drip.ledger")
 
 
 class LoopBatcher(LoopBound):
@@ -80,9 +84,18 @@ class LoopBatcher(LoopBound):
             self.close()
             hand_off_cancelled(batch, lambda: self.store.committer)
             raise
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
+        except errors.DripError as exc:
+            # decided (a closed store; a committed batch that misreported its rows):
+            # every waiter hears it
             fail(batch, exc)
             return
+        except Exception:  # unexpected, and maybe one operation's value
+            # the writer thread runs the batch on the locked path, and each operation
+            # alone if it fails again, so one bad operation fails only its own caller;
+            # what did commit is found again by id (its own rows: ``Store.attempts``)
+            log.exception("ledger: a batch failed on the event loop; the writer runs it")
+            lost_race(self.store.shared_cache)
+            results = None
         answer(batch, results, lambda: self.store.committer, self.store.submit_async)
 
     async def _fast(self, ops: list[Op]) -> list[list[Result]] | None:
@@ -101,13 +114,23 @@ class LoopBatcher(LoopBound):
             cursor = await conn.execute(query, params)
             rows = await cursor.fetchall()
         except psycopg.Error:
-            # a lost compare-and-set, a replayed id, a broken connection: nothing was
-            # committed (one statement, autocommit); the locked path decides
+            # a lost compare-and-set or a replayed id: nothing was committed (one
+            # statement, autocommit); a broken connection: maybe it was, unseen, so the
+            # run that follows answers those rows as the operations' own (``attempts``).
+            # The locked path decides.
+            self.store.attempts.note(ops, writes)
             lost_race(cache)
             await self._reset()
             return None
-        take_seqs(writes, rows, asynchronous=asynchronous)
-        cache.remember(engine, before)
+        except BaseException:  # cancelled with the statement in flight (see _run), ...
+            self.store.attempts.note(ops, writes)
+            raise
+        try:
+            take_seqs(writes, rows, asynchronous=asynchronous)
+            cache.remember(engine, before)
+        except BaseException:  # committed: whoever runs the batch again finds its rows
+            self.store.attempts.note(ops, writes)
+            raise
         return results
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:

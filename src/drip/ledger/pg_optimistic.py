@@ -46,6 +46,10 @@ def try_batch(
     try:
         _send(conn, writes, before, private_holds_only(ops))
     except Exception as exc:
+        # the statement may have committed though its answer was lost (a connection
+        # broken after sending it): the run that follows answers those rows as the
+        # operations' own, not as replays
+        store.attempts.note(ops, writes)
         # whatever failed, leave no aborted transaction behind for the locked path
         _reset(conn)
         lost_race(cache)

@@ -305,12 +305,31 @@ class PostgresStore(Store):
         account = self.shared_cache.accounts.get(account_id)
         return None if account is None else account.balance
 
+    def may_isolate(self, exc: Exception) -> bool:
+        # a connection lost or refused, the pool exhausted: every operation alike
+        return super().may_isolate(exc) and not isinstance(
+            exc, psycopg.OperationalError | PoolTimeout
+        )
+
+    def _attempt_locked(self, ops: list[Op]) -> list[list[Result]]:
+        """One locked run of the batch. If it fails once its writes may have gone out (the
+        connection broke after the COMMIT was sent: an ambiguous commit), its new
+        transfers are noted (``Store.attempts``): the next run finds them and answers
+        them as the operations' own, not as replays of an earlier call."""
+        with self.transaction() as cur:
+            engine = Engine(self.loader(cur), self.clock_us())
+            try:
+                return self.apply_with(cur, engine, ops)
+            except BaseException:
+                self.attempts.note(ops, engine.writes)
+                raise
+
     def _run_locked(self, ops: list[Op]) -> list[list[Result]]:
         """Read and lock current rows, apply, write; retried whole when it loses a race."""
         delay_s = 0.001
         for attempt in range(BATCH_RETRIES_MAX + 1):
             try:
-                return super().run_batch(ops)
+                return self._attempt_locked(ops)
             except _RETRYABLE:
                 self.shared_cache.clear()
                 if attempt == BATCH_RETRIES_MAX:
@@ -320,7 +339,8 @@ class PostgresStore(Store):
                     f"the database refused the batch: {exc.diag.message_primary}"
                 ) from exc
             except psycopg.OperationalError:
-                # the connection broke (maybe mid-commit): reconnect and replay; ids dedupe
+                # the connection broke (maybe mid-commit): reconnect and replay; ids dedupe,
+                # and what this batch itself committed is answered as new (``attempts``)
                 self.shared_cache.clear()
                 conn = getattr(self._local, "conn", None)
                 if conn is not None:

@@ -5,6 +5,7 @@ statements whose SQL differs between SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import abc
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -13,7 +14,7 @@ from typing import Any
 
 from drip import errors
 from drip.ledger.batching import GroupCommitter
-from drip.ledger.engine import Engine, ExpireHolds, Loader, Op, Result, Writes
+from drip.ledger.engine import Attempts, Engine, ExpireHolds, Loader, Op, Result, Writes
 from drip.ledger.types import (
     BATCH_OPS_MAX,
     Account,
@@ -110,6 +111,9 @@ class Store(abc.ABC):
     def __init__(self, *, clock_us: Callable[[], int] = wall_clock_us) -> None:
         self.clock_us = clock_us
         self._committer: GroupCommitter | None = None
+        #: operations whose attempt may have committed unseen (a connection lost under its
+        #: commit); their next run answers their own rows as new (``engine.Attempts``)
+        self.attempts = Attempts()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class Store(abc.ABC):
             batch_max=BATCH_OPS_MAX,
             housekeeping=self.expire_due_holds,
             name=f"drip-{self.dialect}-writer",
+            isolate=self.may_isolate,
         )
 
     def close(self) -> None:
@@ -186,12 +191,28 @@ class Store(abc.ABC):
     def apply_with(self, cur: Any, engine: Engine, ops: list[Op]) -> list[list[Result]]:
         """``apply_batch`` with the caller's engine (to keep it after the commit)."""
         engine.prefetch(ops)
-        results = [engine.apply(op) for op in ops]
+        attempts = self.attempts
+        if attempts:  # some operation's earlier attempt may have committed unseen
+            results = []
+            for op in ops:
+                engine.ours = attempts.of(op)
+                results.append(engine.apply(op))
+            engine.ours = frozenset()
+        else:
+            results = [engine.apply(op) for op in ops]
         writes = engine.finish()
         if not writes.empty():
             self.write(cur, writes)
         self.applied(engine)
         return results
+
+    def may_isolate(self, exc: Exception) -> bool:
+        """Whether a batch that failed with ``exc`` is run again one operation at a time,
+        so that one bad operation (a value the database refuses) fails alone, never its
+        batch-mates. Not for Drip's own errors (decided on purpose, per batch), nor for
+        the database being unreachable, locked or failing (every operation would fail
+        alike, each after its own wait)."""
+        return not isinstance(exc, errors.DripError | sqlite3.OperationalError | OSError)
 
     def applied(self, engine: Engine) -> None:  # noqa: B027 - a hook; most stores need nothing
         """Called after a batch's writes were sent (PostgreSQL: committed)."""
@@ -253,6 +274,8 @@ class Store(abc.ABC):
         return None
 
     def get_account(self, account_id: str) -> Account | None:
+        if not storable(account_id):  # no row can have it (PostgreSQL refuses to compare)
+            return None
         rows = self.query(f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
         return Account(*rows[0]) if rows else None
 
@@ -261,9 +284,16 @@ class Store(abc.ABC):
     ) -> list[Account]:
         where, params = ["1 = 1"], []
         if kind is not None:
+            if not storable(kind):
+                return []  # no account has it
             where.append("kind = ?")
             params.append(kind)
         if after_id is not None:
+            if not storable(after_id):
+                raise errors.InvalidRequest(
+                    "after_id must be text without NUL bytes or lone surrogates",
+                    param="after_id",
+                )
             where.append("id > ?")
             params.append(after_id)
         rows = self.query(
@@ -274,10 +304,14 @@ class Store(abc.ABC):
         return [Account(*r) for r in rows]
 
     def get_transfer(self, transfer_id: str) -> Transfer | None:
+        if not storable(transfer_id):
+            return None
         rows = self.query(f"SELECT {TRANSFER_COLUMNS} FROM transfers WHERE id = ?", (transfer_id,))
         return Transfer(*rows[0]) if rows else None
 
     def get_hold(self, hold_id: str) -> Hold | None:
+        if not storable(hold_id):
+            return None
         rows = self.query(
             f"SELECT {HOLD_COLUMNS} FROM transfers WHERE id = ? AND hold_state IS NOT NULL",
             (hold_id,),
@@ -295,6 +329,8 @@ class Store(abc.ABC):
         limit: int = 100,
     ) -> list[Transfer]:
         """Newest first; ``before_seq`` continues a previous page."""
+        if not (storable(account_id) and storable(code)):
+            return []  # no transfer names it
         where: list[str] = []
         params: list[Any] = []
         if account_id is not None:
@@ -322,6 +358,8 @@ class Store(abc.ABC):
     ) -> list[UsageRow]:
         """Posted charges out of wallets, per event code and time bucket: what wallets
         paid revenue accounts (an adjustment, a refund or an escrow deposit is not usage)."""
+        if not (storable(account_id) and storable(code)):
+            return []  # no transfer names it
         bucket_us = bucket_s * 1_000_000
         where = [
             f"(t.flags & {NOT_POSTED_FLAGS}) = 0",
@@ -558,6 +596,24 @@ class Store(abc.ABC):
     def hold_state_row(h: Hold) -> tuple[Any, ...]:
         """For ``UPDATE transfers SET hold_state, hold_resolved_amount, hold_resolved_by``."""
         return (int(h.state), h.resolved_amount, h.resolved_by, h.id)
+
+
+def storable(value: object) -> bool:
+    """Whether ``value`` (``None``, or text a read compares with) can be in a row: every
+    id, kind and code the ledger writes is UTF-8 text without NUL (PostgreSQL stores no
+    other). Anything else is found nowhere; asked as is, PostgreSQL's driver would raise
+    (a NUL, a lone surrogate) where SQLite answers not found."""
+    if value is None:
+        return True
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _by_bucket(item: tuple[tuple[str, int], list[int]]) -> tuple[int, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,29 @@ def check_code(value: object, param: str = "code") -> str:
             param=param,
         )
     return value
+
+
+def check_text(value: object, param: str, max_length: int = ID_LENGTH_MAX) -> str:
+    """Free text a record stores as given (an account's owner): 1-``max_length``
+    characters, with no control character (NUL among them: PostgreSQL stores none, and
+    its driver would fail the whole batch the value rode in) and no lone surrogate (not
+    UTF-8: neither database's driver can send it)."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value) <= max_length
+        or not (value.isprintable() or _no_control(value))
+    ):
+        raise InvalidRequest(
+            f"{param} must be 1-{max_length} characters of text, none a control character",
+            param=param,
+        )
+    return value
+
+
+def _no_control(text: str) -> bool:
+    """No control character (``Cc``) nor surrogate (``Cs``); other characters that are
+    not "printable" (spaces, joiners, private use) are text like any other."""
+    return not any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None, param: str = "metadata") -> str | None:
