@@ -507,3 +507,18 @@ def test_every_connection_times_out_a_silent_server(postgres_url: str) -> None:
             assert params["connect_timeout"] == "3"  # the DSN's own
     finally:
         led.close()
+
+
+def test_a_refused_connection_leaks_no_password_through_its_cause() -> None:
+    """libpq quotes back a DSN token it cannot parse, password included; the StoreError
+    masks it, and is not chained to the driver's error (a logged traceback prints the
+    cause)."""
+    with pytest.raises(errors.StoreError) as info:
+        open_ledger("postgresql://drip_test:S3CRET%zzpw@127.0.0.1:5432/drip_test")
+    printed: list[str] = []  # each message a traceback prints, as it walks the chain
+    exc: BaseException | None = info.value
+    while exc is not None:
+        printed.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    assert not any("S3CRET" in line for line in printed), printed
+    assert "***" in printed[0]

@@ -411,3 +411,18 @@ async def test_an_unexpected_failure_on_the_loop_fails_nobody(
         assert led.check_invariants().ok
     finally:
         led.close()
+
+
+async def test_a_value_sqlite_refuses_fails_alone_on_the_loop(sqlite_url: str) -> None:
+    """SQLite's loop batch: the driver refuses one operation's value (a lone surrogate
+    cannot be encoded); the batch goes to the writer threads, where each operation runs
+    alone, so only the bad one fails."""
+    led = open_ledger(sqlite_url)
+    try:
+        _books(led)
+        await led.charge("warm", W, R, 1, code="call")  # rows remembered: the loop's path
+        led.sync.transfer("refund-warm", R, W, 1)
+        results = await _batch_mates(led, led.store.submit_async, "\ud800")
+        _check_mates(led, results)
+    finally:
+        led.close()

@@ -154,8 +154,10 @@ class PostgresStore(Store):
                 open=True, timeout=POOL_TIMEOUT_S,
             )  # fmt: skip
             self._pool.wait(timeout=30)
-        except (psycopg.Error, Exception) as exc:
-            raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc, url)}") from exc
+        except Exception as exc:  # noqa: BLE001 - any failure to connect, as one StoreError
+            # not chained: the driver's own message may quote the DSN, password included,
+            # and a logged traceback prints the cause
+            raise errors.StoreError(f"cannot connect to PostgreSQL: {_safe(exc, url)}") from None
         #: True in a child forked after the store opened: every use raises ``FORKED``
         self.inherited = False
         on_fork_in_child(self)
@@ -248,7 +250,7 @@ class PostgresStore(Store):
                 self._pool.putconn(conn)  # the pool discards it if it broke
         except (psycopg.OperationalError, PoolTimeout) as exc:
             kind = _Dropped if lost else errors.StoreError
-            raise kind(f"PostgreSQL read failed: {_safe(exc, self.url)}") from exc
+            raise kind(f"PostgreSQL read failed: {_safe(exc, self.url)}") from None
 
     @contextmanager
     def read(self) -> Iterator[psycopg.Cursor[Any]]:

@@ -992,6 +992,22 @@ class _LoopBatcher(LoopBound):
             # None: the lock is busy, the writer thread will wait for it
             results = self.store.try_run_batch_now([op for op, _ in batch], may_defer=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            fail(batch, exc)
+            if _refused_value(exc):
+                # a value the driver or the database refused (nothing of this batch
+                # committed): the writer threads run it again, and then each operation
+                # alone, so the bad one fails alone and its batch-mates go through
+                answer(batch, None, lambda: self.store.committer, self.store.submit_async)
+            else:
+                fail(batch, exc)
             return
         answer(batch, results, lambda: self.store.committer, self.store.submit_async)
+
+
+def _refused_value(exc: Exception) -> bool:
+    """Whether a loop batch failed on what one of its operations carried (a value SQLite
+    or its driver refuses), not on the database (busy, full, failing), which would fail
+    every operation again, each after its own wait."""
+    if not isinstance(exc, errors.DripError):
+        return True  # not the store's own failure: let each operation find out alone
+    cause = exc.__cause__
+    return isinstance(cause, sqlite3.Error) and not isinstance(cause, sqlite3.OperationalError)
