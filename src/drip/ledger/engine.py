@@ -612,8 +612,11 @@ class Engine:
         batch_amount = batch_calls = 0
         for t in self.writes.new_transfers:
             if t.debit_account_id == account_id and not t.flags & (_POST | _VOID | _EXPIRE):
-                batch_amount += t.amount
-                batch_calls += 1
+                counted = self._window_amount(t)
+                if counted is not None:
+                    batch_amount += counted
+                    batch_calls += 1
+        released = self._released_in_batch(account_id)
         for limit in spec.limits:
             if limit.max_amount is not None and amount > limit.max_amount:
                 # no wait would let it through: a refusal, not a rate limit
@@ -626,6 +629,11 @@ class Engine:
         for limit in spec.limits:
             since_us = self.now_us - limit.window_s * 1_000_000
             used_amount, used_calls, _ = self.loader.window_usage(account_id, since_us)
+            # the journal's holds this batch released, read above as still reserving
+            for taken_us, calls, freed in released:
+                if taken_us > since_us:
+                    used_calls -= calls
+                    used_amount -= freed
             # how much has to leave the window (rows leave as they age) for the call to fit
             excess_amount = excess_calls = 0
             if limit.max_amount is not None:
@@ -649,6 +657,37 @@ class Engine:
                 param=limit.name, policy=limit.name,
                 retry_after_s=max(1, -(-wait_us // 1_000_000)), account=account_id,
             )  # fmt: skip
+
+    def _window_amount(self, t: Transfer) -> int | None:
+        """What a debit this batch wrote counts in a rolling window, as the journal counts
+        it (``window_usage_sql``): None for a hold already voided or expired, a captured
+        hold's captured amount, anything else its amount."""
+        if not t.flags & _PENDING:
+            return t.amount
+        hold = self.holds.get(t.id)
+        if hold is None or hold.state == _HOLD_PENDING:
+            return t.amount
+        if hold.state == HoldState.POSTED:
+            return hold.resolved_amount
+        return None
+
+    def _released_in_batch(self, account_id: str) -> list[tuple[int, int, int]]:
+        """The journal's holds on ``account_id`` this batch resolved, which the journal's
+        window sums still count at their full amount: (taken at, calls, amount) each
+        frees (a void or an expiry: the call and its amount; a partial capture: the rest).
+        Read only when a transfer carries limits."""
+        out: list[tuple[int, int, int]] = []
+        for hold_id, hold in self.writes.changed_holds.items():
+            if hold.debit_account_id != account_id or hold.state == _HOLD_PENDING:
+                continue
+            row = self._transfer(hold_id)
+            if row is None:  # rows the cache's view does not have: the journal is read next
+                continue
+            if hold.state == HoldState.POSTED:
+                out.append((row.ts_us, 0, hold.amount - hold.resolved_amount))
+            else:
+                out.append((row.ts_us, 1, hold.amount))
+        return out
 
     def _window_wait_us(
         self, account_id: str, since_us: int, window_s: int, calls: int, amount: int,
