@@ -184,6 +184,13 @@ class RateLimited(PolicyViolation):
     type = "rate_limit_error"
     status = 429
 
+    @property
+    def retry_after_s(self) -> int | None:
+        """Whole seconds until the window admits the call again (``Retry-After``);
+        ``None`` if the refusal did not say."""
+        value = self.details.get("retry_after_s")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
 
 class SessionClosed(PolicyViolation):
     """The session was closed; open a new one."""

@@ -8,6 +8,7 @@ passes through :func:`format_amount`. Nothing else converts.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -100,7 +101,8 @@ def _decimal_to_atomic(dec: Decimal, asset: Asset, shown: object, param: str) ->
     if dec.is_zero():
         return 0
     if dec.adjusted() > _WHOLE_DIGITS_MAX:
-        raise InvalidAmount(f"{param} is out of range: {str(shown)[:40]}", param=param)
+        raise InvalidAmount(f"{param} is out of range: {str(shown)[:40]}", param=param,
+                            above_max=not dec.is_signed())  # fmt: skip
     sign, digits, exponent = dec.as_tuple()
     assert isinstance(exponent, int)  # finite: checked by _to_decimal
     shift = exponent + asset.decimals
@@ -132,7 +134,8 @@ def check_atomic(
     if units == 0 and not allow_zero:
         raise InvalidAmount(f"{param} must be greater than zero", param=param)
     if abs(units) > AMOUNT_ATOMIC_MAX:
-        raise InvalidAmount(f"{param} is out of range", param=param)
+        # ``above_max``: too large a positive amount (a cost may be capped instead)
+        raise InvalidAmount(f"{param} is out of range", param=param, above_max=units > 0)
     return units
 
 
@@ -142,8 +145,13 @@ def atomic(units: int, *, param: str = "amount") -> int:
 
 
 def to_decimal(units: int, asset: Asset = USDC) -> Decimal:
-    """Atomic units to an exact ``Decimal`` in whole units of the asset."""
-    return Decimal(units).scaleb(-asset.decimals)
+    """Atomic units to an exact ``Decimal`` in whole units of the asset.
+
+    Built from its digits, so it is exact whatever the caller's decimal context (its
+    precision, its traps): ``Decimal.scaleb`` would round to the context's precision."""
+    units = operator.index(units)
+    digits = tuple(map(int, str(abs(units))))
+    return Decimal((1 if units < 0 else 0, digits, -asset.decimals))
 
 
 def format_amount(units: int, asset: Asset = USDC, *, symbol: bool = False) -> str:

@@ -118,6 +118,15 @@ def new_call_id(prefix: str) -> str:
     return f"{prefix}:{binascii.b2a_base64(raw, newline=False)[:22].translate(_TO_SORTED).decode()}"
 
 
+def transfer_key(idempotency_key: str | None, prefix: str) -> str:
+    """The transfer id of a write: the caller's ``idempotency_key``, checked, or (only when
+    it is ``None``) a fresh id. An empty key is refused, never read as "no key": that
+    would charge again on every retry."""
+    if idempotency_key is None:
+        return new_call_id(prefix)
+    return check_id(idempotency_key, "idempotency_key", caller=True)
+
+
 def _as_user_error(exc: errors.DripError, user_id: str) -> errors.DripError:
     """A missing wallet is a missing user to callers of the metering API."""
     if isinstance(exc, errors.AccountNotFound) and repr(wallet_id(user_id)) in exc.message:
@@ -175,21 +184,25 @@ class _Base:
         if led is not None and self._revenue_ready:
             return led
         with self._open_lock:
-            if self._closed and not self._owns_ledger:
-                # the ledger it was given is closed or the giver's: never open another one
-                # from the config behind the caller's back
-                raise errors.ClientClosed("this DripClient was closed; make a new one")
-            self._closed = False  # a client that opened its own ledger reopens on use
-            led = self._ledger
-            if led is None:
-                led = open_ledger(self.config.database_url, fee_bps=self.config.fee_bps)
-                self._ledger = led
-            if not self._revenue_ready:
-                # also on a ledger the caller opened: every charge credits this account
-                led.sync.create_account(self.revenue_account, AccountKind.REVENUE,
-                                        owner=self.config.provider)  # fmt: skip
-                self._revenue_ready = True
-            return led
+            return self._open_locked()
+
+    def _open_locked(self) -> Ledger:
+        """``_open`` under ``_open_lock``."""
+        if self._closed and not self._owns_ledger:
+            # the ledger it was given is closed or the giver's: never open another one
+            # from the config behind the caller's back
+            raise errors.ClientClosed("this DripClient was closed; make a new one")
+        self._closed = False  # a client that opened its own ledger reopens on use
+        led = self._ledger
+        if led is None:
+            led = open_ledger(self.config.database_url, fee_bps=self.config.fee_bps)
+            self._ledger = led
+        if not self._revenue_ready:
+            # also on a ledger the caller opened: every charge credits this account
+            led.sync.create_account(self.revenue_account, AccountKind.REVENUE,
+                                    owner=self.config.provider)  # fmt: skip
+            self._revenue_ready = True
+        return led
 
     @property
     def ledger(self) -> Ledger:
@@ -362,23 +375,55 @@ class _Base:
                        info.provider, to_decimal(info.budget), info.expires_us,
                        info.policy)  # fmt: skip
 
-    #: calls in flight through the module-level ``meter`` (see ``retire``)
+    #: metered calls in flight on the current ledger (see ``call_started``)
     _calls = 0
     _retired: Callable[[], object] | None = None
+    #: ledgers ``close`` let go of while metered calls ran on them, by ``id``: each is
+    #: closed when the last of its calls ends ``[ledger, calls in flight]``
+    _draining: dict[int, list[Any]]
 
-    def call_started(self) -> None:
+    def call_started(self) -> Ledger:
+        """Count a metered call in, and return the ledger it runs on: it stays open until
+        the call is counted out (``call_ended``), even if the client is closed or retired
+        meanwhile, so the call captures or voids its hold. Raises ``ClientClosed`` (before
+        the call's work runs) on a closed client whose ledger was given to it; a closed
+        client that opened its own reopens, as on any use."""
         with self._open_lock:
+            led = self._open_locked()
             self._calls += 1
+            return led
 
-    def call_ended(self) -> None:
+    def call_joined(self, led: Ledger) -> None:
+        """Count in more work on ``led`` (the ledger a call in flight holds open), to be
+        counted out with ``call_ended`` like a call: a call's own cleanup, finishing in
+        a thread of its own after the call returned."""
         with self._open_lock:
-            self._calls -= 1
-            done = self._retired if self._calls == 0 else None
-            # detached in the same step as the count is read: a call counting itself in
-            # right after opens a fresh ledger (closed in turn when it ends)
-            led = self._detach() if done is not None else None
+            draining = self._draining.get(id(led))
+            if draining is not None and draining[0] is led:
+                draining[1] += 1
+            else:
+                self._calls += 1
+
+    def call_ended(self, led: Ledger) -> None:
+        """Count out a call ``call_started`` returned ``led`` for; the last call on a
+        ledger being closed closes it."""
+        done: Callable[[], object] | None = None
+        with self._open_lock:
+            draining = self._draining.get(id(led))
+            if draining is not None and draining[0] is led:
+                draining[1] -= 1
+                finished = draining[1] == 0
+                if finished:
+                    del self._draining[id(led)]
+                closing = led if finished else None
+            else:
+                self._calls -= 1
+                done = self._retired if self._calls == 0 else None
+                # detached in the same step as the count is read: a call counting itself
+                # in right after opens a fresh ledger (closed in turn when it ends)
+                closing = self._detach() if done is not None else None
+        self._close_detached(closing)
         if done is not None:
-            self._close_detached(led)
             done()
 
     def retire(self, then: Callable[[], object]) -> None:
@@ -407,9 +452,19 @@ class _Base:
     def close(self) -> None:
         """Close the ledger this client opened; using the client again opens it afresh
         (an app served twice). A ledger given to the client is the giver's to close:
-        the client lets go of it, and using it afterwards raises ``ClientClosed``."""
+        the client lets go of it, and using it afterwards raises ``ClientClosed``.
+
+        Metered calls in flight finish first: each captures or voids its hold on the
+        ledger it started on, which closes when the last of them ends (closing under
+        them would leave work that ran unbilled, its hold reserving the funds). A call
+        starting after ``close`` reopens the client as any use does (or, on a given
+        ledger, is refused with ``ClientClosed`` before its work runs)."""
         with self._open_lock:
             led = self._detach()
+            if led is not None and self._calls:
+                self._draining[id(led)] = [led, self._calls]
+                self._calls = 0
+                led = None  # closed by the last of its calls (call_ended)
         self._close_detached(led)
 
 
@@ -462,6 +517,7 @@ class DripClient(_Base):
         self._owns_ledger = ledger is None
         self._open_lock = threading.Lock()
         self._sessions = {}
+        self._draining = {}
         self.sync = SyncDripClient(self)
 
     async def __aenter__(self) -> DripClient:
@@ -540,7 +596,7 @@ class DripClient(_Base):
     ) -> Charge:
         """Charge ``amount`` now (no hold). Raises DripInsufficientCredits, nothing charged."""
         atomic = parse_amount(amount, allow_zero=False)
-        transfer_id = idempotency_key or new_call_id("debit")
+        transfer_id = transfer_key(idempotency_key, "debit")
         with user_errors(user_id, event):
             return await self.ledger.charge(transfer_id, wallet_id(user_id), self.revenue_account,
                                             atomic, code=event, metadata=metadata)  # fmt: skip
@@ -554,7 +610,7 @@ class DripClient(_Base):
         led = self.ledger
         with user_errors(user_id):
             return await led.transfer(
-                idempotency_key or new_call_id("topup"), funding_account_id(led.asset.symbol),
+                transfer_key(idempotency_key, "topup"), funding_account_id(led.asset.symbol),
                 wallet_id(user_id), atomic, code="topup", resume=True,
             )  # fmt: skip
 
@@ -671,7 +727,7 @@ class SyncDripClient:
     ) -> Charge:
         c = self._client
         atomic = parse_amount(amount, allow_zero=False)
-        transfer_id = idempotency_key or new_call_id("debit")
+        transfer_id = transfer_key(idempotency_key, "debit")
         with user_errors(user_id, event):
             return self._ledger.charge(transfer_id, wallet_id(user_id), c.revenue_account, atomic,
                                        code=event, metadata=metadata)  # fmt: skip
@@ -683,7 +739,7 @@ class SyncDripClient:
         led = self._ledger
         with user_errors(user_id):
             return led.transfer(
-                idempotency_key or new_call_id("topup"),
+                transfer_key(idempotency_key, "topup"),
                 funding_account_id(self._client.ledger.asset.symbol), wallet_id(user_id), atomic,
                 code="topup", resume=True,
             )  # fmt: skip

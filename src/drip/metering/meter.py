@@ -22,12 +22,13 @@ import functools
 import inspect
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
-from decimal import ROUND_HALF_EVEN, Decimal
-from typing import TYPE_CHECKING, Any, TypeVar
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_HALF_EVEN, Context, Decimal
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from drip import errors
-from drip.ledger import Charge, Ledger, SyncLedger, Transfer
+from drip.ledger import Charge, Ledger, SyncLedger, Transfer, TransferFlags
 from drip.ledger.ledger import Cap
 from drip.ledger.types import check_code
 from drip.metering.client import new_call_id
@@ -56,6 +57,12 @@ class _Pricing:
     def __init__(self, cost: Any, max_cost: AmountLike | None, event: str) -> None:
         self.dynamic = callable(cost)
         if self.dynamic:
+            if _is_async(cost):
+                raise errors.ConfigError(
+                    f"meter({event!r}): the cost function is async; it would be called, not "
+                    "awaited, after the work ran. Pass a plain function of the result",
+                    param="cost",
+                )
             if max_cost is None:
                 raise errors.ConfigError(
                     f"meter({event!r}): a callable cost needs max_cost (the amount to hold)",
@@ -72,7 +79,27 @@ class _Pricing:
     def actual(self, result: Any) -> int:
         if not self.dynamic:
             return self.hold
-        amount = parse_amount(_float_noise_off(self.fn(result)), param="cost")
+        cost = self.fn(result)
+        if inspect.isawaitable(cost):  # not async def, yet hands back a coroutine
+            close = getattr(cost, "close", None)
+            if callable(close):
+                close()  # never awaited: no warning about it later
+            raise errors.ConfigError(
+                f"meter({self.event!r}): the cost function returned {type(cost).__name__}, "
+                "not an amount", param="cost",
+            )  # fmt: skip
+        try:
+            amount = parse_amount(_float_noise_off(cost), param="cost")
+        except errors.InvalidAmount as exc:
+            if not exc.details.get("above_max"):
+                raise
+            # beyond the ledger's range is above max_cost too: capped alike (the call ran;
+            # refusing now would leave it unbilled)
+            log.warning(
+                "meter(%r): cost beyond the ledger's range exceeds max_cost %d; charging "
+                "max_cost", self.event, self.hold,
+            )  # fmt: skip
+            return self.hold
         if amount > self.hold:
             log.warning(
                 "meter(%r): cost %d exceeds max_cost %d; charging max_cost",
@@ -82,6 +109,14 @@ class _Pricing:
         return amount
 
 
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` hands back a coroutine or an async generator (an
+    ``async def``, a partial of one, an object whose ``__call__`` is one)."""
+    call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's own method
+    return any(inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f)
+               for f in (fn, call))  # fmt: skip
+
+
 def _float_noise_off(cost: object) -> object:
     """A cost function's float, as the 6-decimal amount it stands for when it is one up
     to float arithmetic's noise: ``1234 * 0.000002`` is 0.0024679999999999997, and is
@@ -89,9 +124,11 @@ def _float_noise_off(cost: object) -> object:
     that really has more decimals (``0.0000001``) is refused as before."""
     if not isinstance(cost, float) or not math.isfinite(cost):
         return cost
-    exact = Decimal(repr(cost))
-    rounded = exact.quantize(_ATOMIC, rounding=ROUND_HALF_EVEN)
-    if rounded != exact and rounded and abs(exact - rounded) <= abs(rounded) * _FLOAT_NOISE:
+    exact = Decimal(repr(cost))  # from its digits: exact, whatever the context
+    # every step in a private context (the caller's may round, or trap, or both)
+    rounded = _EXACT.quantize(exact, _ATOMIC)
+    error = _EXACT.abs(_EXACT.subtract(exact, rounded))
+    if rounded != exact and rounded and error <= _EXACT.multiply(_EXACT.abs(rounded), _FLOAT_NOISE):
         return rounded
     return cost
 
@@ -100,6 +137,11 @@ def _float_noise_off(cost: object) -> object:
 #: terms (doubles carry ~16 significant digits).
 _ATOMIC = Decimal("0.000001")
 _FLOAT_NOISE = Decimal("1e-12")
+#: Arithmetic on a float's digits, independent of the caller's decimal context: precise
+#: enough that only ``quantize`` rounds (where asked: a double has at most ~315 digits
+#: down to 10**-6), and it never traps.
+_EXACT = Context(prec=400, rounding=ROUND_HALF_EVEN, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[],
+                 flags=[])  # fmt: skip
 
 Payer = Callable[[tuple[Any, ...], dict[str, Any]], str]
 
@@ -144,10 +186,9 @@ def make_meter(
     max_cost: AmountLike | None = None,
     void_on_error: bool | None = None,
     session_param: str | None = None,
-    track: bool = False,
 ) -> Callable[[F], F]:
-    """``track``: count each call in flight on its client (``configure`` closes a client
-    it replaced only once none is)."""
+    """The ``@meter`` decorator. Every call is counted in flight on its client
+    (``call_started``), so that closing or retiring the client waits for it."""
     check_code(event, "event")
     pricing = _Pricing(cost, max_cost, event)
 
@@ -163,7 +204,18 @@ def make_meter(
         return await client.payer_async(user_id=None, session=value, event=event,
                                         amount=pricing.hold)  # fmt: skip
 
+    def unseen(hold_id: str, wallet: str, client: DripClient) -> Transfer:
+        """The hold ``hold_id`` as the ledger would have returned it, to void one that
+        may have landed while its caller never got it back (an interrupt)."""
+        return Transfer(hold_id, wallet, client.revenue_account, pricing.hold, event,
+                        TransferFlags.PENDING, None, client.config.hold_timeout_s)  # fmt: skip
+
     def decorate(fn: F) -> F:
+        if isinstance(fn, (staticmethod, classmethod)):
+            # @meter above @staticmethod/@classmethod: meter the function itself, and wrap
+            # it again, so it binds (or not) as written and the payer is found where the
+            # function's own signature puts it
+            return cast(F, type(fn)(decorate(fn.__func__)))
         call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's own method
         if any(inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f)
                for f in (fn, call)):  # fmt: skip
@@ -184,28 +236,41 @@ def make_meter(
             async def metered_async(*args: Any, **kwargs: Any) -> Any:
                 _last_charge.set(None)
                 client = get_client()
-                if not track:
-                    return await run_async(client, args, kwargs)
-                client.call_started()
-                try:
-                    return await run_async(client, args, kwargs)
-                finally:
-                    client.call_ended()
-
-            async def run_async(client: DripClient, args: Any, kwargs: Any) -> Any:
                 wallet, caps, refusals = await resolve_async(client, payer(args, kwargs))
-                led = client.ledger
-                with refusals:
-                    hold = await led.hold(
-                        new_call_id("call"), wallet, client.revenue_account, pricing.hold,
-                        code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
-                        private=True,  # voided by the ledger if this call is cancelled first
-                    )  # fmt: skip
+                led: Ledger | None = None
                 try:
+                    led = client.call_started()  # the ledger stays open until call_ended
+                    return await run_async(client, led, wallet, caps, refusals, args, kwargs)
+                finally:
+                    if led is not None:
+                        client.call_ended(led)
+
+            async def run_async(
+                client: DripClient, led: Ledger, wallet: str, caps: list[Cap], refusals: Any,
+                args: Any, kwargs: Any,
+            ) -> Any:  # fmt: skip
+                hold_id = new_call_id("call")
+                hold: Transfer | None = None
+                try:  # from before the hold: no moment where it is taken and nobody voids it
+                    with refusals:
+                        hold = await led.hold(
+                            hold_id, wallet, client.revenue_account, pricing.hold, code=event,
+                            timeout_s=client.config.hold_timeout_s, caps=caps,
+                            private=True,  # voided by the ledger if cancelled first
+                        )  # fmt: skip
                     result = await fn(*args, **kwargs)
                     amount = pricing.actual(result)
-                except BaseException:
-                    failed = _settle_failed_async(client, hold, void_wanted(client), caps)
+                except BaseException as exc:
+                    if hold is None:  # the hold failed, or was interrupted as it landed
+                        # a cancellation reaches the hold only inside Ledger.hold's own
+                        # await, which releases what it took; any other interrupt may
+                        # land after it returned
+                        if _may_have_landed(exc) and not isinstance(exc, asyncio.CancelledError):
+                            await asyncio.shield(
+                                _release_unseen_async(led, unseen(hold_id, wallet, client), caps)
+                            )
+                        raise
+                    failed = _settle_failed_async(led, hold, void_wanted(client), caps)
                     charge = await asyncio.shield(failed)
                     if charge is not None:
                         _last_charge.set(charge)
@@ -220,28 +285,38 @@ def make_meter(
         def metered(*args: Any, **kwargs: Any) -> Any:
             _last_charge.set(None)
             client = get_client()
-            if not track:
-                return run(client, args, kwargs)
-            client.call_started()
-            try:
-                return run(client, args, kwargs)
-            finally:
-                client.call_ended()
-
-        def run(client: DripClient, args: Any, kwargs: Any) -> Any:
             wallet, caps, refusals = resolve(client, payer(args, kwargs))
-            led = client.ledger.sync
-            with refusals:
-                hold = led.hold(
-                    new_call_id("call"), wallet, client.revenue_account, pricing.hold,
-                    code=event, timeout_s=client.config.hold_timeout_s, caps=caps,
-                    private=True,  # voided by the ledger if this thread is interrupted first
-                )  # fmt: skip
+            led: Ledger | None = None
             try:
+                led = client.call_started()  # the ledger stays open until call_ended
+                return run(client, led, wallet, caps, refusals, args, kwargs)
+            finally:
+                if led is not None:
+                    client.call_ended(led)
+
+        def run(
+            client: DripClient, opened: Ledger, wallet: str, caps: list[Cap], refusals: Any,
+            args: Any, kwargs: Any,
+        ) -> Any:  # fmt: skip
+            led = opened.sync
+            hold_id = new_call_id("call")
+            hold: Transfer | None = None
+            try:  # from before the hold: no moment where it is taken and nobody voids it
+                with refusals:
+                    hold = led.hold(
+                        hold_id, wallet, client.revenue_account, pricing.hold, code=event,
+                        timeout_s=client.config.hold_timeout_s, caps=caps,
+                        private=True,  # voided by the ledger if interrupted while waiting
+                    )  # fmt: skip
                 result = fn(*args, **kwargs)
                 lazy = _lazy_result(fn, result)
                 amount = 0 if lazy is not None else pricing.actual(result)
-            except BaseException:
+            except BaseException as exc:
+                if hold is None:  # the hold failed, or was interrupted as it landed
+                    if _may_have_landed(exc):
+                        lost = unseen(hold_id, wallet, client)
+                        _soon(client, opened, _release_unseen, led, lost, caps)
+                    raise
                 with settling_failed(hold):
                     if void_wanted(client):
                         led.void(hold, caps=caps)
@@ -252,7 +327,14 @@ def make_meter(
                 with settling_failed(hold):
                     led.void(hold, caps=caps)
                 raise lazy
-            charge = capture_sync(led, hold, amount, caps)
+            try:
+                charge = capture_sync(led, hold, amount, caps)
+            except BaseException as exc:
+                if not isinstance(exc, errors.DripError):
+                    # interrupted while capturing: the work ran, so the capture is finished
+                    # (or answered as a replay, if it landed) rather than left to expire
+                    _soon(client, opened, _capture_later, led, hold, amount, caps)
+                raise
             _last_charge.set(charge)
             return result
 
@@ -293,6 +375,73 @@ def settling_failed(hold: Transfer) -> Iterator[None]:
     except errors.DripError as exc:
         log.error("could not settle the hold %s of a failed call (%s); its timeout will",
                   hold.id, exc.code)  # fmt: skip
+
+
+def _may_have_landed(exc: BaseException) -> bool:
+    """Whether a hold that raised ``exc`` may still have been taken: an interrupt
+    (``KeyboardInterrupt``, a cancellation, whatever a signal handler raises) or a store
+    failure. A refusal (no credit, a policy, a paused user) took nothing."""
+    return not isinstance(exc, errors.DripError) or isinstance(exc, errors.StoreError)
+
+
+def _unseen_failed(hold: Transfer, exc: errors.DripError) -> None:
+    """A hold that never landed cannot be voided (nothing to release); one the ledger
+    voided already (its own interrupt handling) answers as a replay. Anything else is
+    logged: the hold's timeout releases it."""
+    if not isinstance(exc, (errors.HoldNotFound, errors.HoldAlreadyResolved)):
+        log.warning("could not void the hold %s of an interrupted call (%s); its timeout "
+                    "will", hold.id, exc.code)  # fmt: skip
+
+
+def _release_unseen(led: SyncLedger, hold: Transfer, caps: list[Cap]) -> None:
+    """Void a hold its caller may have lost to an interrupt as it landed."""
+    try:
+        led.void(hold, caps=caps)
+    except errors.DripError as exc:
+        _unseen_failed(hold, exc)
+    except Exception:  # a background thread: nobody else would see it
+        log.exception("could not void the hold %s of an interrupted call; its timeout will",
+                      hold.id)  # fmt: skip
+
+
+async def _release_unseen_async(led: Ledger, hold: Transfer, caps: list[Cap]) -> None:
+    """The async twin of :func:`_release_unseen`."""
+    try:
+        await led.void(hold, caps=caps)
+    except errors.DripError as exc:
+        _unseen_failed(hold, exc)
+
+
+def _capture_later(led: SyncLedger, hold: Transfer, amount: int, caps: list[Cap]) -> None:
+    """Capture (again: the same post is answered as a replay if it landed) for a call
+    whose capture an interrupt cut short."""
+    try:
+        capture_sync(led, hold, amount, caps)
+    except errors.HoldAlreadyResolved:
+        pass  # voided meanwhile (a store failure's own cleanup): nothing reserved
+    except Exception:  # a background thread: nobody else would see it
+        log.exception("could not capture the hold %s of an interrupted call; its timeout "
+                      "will release it", hold.id)  # fmt: skip
+
+
+def _soon(client: DripClient, led: Ledger, work: Callable[..., None], *args: Any) -> None:
+    """Finish an interrupted sync call's hold in a thread of its own: the interrupt goes on
+    to the caller at once (a Ctrl-C does not wait for the database; an interrupt inside
+    the ledger's own wait may even have left it slow to answer). The work counts as a
+    call on ``led``, so closing the client meanwhile does not close the ledger under it."""
+
+    def finish() -> None:
+        try:
+            work(*args)
+        finally:
+            client.call_ended(led)
+
+    client.call_joined(led)
+    try:
+        threading.Thread(target=finish, daemon=True, name="drip-settle-interrupted").start()
+    except BaseException:
+        client.call_ended(led)
+        raise
 
 
 def _late_caps(caps: list[Cap]) -> list[Cap]:
@@ -369,11 +518,10 @@ def capture_sync(led: SyncLedger, hold: Transfer, amount: int, caps: list[Cap]) 
 
 
 async def _settle_failed_async(
-    client: DripClient, hold: Transfer, void: bool, caps: list[Cap]
+    led: Ledger, hold: Transfer, void: bool, caps: list[Cap]
 ) -> Charge | None:
     """Void the hold of a failed call (or capture all of it); runs shielded from cancellation,
     so the caller sets ``last_charge`` from the returned charge in its own context."""
-    led = client.ledger
     with settling_failed(hold):
         if not void:  # capture all of it (charged afresh if the hold expired meanwhile)
             return await capture_async(led, hold, hold.amount, caps)
@@ -445,4 +593,4 @@ def meter(
 ) -> Callable[[F], F]:
     """``@client.meter`` on the client set by :func:`configure` (looked up at call time)."""
     return make_meter(default_client, cost, event, user_id_param, max_cost, void_on_error,
-                      session_param, track=True)  # fmt: skip
+                      session_param)  # fmt: skip
