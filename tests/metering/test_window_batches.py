@@ -70,3 +70,23 @@ async def test_a_partial_capture_frees_the_rest_for_the_same_batch(store_url: st
             raise AssertionError("the window took more than its max_amount")
     finally:
         client.close()
+
+
+def test_a_window_too_small_for_the_call_speaks_usdc(store_url: str) -> None:
+    """The engine counts atomic units; a session's refusal names amounts in USDC, as
+    every other message does."""
+    client, token = _client(store_url, {"per": "minute", "max_amount": "0.05"})
+    try:
+        wallet, caps, refusals = client.payer(user_id=None, session=token, event="e",
+                                              amount=100_000)  # fmt: skip
+        try:
+            with refusals:
+                client.ledger.sync.hold("big", wallet, client.revenue_account, 100_000,
+                                        code="e", timeout_s=60, caps=caps)  # fmt: skip
+        except errors.PolicyViolation as exc:
+            assert "0.1 USDC" in exc.message and "(0.05 USDC)" in exc.message, exc.message
+            assert "100000" not in exc.message
+        else:
+            raise AssertionError("a call above the window's max_amount was held")
+    finally:
+        client.close()

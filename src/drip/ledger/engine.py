@@ -624,6 +624,7 @@ class Engine:
                     f"this call reserves {amount}, more than the {limit.name} limit allows in "
                     f"{limit.window_s} s ({limit.max_amount})",
                     param=limit.name, policy=limit.name, account=account_id,
+                    reserved=amount, max_amount=limit.max_amount, window_s=limit.window_s,
                 )  # fmt: skip
         refused: tuple[int, WindowLimit, str] | None = None
         for limit in spec.limits:

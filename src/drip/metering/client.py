@@ -45,7 +45,7 @@ from drip.metering.sessions import (
     session_specs,
     session_view,
 )
-from drip.money import AmountLike, parse_amount, to_decimal
+from drip.money import AmountLike, format_plain, parse_amount, to_decimal
 
 if TYPE_CHECKING:
     from drip.metering.meter import F
@@ -156,8 +156,8 @@ def insufficient(user_id: str, event: str, exc: errors.DripError) -> errors.Drip
     needed = exc.details.get("needed")
     if isinstance(available, int) and isinstance(needed, int):
         message = (
-            f"user {user_id!r} has {to_decimal(max(available, 0))} USDC available; "
-            f"{event!r} needs {to_decimal(needed)}"
+            f"user {user_id!r} has {format_plain(max(available, 0))} USDC available; "
+            f"{event!r} needs {format_plain(needed)}"
         )
     else:
         message = f"user {user_id!r} cannot afford {event!r}"
@@ -496,11 +496,18 @@ def session_errors(info: SessionInfo, event: str = "") -> Iterator[None]:
             if account != info.account_id:
                 whose = f"the session's budget for {info.route_pattern(account)!r}"
             raise errors.SessionBudgetExhausted(
-                f"{whose} cannot cover {event!r} ({to_decimal(left)} USDC left)",
+                f"{whose} cannot cover {event!r} ({format_plain(left)} USDC left)",
                 param="X-Drip-Session",
                 available=exc.details.get("available"),
                 needed=exc.details.get("needed"),
             ) from None
+        if on_session and isinstance(exc, errors.PolicyViolation) and "reserved" in exc.details:
+            raise errors.PolicyViolation(  # the engine counts atomic units; callers, USDC
+                f"this call may cost up to {format_plain(exc.details['reserved'])} USDC, more "
+                f"than the {exc.details.get('policy')} limit allows in "
+                f"{exc.details.get('window_s')} s ({format_plain(exc.details['max_amount'])} "
+                "USDC)", param=exc.param, policy=exc.details.get("policy"),
+            ) from None  # fmt: skip
         if on_session and isinstance(exc, errors.AccountFrozen):
             raise errors.SessionClosed("this session is closed", param="X-Drip-Session") from None
         with user_errors(info.user_id, event):

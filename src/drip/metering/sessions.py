@@ -26,7 +26,7 @@ from typing import Any
 from drip import errors
 from drip.ledger import Account, AccountKind, AccountStatus
 from drip.ledger.types import WindowLimit, check_id
-from drip.money import AmountLike, format_plain, parse_amount, to_decimal
+from drip.money import AmountLike, format_plain, parse_amount
 
 TOKEN_PREFIX = "ds_"
 SESSION_PREFIX = "session:"
@@ -141,8 +141,8 @@ class Policy:
             )  # fmt: skip
         if self.max_per_call is not None and amount > self.max_per_call:
             raise errors.PolicyViolation(
-                f"this call may cost up to {to_decimal(amount)} USDC; the session allows "
-                f"{to_decimal(self.max_per_call)} per call",
+                f"this call may cost up to {format_plain(amount)} USDC; the session allows "
+                f"{format_plain(self.max_per_call)} per call",
                 param="max_per_call",
                 policy="max_per_call",
             )
