@@ -20,7 +20,7 @@ def test_readme_sdk_example_runs_as_shown(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "4.970700 active"
-    assert "needs 100.000000" in lines[1]
+    assert "needs 100" in lines[1] and "6.9707 USDC available" in lines[1]
     assert (tmp_path / "drip.db").exists()
 
 

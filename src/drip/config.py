@@ -7,7 +7,10 @@ import base64
 import logging
 import os
 import re
+import tomllib
 from collections.abc import Iterator
+from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -28,6 +31,17 @@ OTHER_ENV = frozenset(
 log = logging.getLogger("drip.config")
 #: The least key a Standard Webhooks secret carries (the library signs with HMAC-SHA256).
 WEBHOOK_SECRET_BYTES_MIN = 16
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    """drip.toml, whose syntax errors name the file (tomllib's say only where in it)."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            return super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            where = file_path.resolve() if isinstance(file_path, Path) else file_path
+            raise ValueError(f"{where}: {exc}") from exc
 
 
 class ServeConfig(BaseModel):
@@ -120,7 +134,7 @@ class DripConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        return (init_settings, env_settings, _TomlFile(settings_cls))
 
 
 def mask_password(url: object) -> object:

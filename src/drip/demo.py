@@ -25,6 +25,7 @@ from rich.table import Table
 from drip import DripClient, DripConfig, DripInsufficientCredits, errors, last_charge
 from drip.config import mask_password
 from drip.ledger import AccountKind, Ledger, open_ledger
+from drip.ledger.ledger import sqlite_path
 from drip.metering.client import WALLET_PREFIX, wallet_id
 from drip.money import format_amount
 
@@ -34,11 +35,11 @@ DEMO_USER = "researcher_42"
 def sqlite_file(url: str) -> str | None:
     """The file a ``sqlite:`` URL names, read as ``open_store`` reads it (relative
     ``sqlite:///demo.db``, absolute ``sqlite:////tmp/demo.db``); None for another
-    scheme or ``:memory:``, which name no file."""
+    scheme or ``:memory:``, which name no file. A ``sqlite:`` URL without ``//``
+    (``sqlite:drip.db``) is a ``ConfigError``."""
     if urlsplit(url).scheme != "sqlite":
         return None
-    path = url.split("://", 1)[1].split("?", 1)[0]
-    path = path[1:] if path.startswith("/") else path
+    path = sqlite_path(url)
     return path if path not in ("", ":memory:") else None
 
 

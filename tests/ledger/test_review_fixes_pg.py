@@ -426,3 +426,63 @@ async def test_a_value_sqlite_refuses_fails_alone_on_the_loop(sqlite_url: str) -
         _check_mates(led, results)
     finally:
         led.close()
+
+
+async def test_a_replay_refused_by_the_unique_index_is_a_replay_with_a_frozen_clock(
+    store_url: str,
+) -> None:
+    """The fast path's statement refused by the unique index proves nothing committed:
+    the row found is an earlier call's, a replay, even when both carry the same
+    timestamp (a frozen or coarse clock)."""
+    frozen = 1_700_000_000_000_000
+    led = open_ledger(store_url, clock_us=lambda: frozen)
+    try:
+        _books(led)
+        first = led.sync.charge("c1", W, R, 5, code="call")
+        assert first.replayed is False
+        assert led.sync.charge("c1", W, R, 5, code="call").replayed is True
+        assert (await led.charge("c1", W, R, 5, code="call")).replayed is True
+        assert led.balance(W).posted == 10_000 - 5
+    finally:
+        led.close()
+
+
+def test_a_linked_chain_naming_an_id_twice_says_so(store_url: str) -> None:
+    from drip.ledger.types import TransferFlags, TransferSpec
+
+    led = open_ledger(store_url)
+    try:
+        _books(led)
+        linked = int(TransferFlags.LINKED)
+        results = led.sync.create_transfers([
+            TransferSpec("b1", W, R, 1, "call", linked),
+            TransferSpec("b1", W, R, 1, "call"),
+        ])  # fmt: skip
+        assert isinstance(results[1], errors.InvalidTransfer)
+        assert "appears twice" in results[1].message
+        assert isinstance(results[0], errors.LinkedEventFailed)
+        assert led.get_transfer("b1") is None
+    finally:
+        led.close()
+
+
+def test_a_posted_transfer_leaves_an_open_hold_its_room(store_url: str) -> None:
+    """A hold accepted as fitting the counters when captured can always be captured in
+    full: a later posted transfer may not take the room it was counted against."""
+    from drip.money import AMOUNT_ATOMIC_MAX
+
+    led = open_ledger(store_url)
+    try:
+        led.sync.create_account("payer", "wallet")
+        for account in ("src", "sink"):  # no balance rule: "src" may run negative
+            led.sync.create_account(account, "revenue")
+        led.sync.transfer("fund-payer", "funding:USDC", "payer", 100, code="topup")
+        led.sync.transfer("pre", "src", "sink", AMOUNT_ATOMIC_MAX - 1100, code="call")
+        hold = led.sync.hold("hh", "payer", "sink", 100, code="call", timeout_s=60)
+        with pytest.raises(errors.InvalidTransfer):  # would eat the hold's room on "sink"
+            led.sync.transfer("late", "src", "sink", 1050, code="call")
+        led.sync.transfer("fits", "src", "sink", 1000, code="call")  # what is left beside it
+        assert led.sync.post(hold).amount == 100
+        assert led.check_invariants().ok
+    finally:
+        led.close()

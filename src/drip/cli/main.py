@@ -5,7 +5,10 @@ too: the demo deletes its database to start afresh, so it has one of its own. Co
 that only read (or change what exists) never create a SQLite file: a mistyped path is an
 error, not an empty ledger. Errors print one clear line on stderr and exit non-zero;
 they never print a traceback. Stored text (emails, labels) and error messages are
-printed as they are, never as Rich markup.
+printed as they are, never as Rich markup, and with control characters shown as escapes
+(``\x1b``): a stored email cannot move the cursor, clear the screen or plant a link.
+Commands that only read open the ledger read-only: they never migrate it, create its
+system accounts or tables, or expire holds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import functools
 import os
 import sqlite3
 import sys
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -106,20 +110,22 @@ def _client(database_url: str | None, *, existing: bool = False) -> DripClient:
     return DripClient(config)
 
 
-def _ledger(database_url: str | None, *, existing: bool = True) -> Ledger:
-    """The ledger alone, for commands that need no client: opening a Drip database writes
-    nothing (a DripClient would book its revenue account), and with ``existing`` a
-    missing SQLite file is an error rather than a new, empty (and healthy) ledger."""
+def _ledger(database_url: str | None, *, existing: bool = True, read_only: bool = True) -> Ledger:
+    """The ledger alone, for commands that need no client (a DripClient would book its
+    revenue account). ``read_only`` (the default) writes nothing at all: no migration,
+    no system accounts, no expired holds; a schema older than this Drip's is an error.
+    With ``existing``, a missing SQLite file is an error rather than a new, empty (and
+    healthy) ledger."""
     config = _config(database_url)
     if existing:
         _require_database(config.database_url)
-    return open_ledger(config.database_url, fee_bps=config.fee_bps)
+    return open_ledger(config.database_url, fee_bps=config.fee_bps, read_only=read_only)
 
 
 def _fail(code: str, message: str) -> None:
     """Print ``error (code): message`` on one line; the message (which may quote stored
     text or what was typed) is printed as it is, not read as Rich markup."""
-    first = message.splitlines()[0] if message else ""
+    first = _visible(message.splitlines()[0]) if message else ""
     err.print(Text.assemble(("error", "bold red"), f" ({code}): {first}"), highlight=False)
 
 
@@ -151,10 +157,28 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: Characters a terminal acts on rather than shows, other than control characters
+#: (``Cc``: C0, DEL, C1): line and paragraph separators, and the bidirectional
+#: embeddings, overrides and isolates that reorder what follows them.
+_INVISIBLE = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _visible(text: str) -> str:
+    """``text`` with each control character (and ``_INVISIBLE`` one) replaced by its
+    escape as Python writes it (ESC is ``\x1b``, a newline ``\n``): stored text cannot
+    send the terminal an escape sequence (an OSC 8 link, a screen clear, a title)."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ascii(c)[1:-1] if c in _INVISIBLE or unicodedata.category(c) == "Cc" else c for c in text
+    )
+
+
 def _add_row(table: Table, *cells: str) -> None:
     """A row of data, shown as it is: a cell given as a str is Rich markup, so an email of
-    '[/]' would crash the table and '[link=...]...[/link]' would show as a link."""
-    table.add_row(*(Text(cell) for cell in cells))
+    '[/]' would crash the table and '[link=...]...[/link]' would show as a link; and a
+    control character would reach the terminal (``_visible``)."""
+    table.add_row(*(Text(_visible(cell)) for cell in cells))
 
 
 def _get_user(ledger: Ledger, user_id: str) -> dict[str, Any]:
@@ -226,7 +250,7 @@ def wallet_list(
     users = [user_view(a) for a in accounts]
     out.print(_user_table(users))
     if len(users) == limit:
-        out.print(f"more: drip wallet list --after {users[-1]['user_id']}", markup=False,
+        out.print(f"more: drip wallet list --after {_visible(users[-1]['user_id'])}", markup=False,
                   highlight=False)  # fmt: skip
 
 
@@ -308,7 +332,7 @@ def doctor(database_url: DatabaseUrl = None) -> None:
     table.add_column("evidence")
     for name, passed, detail in report.checks:
         result = Text("ok", "green") if passed else Text("FAILED", "bold red")
-        table.add_row(Text(name), result, Text(detail))
+        table.add_row(Text(_visible(name)), result, Text(_visible(detail)))
     out.print(table)
     if not report.ok:
         _fail("invariant_violation", "the ledger failed a check")
@@ -334,9 +358,10 @@ def demo(
 
 
 def _keys(database_url: str | None, *, existing: bool = True) -> tuple[Ledger, Any]:
+    """For the commands that write keys (the table is created if need be)."""
     from drip.server.keys import KeyStore
 
-    ledger = _ledger(database_url, existing=existing)
+    ledger = _ledger(database_url, existing=existing, read_only=False)
     try:
         return ledger, KeyStore(ledger.store)
     except BaseException:
@@ -366,9 +391,14 @@ def keys_create(
 @friendly
 def keys_list(database_url: DatabaseUrl = None) -> None:
     """List API keys (ids and scopes, never secrets)."""
-    ledger, store = _keys(database_url)
+    from drip.server.keys import ApiKey, KeyStore
+
+    ledger = _ledger(database_url)  # read-only: creates no table
     try:
-        keys = store.list()
+        keys: list[ApiKey] = []  # no table: no key was ever created here
+        if ledger.store.schema_version("api_keys") > 0:
+            # on a read-only store, KeyStore checks the schema (an older one is an error)
+            keys = KeyStore(ledger.store).list()
     finally:
         ledger.close()
     table = Table()
@@ -437,6 +467,14 @@ def facilitator_command(
     gas_limit: Annotated[
         int, typer.Option(min=21_000, max=1_000_000, help="Gas limit of each settlement")
     ] = 150_000,
+    asset: Annotated[
+        list[str],
+        typer.Option(help="Token address(es) it settles (default: each network's USDC)"),
+    ] = [],  # noqa: B006 - typer's way to a repeatable option
+    pay_to: Annotated[
+        list[str],
+        typer.Option(help="Only settle payments to these address(es) (default: any)"),
+    ] = [],  # noqa: B006
 ) -> None:
     """Run an x402 facilitator: GET /supported, POST /verify, POST /settle (x402 v2)."""
     import uvicorn
@@ -448,7 +486,8 @@ def facilitator_command(
     configure_logging()
     store = open_store(database_url or DripConfig().database_url)
     try:
-        app_ = create_app(build(rpc_url, private_key, list(network), gas_limit=gas_limit), store)
+        app_ = create_app(build(rpc_url, private_key, list(network), gas_limit=gas_limit),
+                          store, assets=asset or None, pay_to=pay_to or None)  # fmt: skip
         uvicorn.run(app_, host=host, port=port, log_config=None, access_log=False)
     finally:
         store.close()

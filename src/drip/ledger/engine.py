@@ -424,6 +424,16 @@ class Engine:
                 results.extend(err for _ in chain)
                 i += len(chain)
                 continue
+            ids = [spec.id for spec in chain]
+            twice = next((k for k, x in enumerate(ids) if x in ids[:k]), None)
+            if twice is not None:  # nothing is tried: the chain could never be all of itself
+                dup = errors.InvalidTransfer(
+                    f"transfer id {ids[twice]!r} appears twice in this linked chain", param="id"
+                )
+                linked = errors.LinkedEventFailed("another transfer in this linked chain failed")
+                results.extend(dup if k == twice else linked for k in range(len(chain)))
+                i = j + 1
+                continue
             results.extend(self._apply_chain(chain))
             i = j + 1
         return results
@@ -596,8 +606,10 @@ class Engine:
             self._new_hold_ids.add(spec.id)
             self.writes.new_holds.append(hold)
         else:
-            if (debit.debits_posted + amount > AMOUNT_ATOMIC_MAX
-                    or credit.credits_posted + amount > AMOUNT_ATOMIC_MAX):  # fmt: skip
+            # the open holds' room stays theirs: each can still be captured in full
+            if (debit.debits_posted + debit.debits_pending + amount > AMOUNT_ATOMIC_MAX
+                    or credit.credits_posted + credit.credits_pending + amount
+                    > AMOUNT_ATOMIC_MAX):  # fmt: skip
                 raise errors.InvalidTransfer("the transfer would overflow an account counter")
             self._touch_account(debit).debits_posted += amount
             self._touch_account(credit).credits_posted += amount

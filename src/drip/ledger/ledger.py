@@ -505,6 +505,7 @@ class _Reads:
     """Reads shared by both twins; they go straight to the store (no batching needed)."""
 
     store: Store
+    plans: _Plans
 
     def account(self, account_id: str) -> Account:
         account = self.store.get_account(account_id)
@@ -581,7 +582,24 @@ class _Reads:
                                 bucket_s=bucket_s, code=code)  # fmt: skip
 
     def check_invariants(self) -> InvariantReport:
-        return self.store.check_invariants()
+        """The store's checks, and that this ledger's system accounts exist (a read-only
+        open does not create them)."""
+        report = self.store.check_invariants()
+        symbol = self.plans.asset.symbol
+        missing = []
+        for account_id, kind in ((funding_account_id(symbol), AccountKind.FUNDING),
+                                 (fee_account_id(symbol), AccountKind.FEE)):  # fmt: skip
+            account = self.store.get_account(account_id)
+            if account is None or account.kind != kind or account.asset != symbol:
+                missing.append(account_id)
+        report.add(
+            f"system accounts exist ({symbol})",
+            not missing,
+            f"{funding_account_id(symbol)}, {fee_account_id(symbol)}"
+            if not missing
+            else f"missing or not a {symbol} system account: {missing}",
+        )
+        return report
 
     def expire_holds(self) -> int:
         """Release every hold whose timeout has passed (also done every second in the
@@ -768,14 +786,34 @@ class SyncLedger(_Reads):
         return result
 
 
-def open_store(url: str, *, clock_us: Callable[[], int] = wall_clock_us) -> Store:
-    """A started store for ``sqlite:///path.db`` or ``postgresql://user:pw@host/db``."""
+def sqlite_path(url: str) -> str:
+    """The path a ``sqlite:`` URL names: ``sqlite:///drip.db`` is ``drip.db`` (relative),
+    ``sqlite:////tmp/drip.db`` is ``/tmp/drip.db``; query parameters are not part of it.
+    A URL without ``//`` (``sqlite:drip.db``) is a ``ConfigError``."""
+    rest = url.split(":", 1)[1] if ":" in url else ""
+    if not rest.startswith("//"):
+        raise errors.ConfigError(
+            f"{url!r} is not a SQLite URL: use sqlite:///path (sqlite:///drip.db, or "
+            "sqlite:////abs/path/drip.db for an absolute path)",
+            param="database_url",
+        )
+    path = rest[2:].split("?", 1)[0]
+    return path[1:] if path.startswith("/") else path
+
+
+def open_store(
+    url: str, *, clock_us: Callable[[], int] = wall_clock_us, read_only: bool = False
+) -> Store:
+    """A started store for ``sqlite:///path.db`` or ``postgresql://user:pw@host/db``.
+
+    ``read_only``: the database is neither created nor migrated (a schema older than
+    this Drip's is a ``StoreError``), no writer threads start, and every write is refused.
+    """
     parts = urlsplit(url)
     options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     store: Store
     if parts.scheme == "sqlite":
-        path = url.split("://", 1)[1].split("?", 1)[0]
-        path = path[1:] if path.startswith("/") else path
+        path = sqlite_path(url)
         if not path or path == ":memory:":
             raise errors.ConfigError(
                 "SQLite needs a file (sqlite:///drip.db); ':memory:' cannot be shared by the "
@@ -784,7 +822,7 @@ def open_store(url: str, *, clock_us: Callable[[], int] = wall_clock_us) -> Stor
         from drip.ledger.sqlite import SqliteStore
 
         store = SqliteStore(path, synchronous=options.get("synchronous", "normal"),
-                            clock_us=clock_us)  # fmt: skip
+                            clock_us=clock_us, read_only=read_only)  # fmt: skip
     elif parts.scheme in ("postgresql", "postgres"):
         from drip.ledger.postgres import PostgresStore
 
@@ -793,7 +831,11 @@ def open_store(url: str, *, clock_us: Callable[[], int] = wall_clock_us) -> Stor
         raise errors.ConfigError(
             f"unsupported database URL scheme {parts.scheme!r}: use sqlite:/// or postgresql://"
         )
-    store.start()
+    try:
+        store.start(read_only=read_only)
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
@@ -803,12 +845,17 @@ def open_ledger(
     asset: Asset = USDC,
     fee_bps: int = 0,
     clock_us: Callable[[], int] = wall_clock_us,
+    read_only: bool = False,
 ) -> Ledger:
-    """Open (and migrate) the database at ``url`` and make sure the system accounts exist."""
-    store = open_store(url, clock_us=clock_us)
+    """Open (and migrate) the database at ``url`` and make sure the system accounts exist.
+
+    ``read_only``: open it to read only, writing nothing (see ``open_store``): no
+    migration, no system accounts created (``check_invariants`` reports one missing)."""
+    store = open_store(url, clock_us=clock_us, read_only=read_only)
     try:
         ledger = Ledger(store, asset=asset, fee_bps=fee_bps)
-        ledger.sync._run(ledger.plans.system_accounts())
+        if not read_only:
+            ledger.sync._run(ledger.plans.system_accounts())
     except BaseException:
         store.close()
         raise

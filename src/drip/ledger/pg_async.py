@@ -23,7 +23,13 @@ import psycopg
 from drip import errors
 from drip.ledger.batching import LoopBound, answer, drop_orphans, fail, hand_off_cancelled
 from drip.ledger.engine import Op, Result, private_holds_only
-from drip.ledger.pg_optimistic import lost_race, one_statement, prepare, take_seqs
+from drip.ledger.pg_optimistic import (
+    lost_race,
+    may_have_committed,
+    one_statement,
+    prepare,
+    take_seqs,
+)
 from drip.ledger.types import BATCH_OPS_MAX
 
 if TYPE_CHECKING:
@@ -113,12 +119,13 @@ class LoopBatcher(LoopBound):
             conn = await self._connection()
             cursor = await conn.execute(query, params)
             rows = await cursor.fetchall()
-        except psycopg.Error:
+        except psycopg.Error as exc:
             # a lost compare-and-set or a replayed id: nothing was committed (one
             # statement, autocommit); a broken connection: maybe it was, unseen, so the
             # run that follows answers those rows as the operations' own (``attempts``).
             # The locked path decides.
-            self.store.attempts.note(ops, writes)
+            if may_have_committed(exc):
+                self.store.attempts.note(ops, writes)
             lost_race(cache)
             await self._reset()
             return None

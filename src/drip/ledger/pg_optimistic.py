@@ -46,10 +46,11 @@ def try_batch(
     try:
         _send(conn, writes, before, private_holds_only(ops))
     except Exception as exc:
-        # the statement may have committed though its answer was lost (a connection
-        # broken after sending it): the run that follows answers those rows as the
-        # operations' own, not as replays
-        store.attempts.note(ops, writes)
+        if may_have_committed(exc):
+            # the statement may have committed though its answer was lost (a connection
+            # broken after sending it): the run that follows answers those rows as the
+            # operations' own, not as replays
+            store.attempts.note(ops, writes)
         # whatever failed, leave no aborted transaction behind for the locked path
         _reset(conn)
         lost_race(cache)
@@ -221,3 +222,11 @@ def _reset(conn: psycopg.Connection[Any]) -> None:
             conn.rollback()
     except psycopg.Error:
         conn.close()  # the locked path opens a fresh connection
+
+
+def may_have_committed(exc: BaseException) -> bool:
+    """Whether a statement that failed with ``exc`` may have committed all the same: the
+    connection lost (its answer never came), or anything not from the server. An error
+    the server answered (a unique or check violation, a lost compare-and-set) proves the
+    single autocommit statement did not: its rows, found later, are another call's."""
+    return isinstance(exc, psycopg.OperationalError) or not isinstance(exc, psycopg.DatabaseError)

@@ -33,7 +33,7 @@ from drip import errors
 from drip.ledger.batching import FORKED, on_fork_in_child
 from drip.ledger.engine import Engine, Op, Result, Writes
 from drip.ledger.pg_async import LoopBatcher
-from drip.ledger.pg_optimistic import try_batch
+from drip.ledger.pg_optimistic import may_have_committed, try_batch
 from drip.ledger.rowcache import RowCache
 from drip.ledger.store import (
     ACCOUNT_COLUMNS,
@@ -290,6 +290,7 @@ class PostgresStore(Store):
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
         """Asyncio callers' batches run on their loop (``pg_async``)."""
+        self.check_writable()
         if not self.is_open:
             raise errors.StoreError("the ledger store is not open")
         loop = asyncio.get_running_loop()
@@ -322,8 +323,9 @@ class PostgresStore(Store):
             engine = Engine(self.loader(cur), self.clock_us())
             try:
                 return self.apply_with(cur, engine, ops)
-            except BaseException:
-                self.attempts.note(ops, engine.writes)
+            except BaseException as exc:
+                if may_have_committed(exc):
+                    self.attempts.note(ops, engine.writes)
                 raise
 
     def _run_locked(self, ops: list[Op]) -> list[list[Result]]:
@@ -394,6 +396,9 @@ class PostgresStore(Store):
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         if self.inherited:
             raise errors.StoreError(FORKED)
+        if self.read_only:  # checked, never changed
+            self.check_schema(component, migrations)
+            return
         try:
             self._migrate(component, migrations)
         except psycopg.Error as exc:  # a timeout, a lost connection: typed, as SQLite's

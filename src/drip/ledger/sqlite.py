@@ -166,10 +166,16 @@ class SqliteStore(Store):
         *,
         synchronous: str = "normal",
         clock_us: Callable[[], int] = wall_clock_us,
+        read_only: bool = False,
     ) -> None:
         super().__init__(clock_us=clock_us)
         if synchronous.lower() not in _SYNCHRONOUS:
             raise errors.ConfigError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
+        #: read-only: no file is created, every connection is ``query_only``, and the
+        #: journal mode is left as it is (a Drip database is in WAL mode already)
+        self.read_only = read_only
+        if read_only and not os.path.exists(path):
+            raise errors.StoreError(f"no SQLite database at {path!r}", param="database_url")
         self.path = path
         self.synchronous = _SYNCHRONOUS[synchronous.lower()]
         self._local = threading.local()
@@ -180,7 +186,9 @@ class SqliteStore(Store):
         self._all_lock = threading.Lock()
         self._writer = self._connect()
         try:
-            self._writer.execute("PRAGMA journal_mode=WAL")
+            self._writer.execute(
+                "SELECT count(*) FROM sqlite_master" if read_only else "PRAGMA journal_mode=WAL"
+            )
         except sqlite3.Error as exc:  # e.g. "file is not a database"
             self._writer.close()
             raise errors.StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
@@ -240,6 +248,7 @@ class SqliteStore(Store):
                 # commits never checkpoint (that would fsync on the hot path); housekeeping
                 f"wal_autocheckpoint={0 if self.synchronous != 'FULL' else 1000}",
                 "journal_size_limit=67108864",
+                *(("query_only=ON",) if self.read_only else ()),
             ):
                 conn.execute(f"PRAGMA {pragma}")
         except sqlite3.Error as exc:
@@ -552,6 +561,7 @@ class SqliteStore(Store):
         """As the base, but on the loop's connection when the write lock is free at once:
         a write there (never to a ledger table) leaves its memory of ledger rows provably
         current, where one from another connection would make the next batch read them."""
+        self.check_writable()
         self.settle()
         if not self._write_lock.acquire(blocking=False):
             with self._locked():  # not behind windows the loop keeps reopening
@@ -611,6 +621,7 @@ class SqliteStore(Store):
         self._cache.clear()
 
     def submit_async(self, op: Op) -> Awaitable[list[Result]]:
+        self.check_writable()
         loop = asyncio.get_running_loop()
         last = self._last_batcher
         batcher = None if last is None else last()
@@ -634,6 +645,7 @@ class SqliteStore(Store):
             self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def expire_due_holds(self) -> int:
+        self.check_writable()
         self.checkpoint()
         return super().expire_due_holds()
 
@@ -681,6 +693,9 @@ class SqliteStore(Store):
             raise errors.InvariantViolation(f"the database refused the batch: {exc}") from exc
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
+        if self.read_only:  # checked, never changed
+            self.check_schema(component, migrations)
+            return
         with self._locked():
             try:
                 self._migrate(component, migrations)

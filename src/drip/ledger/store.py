@@ -114,12 +114,21 @@ class Store(abc.ABC):
         #: operations whose attempt may have committed unseen (a connection lost under its
         #: commit); their next run answers their own rows as new (``engine.Attempts``)
         self.attempts = Attempts()
+        #: opened to read only (``start(read_only=True)``): no migration, no writer
+        #: threads, no housekeeping (expiring holds writes); every write is refused
+        self.read_only = False
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, read_only: bool = False) -> None:
+        """Migrate the schema and start the writer threads; with ``read_only``, only
+        check that the schema is current (``StoreError`` if not) and start nothing."""
         from drip.ledger.schema import LEDGER_MIGRATIONS
 
+        if read_only:
+            self.read_only = True
+            self.check_schema("ledger", LEDGER_MIGRATIONS)
+            return
         self.migrate("ledger", LEDGER_MIGRATIONS)
         self._committer = GroupCommitter(
             self.run_batch,
@@ -142,6 +151,7 @@ class Store(abc.ABC):
 
     @property
     def committer(self) -> GroupCommitter:
+        self.check_writable()
         if self._committer is None:
             raise errors.StoreError("the ledger store is not open")
         return self._committer
@@ -172,6 +182,39 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None: ...
+
+    def check_writable(self) -> None:
+        """Raise ``StoreError`` if this store was opened read-only."""
+        if self.read_only:
+            raise errors.StoreError("the ledger was opened read-only: it cannot write")
+
+    def schema_version(self, component: str) -> int:
+        """The latest migration of ``component`` the database has (0: none, or no Drip
+        schema at all). Reads only: creates nothing."""
+        if self.dialect == "sqlite":
+            exists = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?"
+        else:
+            exists = "SELECT count(*) WHERE to_regclass(?::text) IS NOT NULL"
+        if not self.query(exists, ("drip_migrations",))[0][0]:
+            return 0
+        rows = self.query(
+            "SELECT coalesce(max(version), 0) FROM drip_migrations WHERE component = ?",
+            (component,),
+        )
+        return int(rows[0][0])
+
+    def check_schema(self, component: str, migrations: Sequence[Migration]) -> None:
+        """What a read-only open does instead of migrating: refuse (``StoreError``) a
+        database whose schema of ``component`` is older than this Drip's."""
+        needed = max((m.version for m in migrations), default=0)
+        current = self.schema_version(component)
+        if current < needed:
+            name = "" if component == "ledger" else f" ({component})"
+            raise errors.StoreError(
+                f"database schema{name} at version {current}, Drip needs {needed}: run a "
+                "write command or `drip serve` to migrate",
+                param="database_url",
+            )
 
     def sql(self, query: str) -> str:
         """Our SQL uses ``?`` placeholders; PostgreSQL's driver wants ``%s``."""
@@ -239,6 +282,7 @@ class Store(abc.ABC):
 
     def expire_due_holds(self) -> int:
         """Release holds whose timeout passed (bounded per call); returns how many."""
+        self.check_writable()
         with self.read() as cur:
             cur.execute(
                 self.sql(
@@ -263,6 +307,7 @@ class Store(abc.ABC):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """One statement on a table of another component (API keys, idempotency records),
         committed on its own; returns the row count. Never for the ledger's tables."""
+        self.check_writable()
         with self.read() as cur:
             cur.execute(self.sql(sql), tuple(params))
             return int(cur.rowcount)
@@ -436,9 +481,13 @@ class Store(abc.ABC):
                 ok,
                 f"{n} accounts; posted {dp} = {cp}; pending {dpe} = {cpe}",
             )
+        no_overdraft = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+        wallet = AccountKind.WALLET.value
+        # every wallet, whatever its flags say (a wallet whose rule was cleared could be
+        # overdrawn without the database's CHECK refusing it), and every flagged account
         overdrawn = query(
             "SELECT id, credits_posted - debits_posted - debits_pending FROM accounts "
-            f"WHERE (flags & {int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)}) <> 0 "
+            f"WHERE (kind = '{wallet}' OR (flags & {no_overdraft}) <> 0) "
             "AND credits_posted - debits_posted - debits_pending < 0 LIMIT 5"
         )
         report.add(
@@ -446,29 +495,75 @@ class Store(abc.ABC):
             not overdrawn,
             "none" if not overdrawn else f"overdrawn: {overdrawn}",
         )
-        multi = query(
-            "SELECT pending_id, count(*) FROM transfers WHERE pending_id IS NOT NULL "
-            "GROUP BY pending_id HAVING count(*) > 1 LIMIT 5"
-        )
-        # non-correlated IN/NOT IN subqueries: each is built once (hashed), never per row
-        resolved_ids = "SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL"
-        mismatched = query(
-            f"SELECT id FROM transfers WHERE (hold_state = 0 AND id IN ({resolved_ids})) "
-            f"OR (hold_state <> 0 AND id NOT IN ({resolved_ids})) LIMIT 5"
-        ) + query(
-            f"SELECT pending_id FROM transfers WHERE (flags & {int(TransferFlags.POST_PENDING)}) "
-            "<> 0 AND (pending_id, amount) NOT IN (SELECT id, hold_resolved_amount FROM "
-            "transfers WHERE hold_state = 1) LIMIT 5"
-        )
+        unguarded = [
+            row[0]
+            for row in query(
+                f"SELECT id FROM accounts WHERE kind = '{wallet}' "
+                f"AND (flags & {no_overdraft}) = 0 LIMIT 5"
+            )
+        ]
         report.add(
-            "every hold resolved at most once",
-            not multi and not mismatched,
-            "holds consistent with their resolving transfers"
-            if not multi and not mismatched
-            else f"resolved twice: {multi}; state mismatch: {mismatched}",
+            "every wallet refuses overdraft",
+            not unguarded,
+            "every wallet has debits_must_not_exceed_credits"
+            if not unguarded
+            else f"wallets without debits_must_not_exceed_credits: {unguarded}",
         )
+        report.add(*self._holds_check(query))
         report.add(*self._fold_check(query, accounts))
         return report
+
+    @staticmethod
+    def _holds_check(query: Callable[[str], list[tuple[Any, ...]]]) -> tuple[str, bool, str]:
+        """Every hold resolved at most once, and as the transfer that resolved it says.
+
+        A hold is a pending transfer whose own row carries its state; a transfer that
+        resolves it names it in ``pending_id``, and the hold names that transfer in
+        ``hold_resolved_by``. A pending hold has no resolving transfer; a resolved one has
+        exactly one, of the kind its state says: a post (``POSTED``, and
+        ``hold_resolved_amount`` is the amount posted), a void (``VOIDED``) or an expiry
+        (``EXPIRED``), both of the hold's amount and resolving 0; on the hold's accounts.
+        A hold row must have a state and a resolved amount (0 while pending).
+
+        One statement, two passes over the journal, each row looking up one other by its
+        unique id (the index; a hash join on PostgreSQL): every hold checks the transfer it
+        names, and every resolving transfer checks that its hold names it back (so a
+        second one, or one resolving a pending hold or a non-hold, fails).
+        """
+        pending = int(TransferFlags.PENDING)
+        kind = f"(r.flags & {RESOLVING_FLAGS})"
+        posted, voided = int(HoldState.POSTED), int(HoldState.VOIDED)
+        expired, open_ = int(HoldState.EXPIRED), int(HoldState.PENDING)
+        states = ", ".join(str(int(s)) for s in HoldState)
+        release = "h.hold_resolved_amount = 0 AND r.amount = h.amount"
+        rows = query(
+            "SELECT h.id FROM transfers h LEFT JOIN transfers r ON r.id = h.hold_resolved_by "
+            f"WHERE ((h.flags & {pending}) <> 0 OR h.hold_state IS NOT NULL) AND ("
+            f"(h.flags & {pending}) = 0 OR h.hold_state IS NULL OR h.hold_resolved_amount IS NULL "
+            f"OR h.hold_state NOT IN ({states}) "
+            f"OR (h.hold_state = {open_} AND h.hold_resolved_by IS NOT NULL) "
+            f"OR (h.hold_state <> {open_} AND (r.id IS NULL OR r.pending_id IS NULL "
+            "OR r.pending_id <> h.id OR r.debit_account_id <> h.debit_account_id "
+            "OR r.credit_account_id <> h.credit_account_id OR NOT ("
+            f"({kind} = {int(TransferFlags.POST_PENDING)} AND h.hold_state = {posted} "
+            "AND h.hold_resolved_amount = r.amount) "
+            f"OR ({kind} = {int(TransferFlags.VOID_PENDING)} AND h.hold_state = {voided} "
+            f"AND {release}) "
+            f"OR ({kind} = {int(TransferFlags.EXPIRE_PENDING)} AND h.hold_state = {expired} "
+            f"AND {release}))))) "
+            "UNION ALL "
+            "SELECT r.pending_id FROM transfers r LEFT JOIN transfers h ON h.id = r.pending_id "
+            "WHERE r.pending_id IS NOT NULL AND (h.id IS NULL OR h.hold_resolved_by IS NULL "
+            "OR h.hold_resolved_by <> r.id) LIMIT 10"
+        )
+        holds = list(dict.fromkeys(row[0] for row in rows))[:5]
+        detail = (
+            "holds consistent with their resolving transfers"
+            if not holds
+            else f"holds not as their resolving transfers say (resolved twice, not "
+            f"resolved, or state mismatch): {holds}"
+        )
+        return ("every hold resolved at most once", not holds, detail)
 
     @staticmethod
     def _fold_check(
@@ -490,11 +585,17 @@ class Store(abc.ABC):
             f"WHERE (flags & {NOT_POSTED_FLAGS}) = 0 GROUP BY credit_account_id"
         ):
             add(account, 1, amount)
+        # open holds: those no transfer resolved. Found through the resolving transfer the
+        # hold names, which must name the hold back (the unique index on ids; a hash join
+        # on PostgreSQL): a ``NOT IN`` list of every resolved id is hashed only while it
+        # fits PostgreSQL's work_mem, and is scanned once per hold past that (a journal
+        # of a million transfers took minutes). A hold that names no such transfer counts
+        # as open here, whatever its state says, so a tampered link fails this check too.
         for debit, credit, amount in query(
-            "SELECT debit_account_id, credit_account_id, sum(amount) FROM transfers t "
-            f"WHERE (flags & {int(TransferFlags.PENDING)}) <> 0 AND t.id NOT IN "
-            "(SELECT pending_id FROM transfers WHERE pending_id IS NOT NULL) "
-            "GROUP BY debit_account_id, credit_account_id"
+            "SELECT t.debit_account_id, t.credit_account_id, sum(t.amount) FROM transfers t "
+            "LEFT JOIN transfers r ON r.id = t.hold_resolved_by AND r.pending_id = t.id "
+            f"WHERE (t.flags & {int(TransferFlags.PENDING)}) <> 0 AND r.id IS NULL "
+            "GROUP BY t.debit_account_id, t.credit_account_id"
         ):
             add(debit, 2, amount)
             add(credit, 3, amount)

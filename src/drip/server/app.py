@@ -16,6 +16,7 @@ import logging
 import re
 import sqlite3
 import time
+import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -108,10 +109,23 @@ _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 log = logging.getLogger("drip.server")
 
 
+def _no_control(value: str | None) -> str | None:
+    """An email with a control character (ESC, a C1 code, a newline): stored, it would
+    reach whoever prints it (a terminal running ``drip wallet list`` acts on escape
+    sequences: links, screen clears) or a notice's headers."""
+    if (
+        value is not None
+        and not value.isprintable()
+        and any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
+    ):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 class WalletCreate(RequestBody):
     # no "/": the wallet's routes (/v1/wallets/{user_id}/...) could never reach it
     user_id: str = Field(min_length=1, max_length=150, pattern=r"^[^/]+$")
-    email: str | None = Field(default=None, max_length=320)
+    email: Annotated[str | None, AfterValidator(_no_control)] = Field(default=None, max_length=320)
     initial_balance: Amount = "0"
     metadata: Metadata = None
 
