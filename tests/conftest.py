@@ -19,6 +19,7 @@ from urllib.parse import quote
 import pytest
 import uvicorn
 
+import drip.chain._libs  # noqa: F401 - first: the chain libraries keep the recursion limit
 from drip.ledger import Ledger, open_ledger
 
 POSTGRES_DSN = os.environ.get("DRIP_TEST_POSTGRES_DSN", "")

@@ -4,7 +4,8 @@
 The x402 SDK (``x402Client`` with the EVM exact scheme) builds and signs the payment;
 Drip decides whether it may: max per call, budgets per rolling hour and day, allowed
 recipients, networks and assets. A refused payment is not signed; the 402 comes back to
-the caller with the refusal in ``X-Drip-Payment-Refused``.
+the caller with the refusal in ``X-Drip-Payment-Refused``. Options it cannot sign (another
+scheme, a network that is not EVM) are passed over for the next one.
 
 A signed authorization can be settled by whoever holds it until it expires, whatever the
 server answered: once signed, a payment counts against the budgets as a settled one does
@@ -30,7 +31,7 @@ from x402.http.utils import (
 )
 from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.mechanisms.evm.signers import EthAccountSigner
-from x402.schemas import PaymentRequired, PaymentRequirements
+from x402.schemas import PaymentRequired, PaymentRequirements, matches_network_pattern
 
 from drip.money import parse_amount
 
@@ -41,6 +42,10 @@ MAX_TIMEOUT_S = 300
 #: that expires within their settle margin (X402Meter's default is 30 s).
 MIN_TIMEOUT_S = 60
 _AMOUNT = re.compile(r"[1-9][0-9]{0,77}")
+#: what the SDK's EVM exact scheme signs for: ``eip155:<chain id>``
+_EVM_NETWORK = re.compile(r"eip155:[1-9][0-9]{0,19}")
+#: the refusal when no option is one this client can sign
+CANNOT_SIGN = "no payment option this client can sign (exact on eip155)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +163,20 @@ class PayingTransport(httpx.AsyncBaseTransport):
         self._x402 = x402Client()
         register_exact_evm_client(self._x402, EthAccountSigner(account))
         self._x402.set_spend_controls(False)  # Drip's policy below decides
+        #: (network pattern, scheme) the SDK client is registered to sign, x402 v2
+        self._kinds = [(k["network"], k["scheme"]) for k in self._x402.get_registered_schemes()[2]]
         self._spent = _Ledger()
+
+    def can_sign(self, option: PaymentRequirements) -> bool:
+        """Whether the option is one this client signs: ``exact`` on an ``eip155`` network
+        it is registered for (another scheme or a Solana network would make the SDK raise)."""
+        network = str(option.network)
+        return (
+            option.scheme == "exact"
+            and _EVM_NETWORK.fullmatch(network) is not None
+            and any(scheme == option.scheme and matches_network_pattern(network, pattern)
+                    for pattern, scheme in self._kinds)
+        )  # fmt: skip
 
     @property
     def payments(self) -> list[Payment]:
@@ -181,8 +199,10 @@ class PayingTransport(httpx.AsyncBaseTransport):
         now_s = time.time()
         with self._spent.lock:  # decide and reserve atomically across concurrent requests
             allowed: PaymentRequirements | None = None
-            refusal = "no acceptable payment option"
+            refusal = CANNOT_SIGN
             for option in required.accepts:
+                if not self.can_sign(option):
+                    continue  # another kind of payment: perhaps a later option is payable
                 try:
                     amount = check(self.policy, self._spent, option, now_s)
                 except PolicyRefused as exc:

@@ -13,10 +13,14 @@
   settled after serving.
 - A settlement that definitely failed (refused, nothing sent) answers 402 with the
   reason; one whose outcome is unknown (an exception, a timeout, a failure that names a
-  transaction, ``settlement_pending``) answers 502 ``settlement_pending`` with what is
-  known, never a bare 402, and its row stays ``unknown``. An error status from the handler
-  is not settled, and its reservation is released (the authorization was never used
-  on-chain).
+  transaction, ``settlement_pending``, ``nonce_already_used``: someone else settled the
+  authorization) answers 502 ``settlement_pending`` with what is known, never a bare
+  402, and its row stays ``unknown``. An error status from the handler is not settled,
+  and its reservation is released (the authorization was never used on-chain). A verify
+  the facilitator could not complete (``verify_error: ...``, e.g. its chain is down) is
+  503, not a 402: the payment was not found wanting.
+- A settle-first route whose handler raises after the payment settled answers 500 with
+  ``PAYMENT-RESPONSE`` and ``X-Drip-Receipt`` (when it had sent nothing yet).
 - Every settled payment is recorded in the ledger: ``x402:<network>`` -> the provider's
   revenue account, id ``x402:<payer>:<nonce>``, sent back as ``X-Drip-Receipt``. With a
   ``signer`` key, the 402 carries signed offers and ``PAYMENT-RESPONSE`` a signed receipt
@@ -52,7 +56,7 @@ from x402.http.utils import (
     encode_payment_required_header,
     encode_payment_response_header,
 )
-from x402.mechanisms.evm import ERR_VALID_BEFORE_EXPIRED
+from x402.mechanisms.evm import ERR_NONCE_ALREADY_USED, ERR_VALID_BEFORE_EXPIRED
 from x402.schemas import (
     PaymentPayload,
     PaymentRequired,
@@ -310,6 +314,14 @@ class X402Meter:
             return
         if not verified.is_valid:
             reason = verified.invalid_reason or "invalid payment"
+            if reason.startswith("verify_error"):
+                # the facilitator could not judge the payment (its chain is unreachable):
+                # an outage, not a reason to pay again
+                error = {"type": "api_error", "code": "facilitator_unavailable",
+                         "message": f"the payment could not be verified ({reason[:160]})",
+                         "param": None}  # fmt: skip
+                await _json(send, 503, {"error": error}, [(b"retry-after", b"5")])
+                return
             await self._payment_required(scope, send, route, reason)
             return
         key = authorization.key
@@ -402,6 +414,8 @@ class _PaidCall:
         self.done = False
         #: the client already got an answer from us (a failed settlement): drop the app's
         self.answered = False
+        #: a response start went to the client (the app's, or ours)
+        self.started = False
 
     def _release(self) -> None:
         self.meter.client.ledger.store.execute(
@@ -480,6 +494,23 @@ class _PaidCall:
                 log.exception("x402 payment settled (tx %s): no receipt", result.transaction)
         return encode_payment_response_header(result).encode()
 
+    async def _failed_after_settling(self, send: Send) -> None:
+        """The handler raised after the payment settled and before it answered: a 500 that
+        still says what was paid (``PAYMENT-RESPONSE``, ``X-Drip-Receipt``), with no signed
+        receipt (nothing was delivered)."""
+        self.started = True
+        headers = [(b"payment-response", self._payment_response(delivered=False))]
+        if self.transfer_id is not None:
+            headers.append((b"x-drip-receipt", self.transfer_id.encode()))
+        message = "the handler failed after the payment settled"
+        if self.transaction:
+            message += f" (transaction {self.transaction})"
+        error = {"type": "api_error", "code": "internal_error", "message": message, "param": None}
+        try:
+            await _json(send, 500, {"error": error}, headers)
+        except Exception:  # the client may be gone: the handler's error is the one to raise
+            log.exception("x402 payment settled (tx %s): no answer sent", self.transaction)
+
     async def _record(self, tx_hash: str, network: str) -> str:
         led = self.meter.client.ledger
         source = f"x402:{network}"
@@ -520,6 +551,7 @@ class _PaidCall:
                 headers.append((b"payment-response", self._payment_response(delivered)))
             if self.transfer_id is not None:
                 headers.append((b"x-drip-receipt", self.transfer_id.encode()))
+            self.started = True
             await send({**held, "headers": headers})
             return True
 
@@ -538,10 +570,12 @@ class _PaidCall:
 
         try:
             await self.meter.app(scope, receive, paid_send)
-        except BaseException:
+        except BaseException as exc:
             if not self.done:
                 self.done = True
                 self._release()
+            elif isinstance(exc, Exception) and self.settled is not None and not self.started:
+                await self._failed_after_settling(send)
             raise
         if start is not None and not self.answered:  # a start and no body message at all
             held, start = start, None
@@ -552,13 +586,20 @@ class _PaidCall:
             self._release()
 
 
+#: a settlement refused because the authorization was already used: by someone else's
+#: settlement of this very payment (the payer's money moved, to this route's payTo)
+_USED = frozenset({"nonce_already_used", ERR_NONCE_ALREADY_USED})
+
+
 def _ambiguous(result: SettleResponse) -> bool:
-    """A failed settlement whose money may still move: it names a transaction (one was
-    sent: whether it landed is for reconciliation to read from its receipt), or says its
-    outcome is unknown (the SDK's ``settlement_pending``, Drip's ``settle_error: ...``)."""
+    """A failed settlement whose money may still move, or has moved: it names a
+    transaction (one was sent: whether it landed is for reconciliation to read from its
+    receipt), says its outcome is unknown (the SDK's ``settlement_pending``, Drip's
+    ``settle_error: ...``), or says the authorization was used already (its transfer was
+    sent by another settlement: asking the payer again would charge it twice)."""
     reason = result.error_reason or ""
     return (bool(result.transaction) or reason == ERR_SETTLEMENT_PENDING
-            or reason.startswith("settle_error"))  # fmt: skip
+            or reason.startswith("settle_error") or reason in _USED)  # fmt: skip
 
 
 async def _json(send: Send, status: int, body: Any,
