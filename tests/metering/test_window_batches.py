@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from drip import DripClient, DripConfig, errors
 
 
@@ -17,11 +19,13 @@ def _client(store_url: str, window: dict[str, Any]) -> tuple[DripClient, str]:
     return client, session.id
 
 
-async def _held(client: DripClient, token: str, hold_id: str, amount: int) -> Any:
+async def _held(
+    client: DripClient, token: str, hold_id: str, amount: int, timeout_s: int = 60
+) -> Any:
     wallet, caps, _ = await client.payer_async(user_id=None, session=token, event="e",
                                                amount=amount)  # fmt: skip
     return await client.ledger.hold(hold_id, wallet, client.revenue_account, amount, code="e",
-                                    timeout_s=60, caps=caps), wallet, caps  # fmt: skip
+                                    timeout_s=timeout_s, caps=caps), wallet, caps  # fmt: skip
 
 
 async def test_a_void_frees_its_call_for_a_hold_in_the_same_batch(store_url: str) -> None:
@@ -90,3 +94,63 @@ def test_a_window_too_small_for_the_call_speaks_usdc(store_url: str) -> None:
             raise AssertionError("a call above the window's max_amount was held")
     finally:
         client.close()
+
+
+def _clocked(store_url: str, window: dict[str, Any]) -> tuple[DripClient, str, list[int]]:
+    from drip.ledger import open_ledger
+
+    now = [1_800_000_000_000_000]
+    led = open_ledger(store_url, clock_us=lambda: now[0])
+    client = DripClient(DripConfig(database_url=store_url), ledger=led)
+    client.sync.provision_user("u", initial_balance="10")
+    session = client.sync.create_session("u", "default", "5", policy={"windows": [window]})
+    return client, session.id, now
+
+
+async def test_a_call_outliving_its_hold_still_counts_in_the_window(store_url: str) -> None:
+    """A call admitted by a window and still running when its hold expires keeps its
+    place in the window: another call is not let in beside it, and its late charge is
+    not counted a second time."""
+    from drip.metering.meter import capture_async
+
+    client, token, now = _clocked(store_url, {"per": "minute", "max_amount": "0.05"})
+    led = client.ledger
+    try:
+        slow, wallet, caps = await _held(client, token, "slow", 50_000, timeout_s=5)
+        now[0] += 6_000_000  # the hold expired while the call ran
+        assert led.expire_holds() >= 1
+        with pytest.raises(errors.RateLimited):  # the slow call still fills the window
+            await _held(client, token, "fast", 50_000)
+        charge = await capture_async(led, slow, 50_000, caps)  # charged late, admitted
+        assert charge is not None and charge.amount == 50_000
+        with pytest.raises(errors.RateLimited):  # and counted once, not twice
+            await _held(client, token, "fast-2", 1)
+        now[0] += 61_000_000  # a minute on, the window is free again
+        await _held(client, token, "later", 50_000)
+        assert led.check_invariants().ok
+    finally:
+        client.close()
+        led.close()
+
+
+async def test_a_late_charge_settles_on_a_session_closed_meanwhile(store_url: str) -> None:
+    """A session closed while a call ran: the call still settles, its hold expired or
+    not (a late charge is not refused because the session is closed)."""
+    from drip.metering.meter import capture_async
+
+    client, token, now = _clocked(store_url, {"per": "day", "max_calls": 100})
+    led = client.ledger
+    try:
+        slow, wallet, caps = await _held(client, token, "slow", 50_000, timeout_s=5)
+        await client.close_session(token)
+        now[0] += 6_000_000
+        led.expire_holds()
+        charge = await capture_async(led, slow, 30_000, caps)
+        assert charge is not None and charge.amount == 30_000
+        assert client.sync.get_session(token)["spent"] == 30_000
+        with pytest.raises(errors.DripError):  # a new call on the closed session: refused
+            await _held(client, token, "new", 1)
+        assert led.check_invariants().ok
+    finally:
+        client.close()
+        led.close()

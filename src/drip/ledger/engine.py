@@ -21,6 +21,7 @@ from drip import errors
 from drip.ledger.types import (
     CHAIN_TRANSFERS_MAX,
     DERIVED_SEP,
+    LATE_CHARGE_MARK,
     Account,
     AccountFlags,
     AccountSpec,
@@ -565,7 +566,7 @@ class Engine:
                 f"cannot move {debit.asset} into a {credit.asset} account",
                 param="credit_account_id",
             )
-        if debit.status == _FROZEN:
+        if debit.status == _FROZEN and not spec.settles:
             raise errors.AccountFrozen(f"account {debit.id!r} is frozen (paused)", account=debit.id)
         amount = spec.amount
         assert amount is not None  # validated: only post may omit it
@@ -673,12 +674,13 @@ class Engine:
 
     def _window_amount(self, t: Transfer) -> int | None:
         """What a debit this batch wrote counts in a rolling window, as the journal counts
-        it (``window_usage_sql``): None for a hold already voided or expired, a captured
-        hold's captured amount, anything else its amount."""
+        it (``window_usage_sql``): None for a hold already voided and for a late charge
+        (its expired hold still counts, in full), a captured hold's captured amount,
+        anything else its amount."""
         if not t.flags & _PENDING:
-            return t.amount
+            return None if LATE_CHARGE_MARK in t.id else t.amount
         hold = self.holds.get(t.id)
-        if hold is None or hold.state == _HOLD_PENDING:
+        if hold is None or hold.state in (_HOLD_PENDING, HoldState.EXPIRED):
             return t.amount
         if hold.state == HoldState.POSTED:
             return hold.resolved_amount
@@ -687,11 +689,15 @@ class Engine:
     def _released_in_batch(self, account_id: str) -> list[tuple[int, int, int]]:
         """The journal's holds on ``account_id`` this batch resolved, which the journal's
         window sums still count at their full amount: (taken at, calls, amount) each
-        frees (a void or an expiry: the call and its amount; a partial capture: the rest).
-        Read only when a transfer carries limits."""
+        frees (a void: the call and its amount; a partial capture: the rest; an expiry
+        nothing: its call was admitted, and may yet be charged late). Read only when a
+        transfer carries limits."""
         out: list[tuple[int, int, int]] = []
         for hold_id, hold in self.writes.changed_holds.items():
-            if hold.debit_account_id != account_id or hold.state == _HOLD_PENDING:
+            if hold.debit_account_id != account_id or hold.state in (
+                _HOLD_PENDING,
+                HoldState.EXPIRED,
+            ):
                 continue
             row = self._transfer(hold_id)
             if row is None:  # rows the cache's view does not have: the journal is read next

@@ -321,6 +321,7 @@ class _Plans:
         return self._charge(
             f"{hold.id}{DERIVED_SEP}post", hold.debit_account_id, hold.credit_account_id,
             amount, code=hold.code, metadata={"expired_hold": hold.id}, caps=caps,
+            settles=True,  # a paused wallet or a closed session: it was admitted
         )  # fmt: skip
 
     def with_earlier_fee(self, charge: Charge) -> Charge:
@@ -366,13 +367,14 @@ class _Plans:
         code: str,
         metadata: Mapping[str, Any] | None,
         caps: Sequence[Cap],
+        settles: bool = False,
     ) -> Plan:
         check_atomic(amount, allow_zero=False)
         code = check_code(code)
         spec = TransferSpec(transfer_id, wallet_id, revenue_id, amount, code,
-                            0, None, 0, encode_metadata(metadata))  # fmt: skip
+                            0, None, 0, encode_metadata(metadata), settles=settles)  # fmt: skip
         capped = [spec] + [TransferSpec(_cap_id(transfer_id, i), c.debit, c.credit, amount, code,
-                                        limits=c.limits)
+                                        limits=c.limits, settles=settles)
                            for i, c in enumerate(_as_caps(caps))]  # fmt: skip
         specs = self._with_fee(capped, revenue_id, self.fee_of(amount))
         return _submit(_link(specs), _charge_with_fee if len(specs) > len(capped) else _charge)

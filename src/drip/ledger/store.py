@@ -17,6 +17,7 @@ from drip.ledger.batching import GroupCommitter
 from drip.ledger.engine import Attempts, Engine, ExpireHolds, Loader, Op, Result, Writes
 from drip.ledger.types import (
     BATCH_OPS_MAX,
+    LATE_CHARGE_MARK,
     Account,
     AccountFlags,
     AccountKind,
@@ -264,9 +265,14 @@ class Store(abc.ABC):
         """The rolling-window sum of an account's debits, and the query that finds when
         enough of them will have left the window (asked only when a call is refused)."""
         amount = "CASE WHEN hold_state = 1 THEN hold_resolved_amount ELSE amount END"
+        # a hold counts until voided: open, captured (what it took) or expired (its call
+        # was admitted, and may yet be charged late; that late charge is not counted)
+        position = "instr" if self.dialect == "sqlite" else "strpos"
+        late = f"{position}(id, '{LATE_CHARGE_MARK}')"
         rows = (
             f"FROM transfers WHERE debit_account_id = ? AND ts_us > ? AND (flags & "
-            f"{RESOLVING_FLAGS}) = 0 AND (hold_state IS NULL OR hold_state IN (0, 1))"
+            f"{RESOLVING_FLAGS}) = 0 AND (hold_state IS NULL OR hold_state IN (0, 1, 3)) "
+            f"AND (hold_state IS NOT NULL OR {late} = 0)"
         )
         usage = f"SELECT count(*), coalesce(sum({amount}), 0), min(ts_us) {rows}"
         release = (

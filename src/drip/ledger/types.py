@@ -38,6 +38,10 @@ _ID_MATCH = _ID_RE.fullmatch
 _CODE_MATCH = _CODE_RE.fullmatch
 #: Separator of ids the ledger derives from a caller's id (``<id>~fee``); callers cannot use it.
 DERIVED_SEP = "~"
+#: In the id of a plain (not resolving) transfer: a late charge, ``<hold>~post`` charged
+#: afresh after its hold expired (``Ledger.charge_after_expiry``), or one of its legs.
+#: Rolling windows leave it out: the expired hold it settles still counts, in full.
+LATE_CHARGE_MARK = f"{DERIVED_SEP}post"
 
 
 class AccountKind(enum.StrEnum):
@@ -326,6 +330,10 @@ class TransferSpec:
     #: a frozen (paused) credit account is opened by this transfer, in its transaction,
     #: when the transfer is new; a replay opens nothing (not stored)
     resume_credit: bool = False
+    #: a late charge settling a call admitted earlier, whose hold expired while it ran: a
+    #: frozen (paused, closed) debit account does not refuse it, as the hold's capture
+    #: would not have (not stored)
+    settles: bool = False
 
     def validate(self) -> None:
         """Refuse a malformed transfer with a typed error (fast path first: this runs
