@@ -486,3 +486,31 @@ def test_a_posted_transfer_leaves_an_open_hold_its_room(store_url: str) -> None:
         assert led.check_invariants().ok
     finally:
         led.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "synchronus=full",
+        "SYNCHRONOUS=full",
+        "mode=ro",
+        "synchronous=",
+        "synchronous=full&synchronous=off",
+    ],
+)
+def test_a_sqlite_url_option_not_known_or_empty_is_refused(tmp_path: Any, query: str) -> None:
+    """A misspelled ``?synchronus=full`` ran with synchronous=NORMAL, silently."""
+    with pytest.raises(errors.ConfigError):
+        open_ledger(f"sqlite:///{tmp_path}/o.db?{query}")
+
+
+def test_a_bool_is_not_a_limit_or_a_bucket(store_url: str) -> None:
+    led = open_ledger(store_url)
+    try:
+        _books(led)
+        with pytest.raises(errors.InvalidRequest):
+            led.history(W, limit=True)
+        with pytest.raises(errors.InvalidRequest):
+            led.usage(W, bucket_s=True)
+    finally:
+        led.close()

@@ -215,3 +215,34 @@ def test_a_user_id_no_url_path_can_carry_is_refused(server: Server) -> None:
         assert http.get("/v1/wallets").json()["data"] == []
         _wallet(http, "a.b")  # dots within an id are fine
         _wallet(http, "...")
+
+
+def test_a_session_token_is_never_taken_in_a_url(server: Server) -> None:
+    """A session is named in a URL by its public id; its token (which spends) would end
+    up in proxies' and access logs, and is refused there."""
+    with server.client(server.admin) as http:
+        _wallet(http, "tok")
+        r = http.post("/v1/sessions", json={"user_id": "tok", "provider": "default",
+                                            "budget": "1"}, headers=_key())  # fmt: skip
+        assert r.status_code == 201, r.text
+        token, public = r.json()["token"], r.json()["public_id"]
+        assert http.get(f"/v1/sessions/{public}").status_code == 200
+        for method, path in (("GET", f"/v1/sessions/{token}"),
+                             ("POST", f"/v1/sessions/{token}/close")):  # fmt: skip
+            r = http.request(method, path)
+            assert _code(r) == (400, "invalid_request", "public_id"), r.text
+        assert http.get(f"/v1/sessions/{public}").json()["status"] != "closed"
+
+
+def test_wallet_amounts_are_exact_whatever_the_decimal_context(server: Server) -> None:
+    import decimal
+    from decimal import Decimal
+
+    from drip.server.app import wallet_json
+
+    with decimal.localcontext(decimal.Context(prec=3, traps=[decimal.Inexact])):
+        view = wallet_json({"user_id": "u", "email": None, "status": "active",
+                            "balance_usdc": Decimal("123.456789"),
+                            "posted_usdc": Decimal("123.456789"),
+                            "pending_usdc": Decimal("0"), "metadata": {}})  # fmt: skip
+    assert view["available"]["atomic"] == 123_456_789

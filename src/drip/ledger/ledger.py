@@ -573,7 +573,8 @@ class _Reads:
         bucket_s: int = 3600,
         code: str | None = None,
     ) -> list[UsageRow]:
-        if not isinstance(bucket_s, int) or not 0 < bucket_s <= BUCKET_S_MAX:
+        if (not isinstance(bucket_s, int) or isinstance(bucket_s, bool)
+                or not 0 < bucket_s <= BUCKET_S_MAX):  # fmt: skip
             raise errors.InvalidRequest(
                 f"bucket_s must be an int in 1..{BUCKET_S_MAX}", param="bucket_s"
             )
@@ -629,7 +630,7 @@ def _time_bound(value: int | None, param: str) -> int | None:
 
 
 def _limit(limit: int) -> int:
-    if not isinstance(limit, int) or not 1 <= limit <= PAGE_LIMIT_MAX:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= PAGE_LIMIT_MAX:
         raise errors.InvalidRequest(f"limit must be an int in 1..{PAGE_LIMIT_MAX}", param="limit")
     return limit
 
@@ -803,6 +804,27 @@ def sqlite_path(url: str) -> str:
     return path[1:] if path.startswith("/") else path
 
 
+#: What a ``sqlite:`` URL may carry after ``?``.
+_SQLITE_OPTIONS = ("synchronous",)
+
+
+def _sqlite_options(query: str) -> dict[str, str]:
+    """The options of a ``sqlite:`` URL; one not known, repeated or empty is refused
+    (a misspelled ``?synchronus=full`` would otherwise run with the default)."""
+    found = parse_qs(query, keep_blank_values=True)
+    for name, values in found.items():
+        if name not in _SQLITE_OPTIONS:
+            raise errors.ConfigError(
+                f"unknown SQLite URL option {name!r}: the options are "
+                f"{', '.join(_SQLITE_OPTIONS)} (e.g. ?synchronous=full)", param="database_url",
+            )  # fmt: skip
+        if len(values) != 1 or not values[0]:
+            raise errors.ConfigError(
+                f"SQLite URL option {name!r} takes one value", param="database_url"
+            )
+    return {name: values[0] for name, values in found.items()}
+
+
 def open_store(
     url: str, *, clock_us: Callable[[], int] = wall_clock_us, read_only: bool = False
 ) -> Store:
@@ -812,9 +834,9 @@ def open_store(
     this Drip's is a ``StoreError``), no writer threads start, and every write is refused.
     """
     parts = urlsplit(url)
-    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     store: Store
     if parts.scheme == "sqlite":
+        options = _sqlite_options(parts.query)
         path = sqlite_path(url)
         if not path or path == ":memory:":
             raise errors.ConfigError(

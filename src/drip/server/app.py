@@ -50,7 +50,7 @@ from drip.ledger.store import Store
 from drip.ledger.types import encode_metadata
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
-from drip.metering.sessions import EXPIRES_IN_S_MAX, session_specs
+from drip.metering.sessions import EXPIRES_IN_S_MAX, TOKEN_PREFIX, session_specs
 from drip.money import format_plain, parse_amount, to_decimal
 from drip.server.charges import Amount, Live, Metadata, RequestBody
 from drip.server.charges import add_routes as add_charge_routes
@@ -328,9 +328,25 @@ async def _to_the_end(fn: Callable[..., object], *args: Any) -> None:
     await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, fn, *args))
 
 
+def _public_id(public_id: str) -> str:
+    """A session named in a URL: by its public id only. A token there would end up in
+    proxies' and access logs, and it spends: it goes in X-Drip-Session."""
+    if public_id.startswith(TOKEN_PREFIX):
+        raise errors.InvalidRequest(
+            "name a session by its public id in a URL; its token is sent only as "
+            "X-Drip-Session", param="public_id",
+        )  # fmt: skip
+    return public_id
+
+
 def wallet_json(user: dict[str, Any]) -> dict[str, Any]:
     def atomic(value: Decimal) -> int:
-        return int(value.scaleb(6))
+        # from the digits: exact whatever the decimal context (scaleb rounds to its
+        # precision); the SDK's amounts have at most 6 decimals
+        sign, digits, exponent = value.as_tuple()
+        assert isinstance(exponent, int) and exponent >= -6
+        units: int = int("".join(map(str, digits)) or "0") * 10 ** (exponent + 6)
+        return -units if sign else units
 
     return {
         "user_id": user["user_id"],
@@ -669,11 +685,11 @@ def create_app(config: DripConfig | None = None) -> FastAPI:
 
     @app.get("/v1/sessions/{public_id}", tags=["sessions"])
     def get_session(public_id: str, _: Reader) -> dict[str, Any]:
-        return session_json(client.get_session_now(public_id))
+        return session_json(client.get_session_now(_public_id(public_id)))
 
     @app.post("/v1/sessions/{public_id}/close", tags=["sessions"])
     async def close_session(public_id: str, _: Admin) -> dict[str, Any]:
-        return session_json(await client.close_session(public_id))
+        return session_json(await client.close_session(_public_id(public_id)))
 
     @app.post("/v1/checkout", tags=["top-ups"], status_code=201)
     async def create_checkout(
