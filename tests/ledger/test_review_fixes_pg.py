@@ -514,3 +514,36 @@ def test_a_bool_is_not_a_limit_or_a_bucket(store_url: str) -> None:
             led.usage(W, bucket_s=True)
     finally:
         led.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_sqlite_file_deleted_or_replaced_while_open_is_refused(
+    tmp_path: Any, how: str
+) -> None:
+    """A database file removed (rm) or replaced (a restore done with mv) under a running
+    process: its writes would land in a file nobody will read again, so every write and
+    read is refused, and nothing recreates the file."""
+    import os
+
+    path = f"{tmp_path}/{how}.db"
+    led = open_ledger(f"sqlite:///{path}")
+    try:
+        _books(led)
+        await led.charge("before", W, R, 1, code="call")
+        if how == "deleted":
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+        else:
+            open_ledger(f"sqlite:///{tmp_path}/other.db").close()
+            os.replace(f"{tmp_path}/other.db", path)
+        with pytest.raises(errors.StoreError, match=how.split()[0][:7]):
+            await led.charge("after", W, R, 1, code="call")
+        with pytest.raises(errors.StoreError):
+            led.sync.charge("after-sync", W, R, 1, code="call")
+        with pytest.raises(errors.StoreError):
+            led.get_transfer("before")
+        if how == "deleted":
+            assert not os.path.exists(path)
+    finally:
+        led.close()

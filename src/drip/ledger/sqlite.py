@@ -107,6 +107,12 @@ CHECKPOINT_BATCHES = 1000
 _INHERITED: list[object] = []
 
 
+def _identity(path: str) -> tuple[int, int]:
+    """The file at ``path`` as (device, inode); OSError if there is none."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _busy(exc: sqlite3.OperationalError) -> bool:
     """Another connection holds the write lock (``busy_timeout=0`` does not wait)."""
     return "locked" in str(exc) or "busy" in str(exc)
@@ -192,6 +198,11 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:  # e.g. "file is not a database"
             self._writer.close()
             raise errors.StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
+        #: the file this store opened, as (device, inode): a file deleted or replaced at
+        #: its path (a restore done with mv, an rm) is noticed, not written on unseen
+        self._abspath = os.path.abspath(path)
+        self._identity = _identity(self._abspath)
+        self._gone: str | None = None
         # the loop's connection never waits for the lock: busy means "hand off"
         self._fast = self._connect()
         self._fast.execute("PRAGMA busy_timeout=0")
@@ -290,8 +301,27 @@ class SqliteStore(Store):
         finally:
             self._write_lock.release()
 
+    def check_file(self) -> None:
+        """Raise StoreError if the file this store opened is no longer the one at its path
+        (deleted, or replaced): its writes would land where nobody will ever read them,
+        and its reads would answer from a file that is gone. Sticky: once found, every
+        use fails. One ``stat`` per transaction and per read."""
+        if self._gone is None:
+            try:
+                now = _identity(self._abspath)
+            except OSError:
+                now = None
+            if now == self._identity:
+                return
+            how = "deleted" if now is None else "replaced by another file"
+            self._gone = (f"the SQLite database {self.path!r} was {how} while this process "
+                          "had it open; restart it to use the file now at that path")  # fmt: skip
+            log.error("SQLite: %s", self._gone)
+        raise errors.StoreError(self._gone)
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
+        self.check_file()
         with self._locked():
             # another connection is about to commit: the loop's memory of rows is no
             # longer the file's (its next batch would read them again anyway), and must
@@ -341,6 +371,7 @@ class SqliteStore(Store):
 
     def _open_window(self, cur: sqlite3.Cursor) -> _Window | None:
         """Take the write lock and begin, without waiting; ``None`` if either is busy."""
+        self.check_file()
         if not self._write_lock.acquire(blocking=False):
             return None
         try:
@@ -652,6 +683,7 @@ class SqliteStore(Store):
     @contextmanager
     def read(self) -> Iterator[sqlite3.Cursor]:
         self.settle()
+        self.check_file()
         reader: _Reader | None = getattr(self._local, "reader", None)
         if reader is None:
             reader = self._local.reader = _Reader(self._connect(keep=False))
