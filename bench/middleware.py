@@ -8,9 +8,9 @@ session). A keep-alive HTTP/1.1 client measures, in the same run:
   at p50 and p99;
 - throughput: 8 connections for a few seconds, requests/s, metered vs bare.
 
-Each measurement runs in interleaved rounds (bare, metered, ...; twice), each server's
-best round counting, so that other work on the machine during one of them does not
-decide the ratio.
+Each measurement runs in interleaved rounds (bare, metered, ...; twice; the latency
+rounds before the throughput rounds), each server's best throughput round counting, so
+that other work on the machine during one of them does not decide the ratio.
 
     python bench/middleware.py [--seconds 4] [--json] [--breakdown]
 
@@ -309,11 +309,14 @@ def main() -> None:
             # interleaved rounds, each server's best: a burst of other work on the machine
             # during one measurement does not decide the ratio
             share = args.seconds / ROUNDS
+            # latency first, on servers no burst of load has just left busy (writing out
+            # the WAL it grew), then the throughput rounds
             for _ in range(ROUNDS):
                 for name in ("bare", "metered"):
                     lat.setdefault(name, []).extend(
                         asyncio.run(latency_ms(ports[name], headers, share))
                     )
+            for _ in range(ROUNDS):
                 for name in names:
                     rate = asyncio.run(throughput(ports[name], sends[name], share))
                     rps[name] = max(rps.get(name, 0.0), rate)
