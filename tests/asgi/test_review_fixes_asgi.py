@@ -385,3 +385,44 @@ def _scope(method: str, path: str, tok: str) -> dict[str, Any]:
 
 async def _receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_a_per_unit_stream_with_a_content_length_is_charged_its_units() -> None:
+    """A streamed response that declares content-length and sends it all in its first
+    chunk may still report its units after that chunk: a per-unit route is captured at
+    the stream's end, with them (the early capture is only for per-call prices)."""
+    import tempfile
+
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from drip import DripClient, DripConfig
+    from drip.asgi import DripMeter, price, report_units
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tempfile.mkdtemp()}/w.db",
+                                   provider="p"))  # fmt: skip
+    api = FastAPI()
+
+    @api.get("/file")
+    async def file(request: Request) -> StreamingResponse:
+        data = b"x" * 100
+
+        async def gen():  # type: ignore[no-untyped-def]
+            yield data
+            report_units(request.scope, 50)  # counted once it was sent
+
+        return StreamingResponse(gen(), headers={"content-length": str(len(data))})
+
+    app = DripMeter(api, client=client,
+                    routes={"GET /file": price("dl", per_unit="0.001", max_units=100)},
+                    payer=lambda scope: "u")  # fmt: skip
+    try:
+        await client.provision_user("u", initial_balance="1")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            r = await http.get("/file")
+        assert r.status_code == 200 and len(r.content) == 100
+        assert str((await client.get_user("u"))["balance_usdc"]) == "0.950000"
+    finally:
+        client.close()

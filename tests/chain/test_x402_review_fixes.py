@@ -174,12 +174,14 @@ async def test_a_settlement_refused_as_already_used_answers_502_and_keeps_the_pa
     assert client.ledger.balance(client.revenue_account).posted == 0
 
 
-async def test_a_payment_settled_elsewhere_while_its_handler_runs_is_served_and_booked(
+async def test_a_payment_settled_elsewhere_while_its_handler_runs_is_not_asked_again(
     chain: Devnet, facilitator_url: str, client: DripClient, run_app: Callable[[object], str]
 ) -> None:
     """The same authorization reaches the facilitator directly while the provider serves
-    it: the provider's own settlement is answered with that transaction, so the payer,
-    whose money moved once, is served and the provider books it once."""
+    it: the money moved once, to this payTo, but not through this provider's settlement
+    (one transfer is one caller's success: another service sharing the payTo must not
+    book it too). The provider answers 502 settlement_pending and keeps its row unknown,
+    never a 402 that would ask the payer to pay again."""
     price = x402_price("answer", "0.001", pay_to=chain.accounts[2][0], asset=chain.usdc,
                        network=NETWORK)  # fmt: skip
     api = FastAPI()
@@ -203,15 +205,12 @@ async def test_a_payment_settled_elsewhere_while_its_handler_runs_is_served_and_
         )
         r = await served
     assert direct.success
-    assert r.status_code == 200, r.text
-    assert r.headers["x-drip-receipt"].startswith("x402:")
-    assert decode_payment_response_header(r.headers["payment-response"]).transaction == (
-        direct.transaction
-    )
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "settlement_pending"
+    assert "payment-required" not in r.headers  # never asked to pay again
     assert (balance(chain, payer), balance(chain, payee)) == (before[0] - 1000, before[1] + 1000)
-    assert rows(client) == [(payload.payload["authorization"]["nonce"], "settled",
-                             direct.transaction)]  # fmt: skip
-    assert client.ledger.balance(client.revenue_account).posted == 1000
+    assert [row[1] for row in rows(client)] == ["unknown"]
+    assert client.ledger.balance(client.revenue_account).posted == 0
 
 
 # --- 2. a repeated settlement is answered from the facilitator's record ----------------------
@@ -250,15 +249,16 @@ def test_the_sdks_pending_retry_gets_the_transaction_and_later_its_outcome(
         assert tx and sent_by_facilitator(chain) == sent + 1  # the retry sent nothing
         w3.provider.make_request("evm_mine", [])
         assert balance(chain, payee) == before + 1000
-        # the receipt is there now: the next settlement of this key is a success
-        for _ in range(2):  # the second from the settled row
-            done = sdk.settle(payload, req)
-            assert done.success and done.transaction == tx, done
-            assert done.network == NETWORK and (done.payer or "").lower() == payer.lower()
+        # the receipt is there now: the next settlement of this key is a success, once
+        done = sdk.settle(payload, req)
+        assert done.success and done.transaction == tx, done
+        assert done.network == NETWORK and (done.payer or "").lower() == payer.lower()
+        again = sdk.settle(payload, req)  # one payment: one caller told success
+        assert not again.success and again.error_reason == "nonce_already_used", again
         assert settlements(sqlite_url) == [(NETWORK, "settled", tx)]
         # requirements that authorization never paid: refused, nothing sent
         other = sdk.settle(payload, requirements(chain, amount="999"))
-        assert not other.success and other.error_reason == "nonce_already_used"
+        assert not other.success and other.error_reason == "nonce_used_for_other_requirements"
         assert not other.transaction and sent_by_facilitator(chain) == sent + 1
     finally:
         store.close()
@@ -509,3 +509,53 @@ async def test_a_settle_first_handler_that_raises_still_says_what_was_paid(
         assert r.json()["error"]["code"] == "internal_error"
     assert rows(client) == [(NONCE, "settled", TX)]
     assert client.ledger.balance(client.revenue_account).posted == 10_000
+
+
+def test_a_body_nested_too_deep_is_a_reason_not_a_500(sqlite_url: str) -> None:
+    """With the recursion limit kept (``drip.chain._libs``), a deeply nested body makes
+    the parser raise RecursionError: answered 200 with a reason, as any junk."""
+    store = open_store(sqlite_url)
+    try:
+        app = create_app(build(DOWN, KEY, [NETWORK]), store, assets=[ASSET])
+        with TestClient(app, raise_server_exceptions=False) as http:
+            for depth in (5_000, 30_000):
+                body = ("[" * depth + "]" * depth).encode()
+                for path, flag, reason in (("/verify", "isValid", "invalidReason"),
+                                           ("/settle", "success", "errorReason")):  # fmt: skip
+                    r = http.post(path, content=body,
+                                  headers={"content-type": "application/json"})  # fmt: skip
+                    assert r.status_code == 200, (path, depth, r.text[:200])
+                    assert r.json()[flag] is False and r.json()[reason], r.json()
+        assert store.query("SELECT * FROM x402_settlements", ()) == []
+    finally:
+        store.close()
+
+
+def test_a_payment_that_paid_other_requirements_is_refused_not_pending() -> None:
+    """The facilitator's ``nonce_used_for_other_requirements`` (the authorization was
+    settled for another payTo or amount: this route received nothing) is a refusal, a
+    402; its ``nonce_already_used`` (settled for these very requirements, by another
+    caller) is ambiguous, a 502, never 'pay again'."""
+    from drip.x402.server import _ambiguous
+
+    elsewhere = SettleResponse(success=False, error_reason="nonce_used_for_other_requirements",
+                               transaction="", network=NETWORK)  # fmt: skip
+    used = SettleResponse(success=False, error_reason="nonce_already_used",
+                          transaction="", network=NETWORK)  # fmt: skip
+    assert not _ambiguous(elsewhere)
+    assert _ambiguous(used)
+
+
+@pytest.mark.parametrize("header", ["WzFd", "e30=", "!!!", "W1tbW1tbW1tbW1tbW1tbW1tbW1td"])
+async def test_the_paying_client_answers_junk_payment_required_with_the_402(header: str) -> None:
+    """A hostile server's PAYMENT-REQUIRED of any shape (a list, an empty object, not
+    base64) is not an exception: the 402 comes back, marked unreadable."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(402, headers={"PAYMENT-REQUIRED": header}, json={})
+
+    transport = PayingTransport(Account.create(), SpendPolicy(max_per_call="0.01"),
+                                httpx.MockTransport(handler))  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        r = await http.get("/x")
+    assert r.status_code == 402

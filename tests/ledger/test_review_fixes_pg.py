@@ -547,3 +547,46 @@ async def test_a_sqlite_file_deleted_or_replaced_while_open_is_refused(
             assert not os.path.exists(path)
     finally:
         led.close()
+
+
+def test_a_late_charge_takes_no_more_than_its_hold(store_url: str) -> None:
+    """A late charge settles what was admitted: never more than the expired hold (it
+    passes a paused wallet or a closed session, and windows count the hold, not it)."""
+    now = [1_800_000_000_000_000]
+    led = open_ledger(store_url, clock_us=lambda: now[0])
+    try:
+        _books(led)
+        hold = led.sync.hold("late-h", W, R, 500, code="call", timeout_s=5)
+        now[0] += 6_000_000
+        led.expire_holds()
+        with pytest.raises(errors.AmountExceedsHold):
+            led.sync.charge_after_expiry(hold, 5_000)
+        assert led.sync.charge_after_expiry(hold, 500).amount == 500
+        assert led.check_invariants().ok
+    finally:
+        led.close()
+
+
+def test_a_relative_sqlite_path_keeps_its_file_after_a_chdir(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every connection opens the file the store opened, whatever the working directory
+    is later (a reader opened after a chdir created an empty file there)."""
+    import os
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    led = open_ledger("sqlite:///drip.db")
+    try:
+        _books(led)
+        monkeypatch.chdir(tmp_path / "b")
+        result: list[Any] = []
+        reader = threading.Thread(target=lambda: result.append(led.get_transfer("fund")))
+        reader.start()
+        reader.join()
+        assert result and result[0] is not None
+        assert led.sync.charge("after-chdir", W, R, 1, code="call").replayed is False
+        assert not os.path.exists(tmp_path / "b" / "drip.db")
+    finally:
+        led.close()

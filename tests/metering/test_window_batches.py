@@ -116,7 +116,7 @@ async def test_a_call_outliving_its_hold_still_counts_in_the_window(store_url: s
     client, token, now = _clocked(store_url, {"per": "minute", "max_amount": "0.05"})
     led = client.ledger
     try:
-        slow, wallet, caps = await _held(client, token, "slow", 50_000, timeout_s=5)
+        slow, _wallet, caps = await _held(client, token, "slow", 50_000, timeout_s=5)
         now[0] += 6_000_000  # the hold expired while the call ran
         assert led.expire_holds() >= 1
         with pytest.raises(errors.RateLimited):  # the slow call still fills the window
@@ -141,7 +141,7 @@ async def test_a_late_charge_settles_on_a_session_closed_meanwhile(store_url: st
     client, token, now = _clocked(store_url, {"per": "day", "max_calls": 100})
     led = client.ledger
     try:
-        slow, wallet, caps = await _held(client, token, "slow", 50_000, timeout_s=5)
+        slow, _wallet, caps = await _held(client, token, "slow", 50_000, timeout_s=5)
         await client.close_session(token)
         now[0] += 6_000_000
         led.expire_holds()

@@ -423,10 +423,12 @@ class _MeteredCall:
                 more = kind != "http.response.pathsend" and bool(message.get("more_body"))
                 if self.start is not None:
                     start, self.start = self.start, None
-                    if more and kind == "http.response.body" and _whole_body(start, message):
+                    if (more and kind == "http.response.body" and not self.route.per_unit
+                            and _whole_body(start, message)):  # fmt: skip
                         # a complete response re-sent as a stream (Starlette's
                         # BaseHTTPMiddleware: the body, then an empty last chunk): captured
-                        # before it is sent; the empty chunk then passes as it is
+                        # before it is sent; the empty chunk then passes as it is. Not for a
+                        # per-unit price: a stream may report its units after its bytes
                         more = False
                     await send(await self._headers(start, more=more))
                 elif self.streaming and not more and not self.settled:

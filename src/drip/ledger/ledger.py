@@ -318,6 +318,10 @@ class _Plans:
         exists, and capturing the hold again is refused as resolved. Only for a hold
         that did expire (a state that never changes again): on a live one it would
         charge beside the hold, and take the id its capture needs."""
+        if check_atomic(amount) > hold.amount:  # it settles what was admitted, no more
+            raise errors.AmountExceedsHold(
+                f"cannot charge {amount} for a hold of {hold.amount}", param="amount"
+            )
         return self._charge(
             f"{hold.id}{DERIVED_SEP}post", hold.debit_account_id, hold.credit_account_id,
             amount, code=hold.code, metadata={"expired_hold": hold.id}, caps=caps,

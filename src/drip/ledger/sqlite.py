@@ -183,6 +183,9 @@ class SqliteStore(Store):
         if read_only and not os.path.exists(path):
             raise errors.StoreError(f"no SQLite database at {path!r}", param="database_url")
         self.path = path
+        #: every connection opens this (a relative path would follow the process's
+        #: working directory, and a reader opened after a chdir would find another file)
+        self._abspath = os.path.abspath(path)
         self.synchronous = _SYNCHRONOUS[synchronous.lower()]
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []  # the writer's and the loop's
@@ -200,7 +203,6 @@ class SqliteStore(Store):
             raise errors.StoreError(f"cannot open SQLite database {path!r}: {exc}") from exc
         #: the file this store opened, as (device, inode): a file deleted or replaced at
         #: its path (a restore done with mv, an rm) is noticed, not written on unseen
-        self._abspath = os.path.abspath(path)
         self._identity = _identity(self._abspath)
         self._gone: str | None = None
         # the loop's connection never waits for the lock: busy means "hand off"
@@ -243,7 +245,7 @@ class SqliteStore(Store):
     def _connect(self, *, keep: bool = True) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path,
+                self._abspath,
                 isolation_level=None,
                 check_same_thread=False,
                 timeout=BUSY_TIMEOUT_MS / 1000,

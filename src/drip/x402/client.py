@@ -191,7 +191,7 @@ class PayingTransport(httpx.AsyncBaseTransport):
         await response.aread()
         try:
             required = decode_payment_required_header(header)
-        except ValueError:  # a server's junk: nothing to pay
+        except Exception:  # noqa: BLE001 - a server's junk (any shape, any depth): nothing to pay
             response.headers["X-Drip-Payment-Refused"] = "unreadable PAYMENT-REQUIRED"
             return response
         if not isinstance(required, PaymentRequired) or not required.accepts:
@@ -252,6 +252,6 @@ def _settled_transaction(header: str | None) -> str | None:
         return None
     try:
         settlement = decode_payment_response_header(header)
-    except ValueError:  # a server's junk does not undo the payment: it stays counted
+    except Exception:  # noqa: BLE001 - a server's junk does not undo the payment: it stays counted
         return None
     return settlement.transaction if settlement.success and settlement.transaction else None

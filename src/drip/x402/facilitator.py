@@ -103,8 +103,11 @@ _Key = tuple[str, str, str, str]
 #: a network as the facilitator is configured with it (the SDK reads ``eip155:031337``,
 #: ``eip155:+31337`` and ``eip155:31_337`` as chain 31337: only this spelling is served)
 _NETWORK = re.compile(r"eip155:[1-9][0-9]{0,19}")
-#: the reason a repeated settlement of one key is refused for other requirements
+#: a repeated settlement of a key already settled: at most one caller hears success
 ERR_NONCE_ALREADY_USED = "nonce_already_used"
+#: a settlement whose authorization was settled, or is being settled, for other
+#: requirements (another payTo or amount): this payment received nothing
+ERR_NONCE_USED_ELSEWHERE = "nonce_used_for_other_requirements"
 
 
 class _Watch:
@@ -366,6 +369,8 @@ def create_app(
                 return reason
             key = (auth.payer, auth.nonce, str(requirements.network), _address(requirements.asset))
             return payload, requirements, auth, key
+        except RecursionError:  # nested past the parser's depth
+            return "invalid_payload: nested too deep"
         except (ValueError, ValidationError, OverflowError) as exc:
             return f"invalid_payload: {str(exc).splitlines()[0][:160]}"
 
@@ -380,18 +385,22 @@ def create_app(
 
     async def known(row: Any, payload: PaymentPayload, requirements: PaymentRequirements,
                     auth: Authorization, key: _Key) -> dict[str, Any]:  # fmt: skip
-        """A settlement of a key already stored, answered from its row (never sent again):
-        settled is a success with its transaction; one whose transaction's fate was
-        unknown is judged from its receipt when it is mined, else still pending."""
+        """A settlement of a key already stored, answered from its row (never sent again).
+        At most one caller hears success for one payment: a key settled already is
+        ``nonce_already_used`` (two services sharing a payTo must not both serve and book
+        one transfer; the authorization is public once its transaction is); one whose
+        transaction's fate was unknown is judged from its receipt when it is mined, and
+        the one caller that turns it settled hears success (the official SDK's pending
+        retry); else it is still pending."""
         status, tx_hash, reason, pay_to, amount = row
         answer: dict[str, Any] = {"success": False, "transaction": tx_hash or "",
                                   "network": str(requirements.network),
                                   "payer": auth.payer_as_written or auth.payer}  # fmt: skip
         if _address(pay_to) != _address(requirements.pay_to) or amount != requirements.amount:
             # these requirements were never settled: that authorization paid for others
-            return {**answer, "errorReason": ERR_NONCE_ALREADY_USED, "transaction": ""}
+            return {**answer, "errorReason": ERR_NONCE_USED_ELSEWHERE, "transaction": ""}
         if status == "settled":
-            return {**answer, "success": True}
+            return {**answer, "errorReason": ERR_NONCE_ALREADY_USED}
         if not tx_hash:  # in flight now, or a send whose fate nobody can read
             why = ERR_SETTLEMENT_PENDING if status == "pending" else f"settle_error: {reason}"
             return {**answer, "errorReason": why}
@@ -405,8 +414,12 @@ def create_app(
             return {**answer, "errorReason": ERR_SETTLEMENT_PENDING}
         failure = _outcome(receipt, payload, requirements)
         if failure is None:
-            store.execute(f"UPDATE x402_settlements SET status = 'settled', reason = NULL {where}",
-                          key)  # fmt: skip
+            won = store.execute(
+                f"UPDATE x402_settlements SET status = 'settled', reason = NULL {where} "
+                "AND status = 'unknown'", key,
+            )  # fmt: skip
+            if won != 1:  # another caller turned it settled first: theirs is the success
+                return {**answer, "errorReason": ERR_NONCE_ALREADY_USED}
             return {**answer, "success": True}
         store.execute(f"UPDATE x402_settlements SET reason = ? {where}", (failure, *key))
         return {**answer, "errorReason": failure}
