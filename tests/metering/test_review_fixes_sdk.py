@@ -523,3 +523,17 @@ def test_module_meter_counts_its_calls_as_before(tmp_path: Any) -> None:
             module._default_client.close()
         module._close_retired()
         module._default_client = saved
+
+
+def test_an_email_with_control_characters_is_refused_by_the_sdk(tmp_path: Any) -> None:
+    """The SDK (and so the CLI) refuses what the REST API refuses: a stored escape
+    sequence would act on the terminal of whoever lists wallets."""
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/e.db"))
+    try:
+        for email in ("a\x1b]8;;http://x\x07b@x.com", "a\nBcc: x@y.z", "a\x85b@x.com"):
+            with pytest.raises(errors.InvalidRequest) as info:
+                client.sync.provision_user("u", email=email)
+            assert info.value.param == "email"
+        assert client.sync.provision_user("u", email="ü@例え.jp")["email"] == "ü@例え.jp"
+    finally:
+        client.close()

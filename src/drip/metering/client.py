@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,11 @@ _TO_SORTED = bytes.maketrans(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
     _SORTED_ALPHABET.encode(),
 )
+
+
+def _has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (C0, C1, DEL) or a lone surrogate."""
+    return not text.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def new_call_id(prefix: str) -> str:
@@ -223,6 +229,12 @@ class _Base:
     ) -> tuple[str, dict[str, Any], int]:
         account = new_wallet_id(user_id)
         amount = parse_amount(initial_balance, param="initial_balance")
+        if email is not None and (not isinstance(email, str) or _has_control(email)):
+            # stored, a control character reaches whoever prints it (a terminal acts on
+            # escape sequences) or a notice's headers (a newline)
+            raise errors.InvalidRequest(
+                "email must be text without control characters", param="email"
+            )
         if metadata is not None and not isinstance(metadata, Mapping):
             raise errors.InvalidRequest("metadata must be an object", param="metadata")
         profile = {"email": email, "container_image": container_image,
