@@ -1,6 +1,6 @@
 """What DripMeter costs a provider: a trivial endpoint with and without the middleware.
 
-Two uvicorn processes on 127.0.0.1 serve the same one-line FastAPI endpoint, one bare
+Uvicorn processes on 127.0.0.1 serve the same one-line FastAPI endpoint, one bare
 and one behind ``DripMeter`` (SQLite store, a fixed price, callers paying with a
 session). A keep-alive HTTP/1.1 client measures, in the same run:
 
