@@ -537,6 +537,9 @@ async def test_a_sqlite_file_deleted_or_replaced_while_open_is_refused(
         else:
             open_ledger(f"sqlite:///{tmp_path}/other.db").close()
             os.replace(f"{tmp_path}/other.db", path)
+        from drip.ledger.sqlite import FILE_CHECK_S
+
+        await asyncio.sleep(2 * FILE_CHECK_S)  # the file is looked at every FILE_CHECK_S
         with pytest.raises(errors.StoreError, match=how.split()[0][:7]):
             await led.charge("after", W, R, 1, code="call")
         with pytest.raises(errors.StoreError):

@@ -89,6 +89,9 @@ WINDOW_S = 0.005
 FLUSH_NOW_OPS = 16
 #: Ids per ``IN (...)`` list: within the 999 bound variables of old SQLite builds.
 IN_LIST_MAX = 500
+#: How often a transaction or read looks whether the file at the path is still the one
+#: opened (``SqliteStore.check_file``).
+FILE_CHECK_S = 0.005
 #: How often the watchdog looks (a window lives at most about WINDOW_S + this).
 WATCHDOG_POLL_S = 0.01
 #: How long a finding that another process has the file open stands.
@@ -205,6 +208,7 @@ class SqliteStore(Store):
         #: its path (a restore done with mv, an rm) is noticed, not written on unseen
         self._identity = _identity(self._abspath)
         self._gone: str | None = None
+        self._file_checked_s = time.monotonic()
         # the loop's connection never waits for the lock: busy means "hand off"
         self._fast = self._connect()
         self._fast.execute("PRAGMA busy_timeout=0")
@@ -307,8 +311,14 @@ class SqliteStore(Store):
         """Raise StoreError if the file this store opened is no longer the one at its path
         (deleted, or replaced): its writes would land where nobody will ever read them,
         and its reads would answer from a file that is gone. Sticky: once found, every
-        use fails. One ``stat`` per transaction and per read."""
+        use fails. One ``stat`` at most every ``FILE_CHECK_S`` (it costs about as much as
+        a metered call's Python work), so what lands in a replaced file is bounded by
+        that, as a window's life is by ``WINDOW_S``."""
         if self._gone is None:
+            now_s = time.monotonic()
+            if now_s < self._file_checked_s + FILE_CHECK_S:
+                return
+            self._file_checked_s = now_s
             try:
                 now = _identity(self._abspath)
             except OSError:
