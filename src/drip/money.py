@@ -182,3 +182,23 @@ __all__ = [
     "parse_amount",
     "to_decimal",
 ]
+
+
+#: Most one credit may add, in atomic units (10^9 USDC): a top-up, a positive adjustment,
+#: a wallet's initial balance, a checkout. Every credit is drawn from the one funding
+#: account, whose debit counter is a signed 64-bit integer (about 9.2 * 10^12 USDC): a
+#: typo such as "9000000000000" would otherwise bring it near overflow, after which every
+#: top-up of every user fails.
+CREDIT_ATOMIC_MAX = 10**15
+
+
+def credit_amount(value: object, param: str = "amount", *, allow_zero: bool = False) -> int:
+    """An amount credited to a wallet (from the funding account), in atomic units:
+    refused above ``CREDIT_ATOMIC_MAX``."""
+    units = parse_amount(value, allow_zero=allow_zero, param=param)
+    if units > CREDIT_ATOMIC_MAX:
+        raise InvalidAmount(
+            f"{param} is above the most one credit may add ({format_plain(CREDIT_ATOMIC_MAX)} "
+            "USDC)", param=param,
+        )  # fmt: skip
+    return units

@@ -537,3 +537,23 @@ def test_an_email_with_control_characters_is_refused_by_the_sdk(tmp_path: Any) -
         assert client.sync.provision_user("u", email="ü@例え.jp")["email"] == "ü@例え.jp"
     finally:
         client.close()
+
+
+def test_the_sdk_refuses_a_credit_above_the_ceiling(tmp_path: Any) -> None:
+    """A top-up or initial balance above 10^9 USDC is refused by the SDK (and so the
+    CLI) as by the REST API: every credit draws on the one funding account, whose
+    counter one typo could bring near overflow, after which no top-up would go through."""
+    from drip.money import CREDIT_ATOMIC_MAX
+
+    client = DripClient(DripConfig(database_url=f"sqlite:///{tmp_path}/c.db"))
+    try:
+        with pytest.raises(errors.InvalidAmount) as info:
+            client.sync.provision_user("u", initial_balance="9000000000000")
+        assert info.value.param == "initial_balance"
+        client.sync.provision_user("u", initial_balance="1000000000")  # the ceiling itself
+        with pytest.raises(errors.InvalidAmount):
+            client.sync.topup("u", "1000000000.000001")
+        assert client.sync.topup("u", "5").amount == 5_000_000
+        assert client.ledger.balance("funding:USDC").posted == -(CREDIT_ATOMIC_MAX + 5_000_000)
+    finally:
+        client.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from drip.server.app import CREDIT_ATOMIC_MAX
+from drip.money import CREDIT_ATOMIC_MAX
 
 Server = Any  # the fixture in tests/server/conftest.py
 

@@ -46,7 +46,7 @@ from drip.metering.sessions import (
     session_specs,
     session_view,
 )
-from drip.money import AmountLike, format_plain, parse_amount, to_decimal
+from drip.money import AmountLike, credit_amount, format_plain, parse_amount, to_decimal
 
 if TYPE_CHECKING:
     from drip.metering.meter import F
@@ -228,7 +228,7 @@ class _Base:
         metadata: Mapping[str, Any] | None,
     ) -> tuple[str, dict[str, Any], int]:
         account = new_wallet_id(user_id)
-        amount = parse_amount(initial_balance, param="initial_balance")
+        amount = credit_amount(initial_balance, "initial_balance", allow_zero=True)
         if email is not None and (not isinstance(email, str) or _has_control(email)):
             # stored, a control character reaches whoever prints it (a terminal acts on
             # escape sequences) or a notice's headers (a newline)
@@ -625,7 +625,7 @@ class DripClient(_Base):
     ) -> Transfer:
         """Credit the wallet from the outside world; a paused user is resumed. A replay
         (an ``idempotency_key`` already credited) moves nothing and resumes nobody."""
-        atomic = parse_amount(amount, allow_zero=False)
+        atomic = credit_amount(amount)
         led = self.ledger
         with user_errors(user_id):
             return await led.transfer(
@@ -754,7 +754,7 @@ class SyncDripClient:
     def topup(
         self, user_id: str, amount: AmountLike, *, idempotency_key: str | None = None
     ) -> Transfer:
-        atomic = parse_amount(amount, allow_zero=False)
+        atomic = credit_amount(amount)
         led = self._ledger
         with user_errors(user_id):
             return led.transfer(

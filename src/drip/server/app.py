@@ -51,7 +51,7 @@ from drip.ledger.types import encode_metadata
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.metering.sessions import EXPIRES_IN_S_MAX, TOKEN_PREFIX, session_specs
-from drip.money import format_plain, parse_amount, to_decimal
+from drip.money import credit_amount, format_plain, parse_amount, to_decimal
 from drip.server.charges import Amount, Live, Metadata, RequestBody
 from drip.server.charges import add_routes as add_charge_routes
 from drip.server.endpoints import add_routes as add_endpoint_routes
@@ -88,12 +88,6 @@ _POLICY_AMOUNTS = frozenset({"max_per_call", "max_amount", "budget"})
 _LEDGER_PARAMS = {"code": "event", "pending_id": "hold_id"}
 #: The query parameters of ``GET /v1/usage``.
 _USAGE_PARAMS = frozenset({"user_id", "event", "since_us", "until_us", "bucket_s", "format"})
-#: Most one credit may add, in atomic units (10^9 USDC): a top-up, a positive adjustment,
-#: a wallet's initial balance, a checkout. Every credit is drawn from the one funding
-#: account, whose debit counter is a signed 64-bit integer (about 9.2 * 10^12 USDC): a
-#: typo such as "9000000000000" would otherwise bring it near overflow, after which every
-#: top-up of every user fails.
-CREDIT_ATOMIC_MAX = 10**15
 #: Where a validation error's ``loc`` says the value came from: not part of its name.
 _LOCATIONS = frozenset({"body", "query", "header", "path", "cookie"})
 #: Ids a URL path cannot carry: clients and proxies normalise ``/v1/wallets/..`` away.
@@ -258,18 +252,6 @@ def _error_response(exc: errors.DripError) -> JSONResponse:
     if exc.status in (409, 429) and "retry_after_s" in exc.details:
         headers["Retry-After"] = str(exc.details["retry_after_s"])
     return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
-
-
-def credit_amount(value: object, param: str, *, allow_zero: bool = False) -> int:
-    """An amount credited to a wallet (from the funding account), in atomic units:
-    refused above ``CREDIT_ATOMIC_MAX``."""
-    units = parse_amount(value, allow_zero=allow_zero, param=param)
-    if units > CREDIT_ATOMIC_MAX:
-        raise errors.InvalidAmount(
-            f"{param} is above the most one credit may add ({format_plain(CREDIT_ATOMIC_MAX)} "
-            "USDC)", param=param,
-        )  # fmt: skip
-    return units
 
 
 def single_query_params(request: Request) -> None:
