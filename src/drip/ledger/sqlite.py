@@ -381,6 +381,10 @@ class SqliteStore(Store):
                     raise
             raise AssertionError("unreachable: the second attempt reads every row")
 
+    def may_isolate(self, exc: Exception) -> bool:
+        # the database busy, locked, full or failing: every operation alike
+        return super().may_isolate(exc) and not isinstance(exc, sqlite3.OperationalError)
+
     def _open_window(self, cur: sqlite3.Cursor) -> _Window | None:
         """Take the write lock and begin, without waiting; ``None`` if either is busy."""
         self.check_file()
@@ -1051,7 +1055,7 @@ class _LoopBatcher(LoopBound):
             # None: the lock is busy, the writer thread will wait for it
             results = self.store.try_run_batch_now([op for op, _ in batch], may_defer=True)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear about it
-            if _refused_value(exc):
+            if _refused_value(self.store, exc):
                 # a value the driver or the database refused (nothing of this batch
                 # committed): the writer threads run it again, and then each operation
                 # alone, so the bad one fails alone and its batch-mates go through
@@ -1062,11 +1066,12 @@ class _LoopBatcher(LoopBound):
         answer(batch, results, lambda: self.store.committer, self.store.submit_async)
 
 
-def _refused_value(exc: Exception) -> bool:
+def _refused_value(store: SqliteStore, exc: Exception) -> bool:
     """Whether a loop batch failed on what one of its operations carried (a value SQLite
-    or its driver refuses), not on the database (busy, full, failing), which would fail
-    every operation again, each after its own wait."""
+    or its driver refuses: ``may_isolate`` of the SQLite error it wraps), not on the
+    database (busy, full, failing), which would fail every operation again, each after
+    its own wait."""
     if not isinstance(exc, errors.DripError):
         return True  # not the store's own failure: let each operation find out alone
     cause = exc.__cause__
-    return isinstance(cause, sqlite3.Error) and not isinstance(cause, sqlite3.OperationalError)
+    return isinstance(cause, sqlite3.Error) and store.may_isolate(cause)

@@ -5,7 +5,6 @@ statements whose SQL differs between SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import abc
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -256,7 +255,7 @@ class Store(abc.ABC):
         batch-mates. Not for Drip's own errors (decided on purpose, per batch), nor for
         the database being unreachable, locked or failing (every operation would fail
         alike, each after its own wait)."""
-        return not isinstance(exc, errors.DripError | sqlite3.OperationalError | OSError)
+        return not isinstance(exc, errors.DripError | OSError)
 
     def applied(self, engine: Engine) -> None:  # noqa: B027 - a hook; most stores need nothing
         """Called after a batch's writes were sent (PostgreSQL: committed)."""

@@ -117,11 +117,7 @@ def check_text(value: object, param: str, max_length: int = ID_LENGTH_MAX) -> st
     characters, with no control character (NUL among them: PostgreSQL stores none, and
     its driver would fail the whole batch the value rode in) and no lone surrogate (not
     UTF-8: neither database's driver can send it)."""
-    if (
-        not isinstance(value, str)
-        or not 0 < len(value) <= max_length
-        or not (value.isprintable() or _no_control(value))
-    ):
+    if not isinstance(value, str) or not 0 < len(value) <= max_length or has_control(value):
         raise InvalidRequest(
             f"{param} must be 1-{max_length} characters of text, none a control character",
             param=param,
@@ -129,10 +125,11 @@ def check_text(value: object, param: str, max_length: int = ID_LENGTH_MAX) -> st
     return value
 
 
-def _no_control(text: str) -> bool:
-    """No control character (``Cc``) nor surrogate (``Cs``); other characters that are
-    not "printable" (spaces, joiners, private use) are text like any other."""
-    return not any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (``Cc``: C0, DEL, C1) or a lone
+    surrogate (``Cs``); other characters that are not "printable" (spaces, joiners,
+    private use) are text like any other."""
+    return not text.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def encode_metadata(metadata: Mapping[str, Any] | None, param: str = "metadata") -> str | None:

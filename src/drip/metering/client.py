@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ from drip.ledger import (
     open_ledger,
 )
 from drip.ledger.ledger import Cap
-from drip.ledger.types import check_id
+from drip.ledger.types import check_id, has_control
 from drip.metering.sessions import (
     SESSION_CACHE_MAX,
     Session,
@@ -109,11 +108,6 @@ _TO_SORTED = bytes.maketrans(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
     _SORTED_ALPHABET.encode(),
 )
-
-
-def _has_control(text: str) -> bool:
-    """Whether ``text`` holds a control character (C0, C1, DEL) or a lone surrogate."""
-    return not text.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
 
 
 def new_call_id(prefix: str) -> str:
@@ -229,7 +223,7 @@ class _Base:
     ) -> tuple[str, dict[str, Any], int]:
         account = new_wallet_id(user_id)
         amount = credit_amount(initial_balance, "initial_balance", allow_zero=True)
-        if email is not None and (not isinstance(email, str) or _has_control(email)):
+        if email is not None and (not isinstance(email, str) or has_control(email)):
             # stored, a control character reaches whoever prints it (a terminal acts on
             # escape sequences) or a notice's headers (a newline)
             raise errors.InvalidRequest(

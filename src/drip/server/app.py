@@ -16,7 +16,6 @@ import logging
 import re
 import sqlite3
 import time
-import unicodedata
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -47,7 +46,7 @@ from drip import errors
 from drip.config import DripConfig
 from drip.ledger import AccountKind, Transfer, UsageRow, funding_account_id
 from drip.ledger.store import Store
-from drip.ledger.types import encode_metadata
+from drip.ledger.types import encode_metadata, has_control
 from drip.metering import DripClient, wallet_id
 from drip.metering.client import user_errors
 from drip.metering.sessions import EXPIRES_IN_S_MAX, TOKEN_PREFIX, session_specs
@@ -107,11 +106,7 @@ def _no_control(value: str | None) -> str | None:
     """An email with a control character (ESC, a C1 code, a newline): stored, it would
     reach whoever prints it (a terminal running ``drip wallet list`` acts on escape
     sequences: links, screen clears) or a notice's headers."""
-    if (
-        value is not None
-        and not value.isprintable()
-        and any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
-    ):
+    if value is not None and has_control(value):
         raise ValueError("must not contain control characters")
     return value
 
